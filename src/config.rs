@@ -1,0 +1,542 @@
+//! Typed configuration: defaults, the TOML file, `TOLLGATE_<SECTION>_<KEY>`
+//! environment overrides, and validation that names the offending key.
+//!
+//! Every key has a default, so `tollgate serve` with no file runs the demo:
+//! the built-in simulator as backend and a demo account with a demo key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The demo key seeded when `demo.enabled` is true. Public on purpose: it is
+/// in the README so a newcomer can `curl` at once. Turn the demo off in any
+/// real deployment.
+pub const DEMO_API_KEY: &str = "tg_demo_key_do_not_use_in_production";
+pub const DEFAULT_CONCURRENCY: u32 = 3;
+
+/// Config sections, as used in env override names.
+const SECTIONS: &[&str] = &[
+    "server", "admin", "backend", "limits", "storage", "billing", "metrics", "log", "simulator",
+    "demo",
+];
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub backend: BackendConfig,
+    pub limits: LimitsConfig,
+    pub storage: StorageConfig,
+    pub billing: BillingConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub simulator: SimulatorConfig,
+    pub demo: DemoConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The data-plane listener: every request on it is a task.
+    pub listen: SocketAddr,
+    /// Names this gateway in usage events: `source = "tollgate/<instance>"`.
+    pub instance: String,
+    /// On SIGTERM, how long in-flight tasks may run before the gateway exits
+    /// anyway (their events, if they succeed in time, are still recorded).
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid literal"),
+            instance: "local".into(),
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for `/v1/`. Empty: the `/v1/` API refuses every call
+    /// (metrics and health stay open).
+    pub token: String,
+}
+
+// Hand-written so the token can never reach a log line through `{:?}`.
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &if self.token.is_empty() { "<unset>" } else { "<redacted>" })
+            .finish()
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".parse().expect("valid literal"),
+            token: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SuccessMode {
+    /// Any 2xx answer is a success.
+    Status,
+    /// A 2xx answer whose JSON body has no `Response.Error`.
+    TencentJson,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `http://host:port[/prefix]`. Empty: start the built-in simulator
+    /// in-process and use it.
+    pub url: String,
+    pub timeout_ms: u64,
+    pub success: SuccessMode,
+    /// Backend answers are read whole before they are classified and
+    /// released; this bounds that buffer.
+    pub max_response_bytes: usize,
+    /// The `data.api` of usage events.
+    pub api_name: String,
+    /// Idle keep-alive connections kept to the backend.
+    pub pool_max_idle: usize,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout_ms: 120_000,
+            success: SuccessMode::Status,
+            max_response_bytes: 64 << 20,
+            api_name: "ImageStyleTransfer".into(),
+            pool_max_idle: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub default_concurrency: u32,
+    pub max_queue_per_account: usize,
+    pub max_queue_wait_ms: u64,
+    pub max_body_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            default_concurrency: DEFAULT_CONCURRENCY,
+            max_queue_per_account: 100,
+            max_queue_wait_ms: 60_000,
+            max_body_bytes: 10 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillingConfig {
+    pub timezone: String,
+    #[serde(deserialize_with = "human_duration")]
+    pub arrears_grace: Duration,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            timezone: "UTC".into(),
+            arrears_grace: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Label gauges by account. Turn off for large fleets: the gauges are
+    /// then totals over all accounts.
+    pub per_account_labels: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            per_account_labels: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing-subscriber filter, e.g. `info` or `tollgate=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorConfig {
+    pub listen: SocketAddr,
+    /// Mean latency of an answer.
+    pub latency_ms: u64,
+    /// Uniform jitter around the mean: latency is in `mean ± jitter`.
+    pub latency_jitter_ms: u64,
+    /// Share of requests answered with a 500 (0.0 to 1.0).
+    pub failure_rate: f64,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:0".parse().expect("valid literal"),
+            latency_ms: 800,
+            latency_jitter_ms: 400,
+            failure_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Seed a demo account and the public demo key at start.
+    pub enabled: bool,
+    pub account: String,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            account: "demo".into(),
+        }
+    }
+}
+
+/// A config that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration such as \"24h\", \"90s\" or \"150ms\": {e}"
+        ))
+    })
+}
+
+impl Config {
+    /// Loads the file (if any), applies `TOLLGATE_*` variables from `env`,
+    /// and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml_and_env(&text, env)
+    }
+
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for (name, value) in env {
+            apply_env_override(&mut table, &name, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                key: e.path().to_string(),
+                reason: e.inner().message().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.instance.is_empty() {
+            return Err(invalid("server.instance", "must not be empty"));
+        }
+        if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
+            return Err(invalid(
+                "admin.token",
+                "must be at least 16 characters (or empty to disable the admin API)",
+            ));
+        }
+        if !self.backend.url.is_empty() {
+            BackendUrl::parse(&self.backend.url).map_err(|r| invalid("backend.url", r))?;
+        }
+        if self.backend.timeout_ms == 0 {
+            return Err(invalid("backend.timeout_ms", "must be at least 1"));
+        }
+        if self.backend.max_response_bytes == 0 {
+            return Err(invalid("backend.max_response_bytes", "must be at least 1"));
+        }
+        if self.limits.default_concurrency == 0 || self.limits.default_concurrency > 100_000 {
+            return Err(invalid(
+                "limits.default_concurrency",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.limits.max_queue_per_account > 1_000_000 {
+            return Err(invalid(
+                "limits.max_queue_per_account",
+                "must be at most 1000000",
+            ));
+        }
+        if self.limits.max_body_bytes == 0 {
+            return Err(invalid("limits.max_body_bytes", "must be at least 1"));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(invalid("storage.data_dir", "must not be empty"));
+        }
+        if jiff::tz::TimeZone::get(&self.billing.timezone).is_err() {
+            return Err(invalid(
+                "billing.timezone",
+                format!("`{}` is not a known IANA time zone", self.billing.timezone),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.simulator.failure_rate) {
+            return Err(invalid(
+                "simulator.failure_rate",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if self.simulator.latency_jitter_ms > self.simulator.latency_ms {
+            return Err(invalid(
+                "simulator.latency_jitter_ms",
+                "must not exceed simulator.latency_ms",
+            ));
+        }
+        if self.demo.enabled && crate::accounts::validate_id(&self.demo.account).is_err() {
+            return Err(invalid("demo.account", "is not a valid account id"));
+        }
+        Ok(())
+    }
+
+    /// Whether `serve` starts the built-in simulator as its backend.
+    pub fn uses_embedded_simulator(&self) -> bool {
+        self.backend.url.is_empty()
+    }
+
+    pub fn max_queue_wait(&self) -> Duration {
+        Duration::from_millis(self.limits.max_queue_wait_ms)
+    }
+}
+
+/// `TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT=5` sets `limits.max_queue_per_account`.
+/// The value is read as a TOML value when it is one (`5`, `true`, `0.5`),
+/// else as a string.
+fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let Some(rest) = name.strip_prefix("TOLLGATE_") else {
+        return Ok(());
+    };
+    let rest = rest.to_ascii_lowercase();
+    let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+        rest.strip_prefix(s)
+            .and_then(|k| k.strip_prefix('_'))
+            .map(|k| (*s, k))
+    }) else {
+        return Err(invalid(
+            name,
+            format!("environment variable names no config section ({})", SECTIONS.join(", ")),
+        ));
+    };
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section_table) = entry else {
+        return Err(invalid(section, "must be a table"));
+    };
+    // Keys that are strings in the schema stay strings even when they look
+    // like numbers (a token of digits, an instance named `1`).
+    let value = match (key, &parsed) {
+        ("token" | "instance" | "url" | "account" | "timezone" | "level" | "data_dir"
+        | "arrears_grace" | "listen", v) if !v.is_str() => toml::Value::String(value.to_string()),
+        _ => parsed,
+    };
+    section_table.insert(key.to_string(), value);
+    Ok(())
+}
+
+/// A parsed `backend.url`: scheme http only (TLS to the backend is not built
+/// yet), host, port and an optional path prefix.
+#[derive(Debug, Clone)]
+pub struct BackendUrl {
+    pub authority: String,
+    pub path_prefix: String,
+}
+
+impl BackendUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("`{url}` must start with http:// (https backends are not supported yet)"));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{url}` has no host"))?
+            .to_string();
+        if uri.query().is_some() {
+            return Err(format!("`{url}` must not have a query"));
+        }
+        let path_prefix = uri.path().trim_end_matches('/').to_string();
+        Ok(Self {
+            authority,
+            path_prefix,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn defaults_run_the_demo() {
+        let c = Config::from_toml_and_env("", no_env()).unwrap();
+        assert!(c.uses_embedded_simulator());
+        assert!(c.demo.enabled);
+        assert_eq!(c.limits.default_concurrency, 3);
+        assert_eq!(c.billing.arrears_grace, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn env_overrides_file_and_keeps_types() {
+        let c = Config::from_toml_and_env(
+            "[limits]\nmax_queue_per_account = 7\n",
+            vec![
+                ("TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT".into(), "9".into()),
+                ("TOLLGATE_ADMIN_TOKEN".into(), "1234567890123456".into()),
+                ("TOLLGATE_BILLING_ARREARS_GRACE".into(), "90s".into()),
+                ("PATH".into(), "/bin".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_queue_per_account, 9);
+        assert_eq!(c.admin.token, "1234567890123456");
+        assert_eq!(c.billing.arrears_grace, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("[limits]\ndefault_concurrency = 0\n", "limits.default_concurrency"),
+            ("[backend]\nurl = \"ftp://x\"\n", "backend.url"),
+            ("[billing]\ntimezone = \"Mars/Olympus\"\n", "billing.timezone"),
+            ("[billing]\narrears_grace = \"soon\"\n", "soon"),
+            ("[limits]\nmax_queue_wait_ms = \"x\"\n", "max_queue_wait_ms"),
+            ("[limits]\nmax_queue = 3\n", "max_queue"),
+            ("[nope]\n", "nope"),
+            ("not toml at all", "config"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::from_toml_and_env(text, no_env()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_env_section_is_refused() {
+        let err = Config::from_toml_and_env("", vec![("TOLLGATE_LIMTS_X".into(), "1".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TOLLGATE_LIMTS_X"), "{err}");
+    }
+
+    #[test]
+    fn admin_token_is_not_debug_printed() {
+        let c = Config::from_toml_and_env(
+            "",
+            vec![("TOLLGATE_ADMIN_TOKEN".into(), "supersecret-token-123".into())],
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+
+    #[test]
+    fn backend_url_prefix() {
+        let u = BackendUrl::parse("http://127.0.0.1:9000/api/").unwrap();
+        assert_eq!(u.authority, "127.0.0.1:9000");
+        assert_eq!(u.path_prefix, "/api");
+    }
+}

@@ -1,0 +1,353 @@
+//! Limiter tests: every release path, FIFO order, caps, resize, and a
+//! property test over random interleavings.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn ticket(account: &str) -> Ticket {
+    Ticket {
+        account: Arc::from(account),
+        sub_cap: None,
+    }
+}
+
+fn capped(account: &str, sub: &str, cap: u32) -> Ticket {
+    Ticket {
+        account: Arc::from(account),
+        sub_cap: Some(SubCap {
+            sub_account: Arc::from(sub),
+            max_concurrency: cap,
+        }),
+    }
+}
+
+fn now(l: &LocalLimiter, t: &Ticket) -> Permit {
+    match l.acquire(t).expect("acquire") {
+        Admission::Now(p) => p,
+        Admission::Queued(_) => panic!("expected a free slot"),
+    }
+}
+
+fn queued(l: &LocalLimiter, t: &Ticket) -> Waiter {
+    match l.acquire(t).expect("acquire") {
+        Admission::Now(_) => panic!("expected to queue"),
+        Admission::Queued(w) => w,
+    }
+}
+
+fn poll_once(w: &mut Waiter) -> Poll<Result<Permit, LimitError>> {
+    Pin::new(w).poll(&mut Context::from_waker(Waker::noop()))
+}
+
+fn stats(l: &LocalLimiter, a: &str) -> GateStats {
+    l.stats(a).unwrap()
+}
+
+#[test]
+fn permits_up_to_the_limit_then_queue() {
+    let l = LocalLimiter::new(3, 10);
+    let t = ticket("acme");
+    let held: Vec<_> = (0..3).map(|_| now(&l, &t)).collect();
+    let _w = queued(&l, &t);
+    assert_eq!(stats(&l, "acme"), GateStats { limit: 3, in_flight: 3, queued: 1 });
+    drop(held);
+    // The waiter was granted the first freed slot.
+    assert_eq!(stats(&l, "acme"), GateStats { limit: 3, in_flight: 1, queued: 0 });
+}
+
+#[test]
+fn accounts_are_isolated() {
+    let l = LocalLimiter::new(1, 10);
+    let _a = now(&l, &ticket("a"));
+    let _b = now(&l, &ticket("b"));
+    assert_eq!(stats(&l, "a").in_flight, 1);
+    assert_eq!(stats(&l, "b").in_flight, 1);
+}
+
+#[test]
+fn queue_bound_is_a_typed_error() {
+    let l = LocalLimiter::new(1, 2);
+    let t = ticket("acme");
+    let _p = now(&l, &t);
+    let _w1 = queued(&l, &t);
+    let _w2 = queued(&l, &t);
+    assert!(matches!(l.acquire(&t), Err(LimitError::QueueFull)));
+}
+
+#[test]
+fn zero_queue_refuses_at_once() {
+    let l = LocalLimiter::new(1, 0);
+    let t = ticket("acme");
+    let _p = now(&l, &t);
+    assert!(matches!(l.acquire(&t), Err(LimitError::QueueFull)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_in_fifo_order() {
+    let l = Arc::new(LocalLimiter::new(1, 100));
+    let t = ticket("acme");
+    let first = now(&l, &t);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..5 {
+        let w = queued(&l, &t);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let p = w.await.unwrap();
+            tx.send(i).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(p);
+        });
+    }
+    drop(first);
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        order.push(rx.recv().await.unwrap());
+    }
+    assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(stats(&l, "acme"), GateStats { limit: 1, in_flight: 0, queued: 0 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_waiter_leaves_the_queue() {
+    let l = LocalLimiter::new(1, 10);
+    let t = ticket("acme");
+    let p = now(&l, &t);
+    let w = queued(&l, &t);
+    assert_eq!(stats(&l, "acme").queued, 1);
+    let r = tokio::time::timeout(Duration::from_millis(50), w).await;
+    assert!(r.is_err(), "should time out");
+    assert_eq!(stats(&l, "acme").queued, 0);
+    drop(p);
+    assert_eq!(stats(&l, "acme").in_flight, 0);
+}
+
+#[test]
+fn a_dropped_waiter_that_was_already_granted_frees_the_slot() {
+    let l = LocalLimiter::new(1, 10);
+    let t = ticket("acme");
+    let p = now(&l, &t);
+    let w = queued(&l, &t);
+    drop(p); // grants the slot to `w`, which never polls it
+    assert_eq!(stats(&l, "acme").in_flight, 1);
+    drop(w);
+    assert_eq!(stats(&l, "acme"), GateStats { limit: 1, in_flight: 0, queued: 0 });
+}
+
+#[test]
+fn a_panicking_task_releases_its_slot() {
+    let l = Arc::new(LocalLimiter::new(1, 10));
+    let t = ticket("acme");
+    let l2 = l.clone();
+    let r = std::thread::spawn(move || {
+        let _p = now(&l2, &t);
+        panic!("task blew up");
+    })
+    .join();
+    assert!(r.is_err());
+    assert_eq!(stats(&l, "acme").in_flight, 0);
+}
+
+#[test]
+fn growing_the_limit_starts_waiters_at_once() {
+    let l = LocalLimiter::new(1, 10);
+    let t = ticket("acme");
+    let _p = now(&l, &t);
+    let mut w1 = queued(&l, &t);
+    let mut w2 = queued(&l, &t);
+    l.set_limit("acme", 3);
+    assert!(matches!(poll_once(&mut w1), Poll::Ready(Ok(_))));
+    assert!(matches!(poll_once(&mut w2), Poll::Ready(Ok(_))));
+    // The permits were dropped right after polling.
+    assert_eq!(stats(&l, "acme"), GateStats { limit: 3, in_flight: 1, queued: 0 });
+}
+
+#[test]
+fn shrinking_cancels_nothing_and_admits_only_below_the_new_limit() {
+    let l = LocalLimiter::new(3, 10);
+    let t = ticket("acme");
+    let mut held: Vec<_> = (0..3).map(|_| now(&l, &t)).collect();
+    l.set_limit("acme", 1);
+    assert_eq!(stats(&l, "acme").in_flight, 3);
+    let mut w = queued(&l, &t);
+    held.pop();
+    assert!(poll_once(&mut w).is_pending(), "2 in flight > limit 1");
+    held.pop();
+    assert!(poll_once(&mut w).is_pending(), "1 in flight = limit 1");
+    held.pop();
+    let Poll::Ready(Ok(p)) = poll_once(&mut w) else {
+        panic!("should be admitted below the new limit")
+    };
+    assert_eq!(stats(&l, "acme").in_flight, 1);
+    drop(p);
+}
+
+#[test]
+fn sub_account_cap_holds_inside_the_root_limit() {
+    let l = LocalLimiter::new(3, 10);
+    let dev = capped("acme", "acme-dev", 1);
+    let root = ticket("acme");
+    let _d = now(&l, &dev);
+    let mut dev_waiter = queued(&l, &dev);
+    // The capped sub-account waits, but does not block the root's tasks.
+    let _r = now(&l, &root);
+    assert!(poll_once(&mut dev_waiter).is_pending());
+    assert_eq!(stats(&l, "acme").in_flight, 2);
+}
+
+#[test]
+fn a_capped_head_of_queue_does_not_block_others() {
+    let l = LocalLimiter::new(2, 10);
+    let dev = capped("acme", "acme-dev", 1);
+    let root = ticket("acme");
+    let d = now(&l, &dev);
+    let r = now(&l, &root);
+    let mut dev_w = queued(&l, &dev);
+    let mut root_w = queued(&l, &root);
+    drop(r); // frees a root slot; the dev waiter is at its cap
+    assert!(poll_once(&mut dev_w).is_pending());
+    assert!(matches!(poll_once(&mut root_w), Poll::Ready(Ok(_))));
+    drop(d);
+    assert!(matches!(poll_once(&mut dev_w), Poll::Ready(Ok(_))));
+}
+
+#[test]
+fn refusing_queued_tasks_empties_the_queue() {
+    let l = LocalLimiter::new(1, 10);
+    let t = ticket("acme");
+    let _p = now(&l, &t);
+    let mut w = queued(&l, &t);
+    l.refuse_queued("acme");
+    assert!(matches!(poll_once(&mut w), Poll::Ready(Err(LimitError::Refused))));
+    assert_eq!(stats(&l, "acme").queued, 0);
+}
+
+#[test]
+fn shutdown_refuses_queued_and_new_tasks() {
+    let l = LocalLimiter::new(1, 10);
+    let t = ticket("acme");
+    let _p = now(&l, &t);
+    let mut w = queued(&l, &t);
+    l.shut_down();
+    assert!(matches!(poll_once(&mut w), Poll::Ready(Err(LimitError::ShuttingDown))));
+    assert!(matches!(l.acquire(&t), Err(LimitError::ShuttingDown)));
+}
+
+#[test]
+fn retry_after_follows_task_durations_and_queue_depth() {
+    let l = LocalLimiter::new(2, 100);
+    let t = ticket("acme");
+    assert_eq!(l.retry_after("nobody"), Duration::from_secs(1));
+    let p = now(&l, &t);
+    p.record_service_time(Duration::from_secs(4));
+    let _p2 = now(&l, &t);
+    let _waiters: Vec<_> = (0..4).map(|_| queued(&l, &t)).collect();
+    // 4 queued / limit 2 = 2 rounds ahead, +1 for the newcomer's own turn.
+    assert_eq!(l.retry_after("acme"), Duration::from_secs(12));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire { sub: Option<u8> },
+    ReleaseHeld(usize),
+    CancelWaiter(usize),
+    PollWaiters,
+    Resize(u32),
+    RefuseQueued,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => proptest::option::of(0u8..3).prop_map(|sub| Op::Acquire { sub }),
+        3 => any::<usize>().prop_map(Op::ReleaseHeld),
+        2 => any::<usize>().prop_map(Op::CancelWaiter),
+        3 => Just(Op::PollWaiters),
+        1 => (0u32..6).prop_map(Op::Resize),
+        1 => Just(Op::RefuseQueued),
+    ]
+}
+
+proptest! {
+    /// Random interleavings of acquire / cancel / release / resize never
+    /// admit a task while in-flight is at the limit (or a capped sub at its
+    /// cap), and leave nothing behind once everything is dropped.
+    #[test]
+    fn never_exceeds_the_limit_and_never_leaks(ops in proptest::collection::vec(op(), 1..200)) {
+        let l = LocalLimiter::new(2, 5);
+        let caps = [1u32, 2, 3];
+        let mut held: Vec<(Permit, Option<u8>)> = Vec::new();
+        let mut waiting: Vec<(Waiter, Option<u8>)> = Vec::new();
+        let mut limit = 2u32;
+        let sub_count = |held: &Vec<(Permit, Option<u8>)>, s: u8| {
+            held.iter().filter(|(_, x)| *x == Some(s)).count() as u32
+        };
+        for op in ops {
+            let before = l.stats("acme").unwrap_or_default().in_flight;
+            let mut admitted_now = 0u32;
+            match op {
+                Op::Acquire { sub } => {
+                    let t = match sub {
+                        Some(s) => capped("acme", &format!("sub{s}"), caps[s as usize]),
+                        None => ticket("acme"),
+                    };
+                    match l.acquire(&t) {
+                        Ok(Admission::Now(p)) => {
+                            prop_assert!(before < limit, "admitted at the limit");
+                            if let Some(s) = sub {
+                                prop_assert!(sub_count(&held, s) < caps[s as usize]);
+                            }
+                            held.push((p, sub));
+                            admitted_now += 1;
+                        }
+                        Ok(Admission::Queued(w)) => waiting.push((w, sub)),
+                        Err(LimitError::QueueFull) => prop_assert_eq!(waiting.len(), 5),
+                        Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                    }
+                }
+                Op::ReleaseHeld(i) if !held.is_empty() => {
+                    let i = i % held.len();
+                    held.swap_remove(i);
+                }
+                Op::CancelWaiter(i) if !waiting.is_empty() => {
+                    let i = i % waiting.len();
+                    waiting.swap_remove(i);
+                }
+                Op::Resize(n) => {
+                    limit = n;
+                    l.set_limit("acme", n);
+                }
+                Op::RefuseQueued => l.refuse_queued("acme"),
+                _ => {}
+            }
+            // Collect everything granted to waiters so far.
+            let mut still = Vec::new();
+            for (mut w, sub) in waiting.drain(..) {
+                match poll_once(&mut w) {
+                    Poll::Ready(Ok(p)) => { held.push((p, sub)); admitted_now += 1; }
+                    Poll::Ready(Err(_)) => {}
+                    Poll::Pending => still.push((w, sub)),
+                }
+            }
+            waiting = still;
+            let s = l.stats("acme").unwrap_or_default();
+            prop_assert_eq!(s.in_flight as usize, held.len(), "in-flight matches held permits");
+            prop_assert_eq!(s.queued as usize, waiting.len(), "queued matches live waiters");
+            if admitted_now > 0 {
+                prop_assert!(s.in_flight <= limit, "{} in flight over limit {}", s.in_flight, limit);
+            }
+            for (i, cap) in caps.iter().enumerate() {
+                prop_assert!(sub_count(&held, i as u8) <= *cap);
+            }
+        }
+        drop(waiting);
+        drop(held);
+        let s = l.stats("acme").unwrap_or_default();
+        prop_assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
+}
