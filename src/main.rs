@@ -1,1 +1,127 @@
-fn main() {}
+//! The `tollgate` binary: `serve` (the gateway) and `simulate` (the backend
+//! double).
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use tollgate::config::{Config, LogFormat, SimulatorConfig};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Concurrency-limiting task gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (data plane and admin listener).
+    Serve {
+        /// TOML config file; without one, the embedded defaults run the demo.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the style-transfer backend double.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// Mean answer latency.
+        #[arg(long, default_value_t = 800)]
+        latency_ms: u64,
+        /// Latency is uniform in mean ± jitter.
+        #[arg(long, default_value_t = 400)]
+        jitter_ms: u64,
+        /// Share of requests answered with a 500.
+        #[arg(long, default_value_t = 0.0)]
+        failure_rate: f64,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match Config::load(config.as_deref(), std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.log.format, &config.log.level);
+            match runtime.block_on(tollgate::app::serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "tollgate could not start");
+                    eprintln!("tollgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Simulate {
+            listen,
+            latency_ms,
+            jitter_ms,
+            failure_rate,
+        } => {
+            init_logging(LogFormat::Text, "info");
+            if jitter_ms > latency_ms || !(0.0..=1.0).contains(&failure_rate) {
+                eprintln!("tollgate simulate: --jitter-ms must not exceed --latency-ms, and --failure-rate must be in 0..=1");
+                return ExitCode::from(2);
+            }
+            let config = SimulatorConfig {
+                listen,
+                latency_ms,
+                latency_jitter_ms: jitter_ms,
+                failure_rate,
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("tollgate simulate: cannot listen on {listen}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if let Ok(addr) = listener.local_addr() {
+                    println!("tollgate-simulator: listening on http://{addr}");
+                }
+                let stop = CancellationToken::new();
+                let sim = Arc::new(tollgate::simulator::Simulator::new(config));
+                let server = tokio::spawn(tollgate::simulator::serve(sim, listener, stop.clone()));
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+                let _ = server.await;
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

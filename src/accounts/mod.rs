@@ -1,0 +1,230 @@
+//! Root accounts, sub-accounts and API keys as the data plane sees them: an
+//! in-memory registry kept in step with the store, so authenticating a
+//! request never touches the database.
+
+mod keys;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use dashmap::DashMap;
+use jiff::Timestamp;
+use serde::Serialize;
+
+pub use keys::{
+    KeyHash, MAX_PRESENTED_KEY_LEN, generate_api_key, hash_key, new_key_id, secrets_match,
+};
+
+/// Ids of accounts and sub-accounts: 1 to 64 characters of `A-Z a-z 0-9 . _ -`,
+/// starting with a letter or digit (they appear in headers, URLs and labels).
+pub fn validate_id(id: &str) -> Result<(), &'static str> {
+    let ok_len = (1..=64).contains(&id.len());
+    let ok_first = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok_len && ok_first && ok_chars {
+        Ok(())
+    } else {
+        Err("must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    Active,
+    Deactivated,
+    Suspended,
+}
+
+impl AccountStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Deactivated => "deactivated",
+            Self::Suspended => "suspended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "deactivated" => Some(Self::Deactivated),
+            "suspended" => Some(Self::Suspended),
+            _ => None,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Active,
+            1 => Self::Deactivated,
+            _ => Self::Suspended,
+        }
+    }
+}
+
+/// A paying customer.
+#[derive(Debug)]
+pub struct RootAccount {
+    pub id: Arc<str>,
+    pub created_at: Timestamp,
+    // An atomic so the data plane reads the status without a lock; admin
+    // calls change it after the store has committed the change.
+    status: AtomicU8,
+}
+
+impl RootAccount {
+    pub fn new(id: &str, status: AccountStatus, created_at: Timestamp) -> Self {
+        Self {
+            id: Arc::from(id),
+            created_at,
+            status: AtomicU8::new(status.to_u8()),
+        }
+    }
+
+    pub fn status(&self) -> AccountStatus {
+        AccountStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    pub fn set_status(&self, status: AccountStatus) {
+        self.status.store(status.to_u8(), Ordering::Release);
+    }
+}
+
+#[derive(Debug)]
+pub struct SubAccount {
+    pub id: Arc<str>,
+    pub root: Arc<str>,
+    pub max_concurrency: Option<u32>,
+    pub created_at: Timestamp,
+}
+
+/// What a valid API key stands for.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub root: Arc<RootAccount>,
+    pub sub: Option<Arc<SubAccount>>,
+}
+
+/// An issued, unrevoked key. The secret itself is never kept.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub key_id: String,
+    pub hash: KeyHash,
+    pub principal: Principal,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    roots: DashMap<Arc<str>, Arc<RootAccount>>,
+    subs: DashMap<Arc<str>, Arc<SubAccount>>,
+    keys: DashMap<KeyHash, Arc<KeyEntry>>,
+    key_ids: DashMap<String, KeyHash>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert_root(&self, root: RootAccount) -> Arc<RootAccount> {
+        let root = Arc::new(root);
+        self.roots.insert(root.id.clone(), root.clone());
+        root
+    }
+
+    pub fn root(&self, id: &str) -> Option<Arc<RootAccount>> {
+        self.roots.get(id).map(|r| r.clone())
+    }
+
+    pub fn root_count(&self) -> usize {
+        self.roots.len()
+    }
+
+    pub fn insert_sub(&self, sub: SubAccount) -> Arc<SubAccount> {
+        let sub = Arc::new(sub);
+        self.subs.insert(sub.id.clone(), sub.clone());
+        sub
+    }
+
+    pub fn sub(&self, id: &str) -> Option<Arc<SubAccount>> {
+        self.subs.get(id).map(|s| s.clone())
+    }
+
+    pub fn subs_of(&self, root: &str) -> Vec<Arc<SubAccount>> {
+        let mut subs: Vec<_> = self
+            .subs
+            .iter()
+            .filter(|s| &*s.root == root)
+            .map(|s| s.clone())
+            .collect();
+        subs.sort_by(|a, b| a.id.cmp(&b.id));
+        subs
+    }
+
+    pub fn insert_key(&self, entry: KeyEntry) {
+        self.key_ids.insert(entry.key_id.clone(), entry.hash);
+        self.keys.insert(entry.hash, Arc::new(entry));
+    }
+
+    pub fn key(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
+        let hash = *self.key_ids.get(key_id)?;
+        self.keys.get(&hash).map(|k| k.clone())
+    }
+
+    /// Forgets a key: from this call on it authenticates nothing.
+    pub fn revoke_key(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
+        let (_, hash) = self.key_ids.remove(key_id)?;
+        self.keys.remove(&hash).map(|(_, k)| k)
+    }
+
+    /// Finds who a presented key belongs to.
+    pub fn authenticate(&self, presented: &str) -> Option<Principal> {
+        if presented.is_empty() || presented.len() > MAX_PRESENTED_KEY_LEN {
+            return None;
+        }
+        let hash = hash_key(presented);
+        let entry = self.keys.get(&hash)?;
+        // The map is keyed by the hash, so a lookup's timing says nothing
+        // about the secret; the constant-time check guards the match itself.
+        keys::hashes_match(&entry.hash, &hash).then(|| entry.principal.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        for ok in ["acme", "acme-dev", "a", "A.b_c-1"] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-acme", "has space", "ü", &"x".repeat(65), "a/b"] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_authenticate_until_revoked() {
+        let reg = Registry::new();
+        let root = reg.insert_root(RootAccount::new("acme", AccountStatus::Active, Timestamp::UNIX_EPOCH));
+        let secret = generate_api_key();
+        reg.insert_key(KeyEntry {
+            key_id: "k1".into(),
+            hash: hash_key(&secret),
+            principal: Principal { root, sub: None },
+        });
+        assert_eq!(&*reg.authenticate(&secret).unwrap().root.id, "acme");
+        assert!(reg.authenticate("tg_wrong").is_none());
+        assert!(reg.authenticate("").is_none());
+        assert!(reg.revoke_key("k1").is_some());
+        assert!(reg.authenticate(&secret).is_none());
+    }
+}

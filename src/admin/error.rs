@@ -1,0 +1,85 @@
+//! Admin API errors in the service's error shape, with fitting statuses.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::api_error::error_body;
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "InvalidParameterValue", message)
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "ResourceNotFound", format!("{} does not exist", what.into()))
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "AuthFailure.InvalidAuthorization",
+            "missing or wrong admin token",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(what) => Self::conflict("ResourceInUse", format!("{what} already exists")),
+            StoreError::NotFound(what) => Self::not_found(what),
+            StoreError::Closed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "FailedOperation.ServiceShuttingDown",
+                "the gateway is shutting down",
+            ),
+            StoreError::Internal(detail) => {
+                // The detail is for the operator's log, not the caller.
+                tracing::error!(error = %detail, "admin call failed in the store");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "FailedOperation.StoreUnavailable",
+                    "the change could not be stored; nothing was changed",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let mut resp = (self.status, error_body(self.code, &self.message, &request_id)).into_response();
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
+    }
+}
+
+/// Parses a JSON body into `T`, with an error that names what is wrong.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}

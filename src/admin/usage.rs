@@ -1,0 +1,58 @@
+//! The usage-event cursor feed: `GET /v1/usage-events?after=&limit=`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, header};
+use serde_json::value::RawValue;
+
+use crate::app::App;
+
+use super::error::ApiError;
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+#[derive(serde::Serialize)]
+struct Page<'a> {
+    events: Vec<&'a RawValue>,
+    /// Pass as `after` to continue; equal to `after` when nothing is new.
+    next: String,
+}
+
+pub async fn list(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+    if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {
+        return Err(ApiError::bad_request(format!("unknown query parameter `{unknown}`")));
+    }
+    let after: u64 = match q.get("after").map(String::as_str) {
+        None | Some("") => 0,
+        Some(c) => c
+            .parse()
+            .map_err(|_| ApiError::bad_request("after: not a cursor returned by this API"))?,
+    };
+    let limit: usize = match q.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(l) => l
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| ApiError::bad_request(format!("limit: must be between 1 and {MAX_PAGE}")))?,
+    };
+    let store = app.store.clone();
+    let events = tokio::task::spawn_blocking(move || store.usage_events(after, limit))
+        .await
+        .map_err(|_| ApiError::from(crate::store::StoreError::Internal("reader task failed".into())))??;
+    let next = events.last().map_or(after, |e| e.seq).to_string();
+    let page = Page {
+        events: events.iter().map(|e| &*e.event).collect(),
+        next,
+    };
+    let body = serde_json::to_vec(&page)
+        .map_err(|e| ApiError::from(crate::store::StoreError::Internal(e.to_string())))?;
+    let mut resp = body.into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}

@@ -1,0 +1,154 @@
+//! Every way a task can fail, and the one place they become HTTP answers.
+//!
+//! Each error knows its source, which decides the status, the error code,
+//! the `outcome` metric label, and that nothing is charged. Messages never
+//! carry internals (store errors, backend addresses) or secrets.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::api_error::error_body;
+use crate::metrics::Outcome;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("missing or unknown API key")]
+    Unauthorized,
+    #[error("the account is deactivated")]
+    StopUsing,
+    #[error("the account is suspended for arrears")]
+    InArrears,
+    #[error("the account has no free or prepaid units left and postpaid is off")]
+    LowBalance,
+    #[error("the account's queue is full")]
+    QueueFull { retry_after: Duration },
+    #[error("no slot became free within the queue wait time")]
+    QueueTimeout { retry_after: Duration },
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the backend is unavailable")]
+    BackendUnavailable,
+    #[error("the backend did not answer in time")]
+    BackendTimeout,
+    #[error("the task succeeded but its usage could not be recorded; it is not charged")]
+    UsageRecordFailed,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    /// The client hung up while queued; nobody reads this answer, it only
+    /// counts in the metrics.
+    #[error("the client closed the connection while queued")]
+    ClientGone,
+    #[error("internal error")]
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::StopUsing | Self::InArrears | Self::LowBalance => StatusCode::FORBIDDEN,
+            Self::QueueFull { .. } | Self::QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BackendUnavailable => StatusCode::BAD_GATEWAY,
+            Self::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UsageRecordFailed | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ClientGone => StatusCode::from_u16(499).expect("in range"),
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The service's error code (the `ImageToImage` action's where one fits).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "AuthFailure.InvalidAuthorization",
+            Self::StopUsing => "ResourceUnavailable.StopUsing",
+            Self::InArrears => "ResourceUnavailable.InArrears",
+            Self::LowBalance => "ResourceUnavailable.LowBalance",
+            Self::QueueFull { .. } => "RequestLimitExceeded.JobNumExceed",
+            Self::QueueTimeout { .. } => "RequestLimitExceeded.QueueTimeout",
+            Self::BodyTooLarge { .. } => "FailedOperation.RequestEntityTooLarge",
+            Self::BadRequest(_) => "InvalidParameter.InvalidParameter",
+            Self::BackendUnavailable => "FailedOperation.BackendUnavailable",
+            Self::BackendTimeout => "FailedOperation.RequestTimeout",
+            Self::UsageRecordFailed => "FailedOperation.UsageRecordFailed",
+            Self::ShuttingDown => "FailedOperation.ServiceShuttingDown",
+            Self::ClientGone => "FailedOperation.ClientGone",
+            Self::Internal => "InternalError",
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::BackendUnavailable
+            | Self::BackendTimeout
+            | Self::UsageRecordFailed
+            | Self::Internal => Outcome::Error,
+            _ => Outcome::Rejected,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::QueueFull { retry_after } | Self::QueueTimeout { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+        let body = error_body(self.code(), &self.to_string(), request_id);
+        let mut resp = Response::new(Full::new(body));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(after) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_errors_carry_retry_after_in_seconds() {
+        let r = GatewayError::QueueFull {
+            retry_after: Duration::from_millis(2500),
+        }
+        .into_response("r1");
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        let r = GatewayError::QueueTimeout {
+            retry_after: Duration::ZERO,
+        }
+        .into_response("r1");
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn every_error_has_a_code_and_a_non_500_status_unless_internal() {
+        let all = [
+            GatewayError::Unauthorized,
+            GatewayError::StopUsing,
+            GatewayError::InArrears,
+            GatewayError::LowBalance,
+            GatewayError::BodyTooLarge { limit: 1 },
+            GatewayError::BadRequest("x".into()),
+            GatewayError::BackendUnavailable,
+            GatewayError::BackendTimeout,
+            GatewayError::UsageRecordFailed,
+            GatewayError::ShuttingDown,
+        ];
+        for e in all {
+            assert!(e.code().contains('.'), "{e:?}");
+            assert_ne!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
+}

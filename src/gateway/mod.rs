@@ -1,0 +1,66 @@
+//! The data-plane server: accepts connections, serves HTTP/1.1 on hyper, and
+//! runs each request through the admission pipeline.
+
+mod account_gate;
+pub mod client_gone;
+pub mod error;
+mod pipeline;
+pub mod proxy;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use client_gone::ConnWatch;
+
+/// Serves until `stop` is cancelled, then lets open connections finish
+/// their current request within `grace`.
+pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken, grace: Duration) {
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        // A client that never finishes its headers holds no task, but it
+        // holds a connection: bound that.
+        .header_read_timeout(Duration::from_secs(30));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = stop.cancelled() => break,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let watch = Arc::new(ConnWatch::new(&stream));
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            let watch = watch.clone();
+            async move { Ok::<_, Infallible>(pipeline::handle(app, watch, req).await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period over with connections still open");
+    }
+}

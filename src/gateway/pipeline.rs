@@ -1,0 +1,271 @@
+//! The path of one task: authenticate, gate the account, take a slot (or
+//! queue for one), forward, classify, record, answer.
+//!
+//! Once forwarded, a task runs in its own tokio task, detached from the
+//! client's connection: the backend is working on it, so its slot stays held
+//! until the backend answers and a success is recorded even if the client
+//! has gone.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use crate::accounts::Principal;
+use crate::app::App;
+use crate::limiter::{Admission, LimitError, Permit, SubCap, Ticket};
+use crate::metrics::Outcome;
+use crate::usage::{ChargeSource, UsageData, UsageEvent};
+
+use super::account_gate;
+use super::client_gone::ConnWatch;
+use super::error::GatewayError;
+use super::proxy::{Answer, X_API_KEY, X_QUEUE_TIMEOUT_MS, X_REQUEST_ID};
+
+const X_QUEUE_WAIT_MS: http::HeaderName = http::HeaderName::from_static("x-queue-wait-ms");
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// What the forwarded task hands back to the connection that is waiting.
+type TaskResult = Result<(Answer, Outcome), GatewayError>;
+
+pub async fn handle(app: Arc<App>, conn: Arc<ConnWatch>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let request_id = request_id_of(&req);
+    if req.uri().path() == "/healthz" && req.method() == http::Method::GET {
+        return healthz(&request_id);
+    }
+    let span = tracing::debug_span!("task", request_id = %request_id.to_str().unwrap_or_default());
+    let mut queue_wait = Duration::ZERO;
+    let result = run(&app, &conn, req, &request_id, &mut queue_wait)
+        .instrument(span.clone())
+        .await;
+    let mut resp = match result {
+        Ok((answer, outcome)) => {
+            app.metrics.request(outcome);
+            answer.into_response()
+        }
+        Err(err) => {
+            app.metrics.request(err.outcome());
+            app.metrics.rejection(err.code());
+            span.in_scope(|| tracing::debug!(code = err.code(), "task refused or failed"));
+            err.into_response(request_id.to_str().unwrap_or_default())
+        }
+    };
+    let headers = resp.headers_mut();
+    headers.insert(X_REQUEST_ID, request_id);
+    headers.insert(X_QUEUE_WAIT_MS, HeaderValue::from(queue_wait.as_millis() as u64));
+    resp
+}
+
+async fn run(
+    app: &Arc<App>,
+    conn: &ConnWatch,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    queue_wait: &mut Duration,
+) -> TaskResult {
+    let principal = authenticate(app, &req)?;
+    account_gate::check(&principal)?;
+    check_declared_length(app, &req)?;
+    let wait_limit = queue_wait_limit(app, &req)?;
+
+    let ticket = Ticket {
+        account: principal.root.id.clone(),
+        sub_cap: principal.sub.as_ref().and_then(|s| {
+            s.max_concurrency.map(|cap| SubCap {
+                sub_account: s.id.clone(),
+                max_concurrency: cap,
+            })
+        }),
+    };
+    let queued_at = Instant::now();
+    let permit = match app.limiter.acquire(&ticket) {
+        Ok(Admission::Now(permit)) => permit,
+        Ok(Admission::Queued(waiter)) => {
+            let waited = tokio::select! {
+                r = tokio::time::timeout(wait_limit, waiter) => r,
+                // The response will never be read; leaving here drops the
+                // waiter, which takes the task out of the queue.
+                () = conn.closed() => return Err(GatewayError::ClientGone),
+            };
+            *queue_wait = queued_at.elapsed();
+            match waited {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(e)) => return Err(limit_error(app, &ticket, e)),
+                Err(_elapsed) => {
+                    return Err(GatewayError::QueueTimeout {
+                        retry_after: app.limiter.retry_after(&ticket.account),
+                    });
+                }
+            }
+        }
+        Err(e) => return Err(limit_error(app, &ticket, e)),
+    };
+    app.metrics.queue_wait_seconds.observe(queue_wait.as_secs_f64());
+
+    let (done_tx, done_rx) = oneshot::channel();
+    let task = Task {
+        app: app.clone(),
+        principal,
+        request_id: request_id.clone(),
+        queue_wait: *queue_wait,
+    };
+    app.tasks.spawn(
+        async move {
+            let result = task.run(req, permit, &done_tx).await;
+            let _ = done_tx.send(result);
+        }
+        .in_current_span(),
+    );
+    // A dropped sender means the task panicked; its permit was released by
+    // the unwind.
+    done_rx.await.unwrap_or(Err(GatewayError::Internal))
+}
+
+fn limit_error(app: &App, ticket: &Ticket, e: LimitError) -> GatewayError {
+    match e {
+        LimitError::QueueFull => GatewayError::QueueFull {
+            retry_after: app.limiter.retry_after(&ticket.account),
+        },
+        LimitError::Refused => GatewayError::StopUsing,
+        LimitError::ShuttingDown => GatewayError::ShuttingDown,
+    }
+}
+
+struct Task {
+    app: Arc<App>,
+    principal: Principal,
+    request_id: HeaderValue,
+    queue_wait: Duration,
+}
+
+impl Task {
+    async fn run(
+        self,
+        req: Request<Incoming>,
+        permit: Permit,
+        client: &oneshot::Sender<TaskResult>,
+    ) -> TaskResult {
+        let app = &self.app;
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_millis(app.config.backend.timeout_ms),
+            app.backend.forward(req, &self.principal, &self.request_id),
+        )
+        .await;
+        let upstream = started.elapsed();
+        // The backend has answered (or failed): the slot is free from here
+        // on, before the usage event's fsync.
+        permit.record_service_time(upstream);
+        drop(permit);
+        app.metrics.upstream_seconds.observe(upstream.as_secs_f64());
+
+        let answer = match answer {
+            Ok(result) => result?,
+            Err(_elapsed) => return Err(GatewayError::BackendTimeout),
+        };
+        if !answer.is_success(app.config.backend.success) {
+            return Ok((answer, Outcome::Failure));
+        }
+        let event = UsageEvent::new(
+            &app.config.server.instance,
+            app.clock.now(),
+            UsageData {
+                account: self.principal.root.id.to_string(),
+                sub_account: self.principal.sub.as_ref().map(|s| s.id.to_string()),
+                api: app.config.backend.api_name.clone(),
+                units: 1,
+                request_id: self.request_id.to_str().unwrap_or_default().to_string(),
+                status: answer.status.as_u16(),
+                queue_wait_ms: self.queue_wait.as_millis() as u64,
+                upstream_ms: upstream.as_millis() as u64,
+                // Until the billing rules land, every success is billed
+                // after the fact.
+                charged_to: ChargeSource::Postpaid.label(),
+                client_gone: client.is_closed(),
+            },
+        );
+        match app.recorder.record(event).await {
+            Ok(_) => Ok((answer, Outcome::Success)),
+            Err(e) => {
+                tracing::error!(error = %e, "usage event could not be stored; the task is not charged");
+                Err(GatewayError::UsageRecordFailed)
+            }
+        }
+    }
+}
+
+fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
+    req.headers()
+        .get(X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::now_v7().to_string()).expect("a UUID is a valid header")
+        })
+}
+
+fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Principal, GatewayError> {
+    let headers = req.headers();
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get(X_API_KEY).and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .ok_or(GatewayError::Unauthorized)?;
+    app.registry
+        .authenticate(presented)
+        .ok_or(GatewayError::Unauthorized)
+}
+
+/// Refuses a body declared too large before the task takes a queue place;
+/// an undeclared (chunked) one is cut off while it streams.
+fn check_declared_length(app: &App, req: &Request<Incoming>) -> Result<(), GatewayError> {
+    let Some(value) = req.headers().get(header::CONTENT_LENGTH) else {
+        return Ok(());
+    };
+    let len: u64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?;
+    let limit = app.config.limits.max_body_bytes;
+    if len > limit {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    Ok(())
+}
+
+/// `limits.max_queue_wait_ms`, lowered by `X-Queue-Timeout-Ms` if sent.
+fn queue_wait_limit(app: &App, req: &Request<Incoming>) -> Result<Duration, GatewayError> {
+    let max = app.config.max_queue_wait();
+    let Some(value) = req.headers().get(X_QUEUE_TIMEOUT_MS) else {
+        return Ok(max);
+    };
+    let ms: u64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            GatewayError::BadRequest("X-Queue-Timeout-Ms must be a whole number of milliseconds".into())
+        })?;
+    Ok(max.min(Duration::from_millis(ms)))
+}
+
+fn healthz(request_id: &HeaderValue) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ok\"}")));
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+    resp
+}

@@ -1,0 +1,246 @@
+//! Forwarding one admitted task to the backend and reading its answer.
+//!
+//! The request body streams through (bounded by `limits.max_body_bytes`);
+//! the answer is read whole (bounded by `backend.max_response_bytes`)
+//! because it must be classified, and a success recorded, before the client
+//! sees any of it.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::accounts::Principal;
+use crate::config::{BackendConfig, BackendUrl, SuccessMode};
+
+use super::error::GatewayError;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_TOLLGATE_ACCOUNT: HeaderName = HeaderName::from_static("x-tollgate-account");
+pub const X_TOLLGATE_SUB_ACCOUNT: HeaderName = HeaderName::from_static("x-tollgate-sub-account");
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub const X_QUEUE_TIMEOUT_MS: HeaderName = HeaderName::from_static("x-queue-timeout-ms");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The backend's complete answer.
+pub struct Answer {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn is_success(&self, mode: SuccessMode) -> bool {
+        if !self.status.is_success() {
+            return false;
+        }
+        match mode {
+            SuccessMode::Status => true,
+            SuccessMode::TencentJson => {
+                // A 2xx without a readable `Response` is not a confirmed
+                // success, and an unconfirmed one is never charged.
+                match serde_json::from_slice::<serde_json::Value>(&self.body) {
+                    Ok(v) => v
+                        .get("Response")
+                        .is_some_and(|r| r.is_object() && r.get("Error").is_none()),
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(self.body));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers;
+        resp
+    }
+}
+
+pub struct Backend {
+    client: Client<HttpConnector, Limited<Incoming>>,
+    base: BackendUrl,
+    max_response_bytes: usize,
+    max_body_bytes: u64,
+}
+
+impl Backend {
+    pub fn new(config: &BackendConfig, url: &str, max_body_bytes: u64) -> Result<Self, String> {
+        let base = BackendUrl::parse(url)?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self {
+            client,
+            base,
+            max_response_bytes: config.max_response_bytes,
+            max_body_bytes,
+        })
+    }
+
+    /// Sends the task and reads the whole answer. The caller bounds the time.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        principal: &Principal,
+        request_id: &HeaderValue,
+    ) -> Result<Answer, GatewayError> {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: http::Uri = format!("http://{}{}{}", self.base.authority, self.base.path_prefix, path)
+            .parse()
+            .map_err(|_| GatewayError::BadRequest("the request path is not valid".into()))?;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        for name in [
+            header::AUTHORIZATION,
+            X_API_KEY,
+            header::HOST,
+            X_QUEUE_TIMEOUT_MS,
+            X_TOLLGATE_ACCOUNT,
+            X_TOLLGATE_SUB_ACCOUNT,
+        ] {
+            headers.remove(name);
+        }
+        headers.insert(X_REQUEST_ID, request_id.clone());
+        headers.insert(X_TOLLGATE_ACCOUNT, header_value(&principal.root.id));
+        headers.insert(
+            X_TOLLGATE_SUB_ACCOUNT,
+            principal
+                .sub
+                .as_ref()
+                .map_or(HeaderValue::from_static(""), |s| header_value(&s.id)),
+        );
+        let mut upstream = Request::new(Limited::new(body, self.max_body_bytes as usize));
+        *upstream.method_mut() = parts.method;
+        *upstream.uri_mut() = uri;
+        *upstream.version_mut() = Version::HTTP_11;
+        *upstream.headers_mut() = headers;
+
+        let resp = self
+            .client
+            .request(upstream)
+            .await
+            .map_err(|e| self.map_send_error(&e))?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, self.max_response_bytes)
+            .collect()
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "reading the backend's answer failed");
+                GatewayError::BackendUnavailable
+            })?
+            .to_bytes();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        // The length is set again from the buffered body.
+        headers.remove(header::CONTENT_LENGTH);
+        Ok(Answer {
+            status: parts.status,
+            headers,
+            body,
+        })
+    }
+
+    fn map_send_error(&self, e: &hyper_util::client::legacy::Error) -> GatewayError {
+        let mut source: Option<&(dyn StdError + 'static)> = e.source();
+        while let Some(s) = source {
+            if s.is::<LengthLimitError>() {
+                return GatewayError::BodyTooLarge {
+                    limit: self.max_body_bytes,
+                };
+            }
+            if let Some(h) = s.downcast_ref::<hyper::Error>()
+                && h.is_user()
+            {
+                // Reading the client's body failed: the client went away or
+                // sent a broken body. The backend did not get the task.
+                return GatewayError::BadRequest("the request body could not be read".into());
+            }
+            source = s.source();
+        }
+        tracing::warn!(error = %e, connect = e.is_connect(), "forwarding to the backend failed");
+        GatewayError::BackendUnavailable
+    }
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    // Account ids are validated to header-safe characters.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("proxy-connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status: http::StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let ok = r#"{"Response":{"ResultImage":"x","RequestId":"r"}}"#;
+        let err = r#"{"Response":{"Error":{"Code":"X","Message":"m"},"RequestId":"r"}}"#;
+        assert!(answer(200, ok).is_success(SuccessMode::Status));
+        assert!(answer(200, ok).is_success(SuccessMode::TencentJson));
+        assert!(answer(200, err).is_success(SuccessMode::Status));
+        assert!(!answer(200, err).is_success(SuccessMode::TencentJson));
+        assert!(!answer(200, "not json").is_success(SuccessMode::TencentJson));
+        assert!(!answer(500, ok).is_success(SuccessMode::Status));
+        assert!(!answer(302, ok).is_success(SuccessMode::Status));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+}

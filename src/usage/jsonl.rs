@@ -1,0 +1,161 @@
+//! The JSON Lines export: one file per UTC day, `usage/events-YYYY-MM-DD.jsonl`,
+//! one event per line in commit order.
+//!
+//! The export is written after each commit without its own fsync: it is
+//! derived from the store, and [`JsonlSink::open`] repairs it after a crash
+//! (cuts a torn last line, re-exports what the files miss, writes nothing
+//! twice).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// One committed event, as the store hands it to the export.
+pub struct ExportedEvent<'a> {
+    pub seq: u64,
+    pub id: &'a str,
+    /// `YYYY-MM-DD...`, the event's UTC time.
+    pub time: &'a str,
+    pub json: &'a str,
+}
+
+pub struct JsonlSink {
+    dir: PathBuf,
+    current: Option<(String, File)>,
+    exported_up_to: u64,
+}
+
+impl JsonlSink {
+    /// Opens the export directory and returns the sink with the id of the
+    /// last event the files hold, if any (the caller maps it to a sequence
+    /// number and calls [`JsonlSink::set_exported_up_to`]).
+    pub fn open(dir: &Path) -> io::Result<(Self, Option<String>)> {
+        fs::create_dir_all(dir)?;
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("events-") && n.ends_with(".jsonl"))
+            })
+            .collect();
+        files.sort();
+        let mut last_id = None;
+        for path in files.iter().rev() {
+            if let Some(id) = last_complete_id(path)? {
+                last_id = Some(id);
+                break;
+            }
+        }
+        let sink = Self {
+            dir: dir.to_path_buf(),
+            current: None,
+            exported_up_to: 0,
+        };
+        Ok((sink, last_id))
+    }
+
+    pub fn exported_up_to(&self) -> u64 {
+        self.exported_up_to
+    }
+
+    pub fn set_exported_up_to(&mut self, seq: u64) {
+        self.exported_up_to = seq;
+    }
+
+    /// Appends events (in commit order); skips any already exported.
+    pub fn append<'a>(&mut self, events: impl IntoIterator<Item = ExportedEvent<'a>>) -> io::Result<()> {
+        for ev in events {
+            if ev.seq <= self.exported_up_to {
+                continue;
+            }
+            let day = ev.time.get(..10).unwrap_or("unknown-day");
+            let file = self.file_for(day)?;
+            let mut line = Vec::with_capacity(ev.json.len() + 1);
+            line.extend_from_slice(ev.json.as_bytes());
+            line.push(b'\n');
+            file.write_all(&line)?;
+            self.exported_up_to = ev.seq;
+        }
+        Ok(())
+    }
+
+    fn file_for(&mut self, day: &str) -> io::Result<&mut File> {
+        let stale = !matches!(&self.current, Some((d, _)) if d == day);
+        if stale {
+            let path = self.dir.join(format!("events-{day}.jsonl"));
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            self.current = Some((day.to_string(), file));
+        }
+        Ok(&mut self.current.as_mut().expect("just set").1)
+    }
+}
+
+/// The id of the last complete line of a file; cuts a torn last line (one
+/// without its newline) left by a crash mid-write.
+fn last_complete_id(path: &Path) -> io::Result<Option<String>> {
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    let mut complete_len = 0u64;
+    let mut last_line = None;
+    {
+        let mut reader = BufReader::new(&mut file);
+        let mut pos = 0u64;
+        let mut buf = String::new();
+        loop {
+            buf.clear();
+            let n = reader.read_line(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            if buf.ends_with('\n') {
+                complete_len = pos;
+                if !buf.trim().is_empty() {
+                    last_line = Some(buf.clone());
+                }
+            }
+        }
+    }
+    if complete_len < len {
+        file.set_len(complete_len)?;
+        file.seek(SeekFrom::End(0))?;
+    }
+    Ok(last_line.and_then(|line| {
+        serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev<'a>(seq: u64, id: &'a str, json: &'a str) -> ExportedEvent<'a> {
+        ExportedEvent {
+            seq,
+            id,
+            time: "2026-11-26T00:00:00.000Z",
+            json,
+        }
+    }
+
+    #[test]
+    fn appends_then_recovers_last_id_and_cuts_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, last) = JsonlSink::open(dir.path()).unwrap();
+        assert_eq!(last, None);
+        sink.append([ev(1, "a", r#"{"id":"a"}"#), ev(2, "b", r#"{"id":"b"}"#)])
+            .unwrap();
+        sink.append([ev(2, "b", r#"{"id":"b"}"#)]).unwrap(); // already exported
+        let path = dir.path().join("events-2026-11-26.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"id":"c","#).unwrap(); // a crash mid-line
+        drop(f);
+        let (_, last) = JsonlSink::open(dir.path()).unwrap();
+        assert_eq!(last.as_deref(), Some("b"));
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+    }
+}

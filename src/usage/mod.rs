@@ -1,0 +1,14 @@
+//! Usage events: the durable record of each successful task (CloudEvents 1.0),
+//! the recorder the data plane calls before releasing a success, and the JSON
+//! Lines export under `<data_dir>/usage/`.
+//!
+//! The events' durable home is the store (one writer thread, group commits,
+//! fsync); the JSON Lines files are an export derived from it and rebuilt
+//! from it after a crash.
+
+mod event;
+pub mod jsonl;
+mod recorder;
+
+pub use event::{ChargeSource, UsageData, UsageEvent};
+pub use recorder::UsageRecorder;

@@ -1,0 +1,32 @@
+//! The one place a success becomes billable: the event is committed (and
+//! fsync'd) before the caller may release the response.
+
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
+use crate::store::{Committed, Store, StoreError, Write, commit};
+
+use super::UsageEvent;
+
+#[derive(Clone)]
+pub struct UsageRecorder {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl UsageRecorder {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self { store, metrics }
+    }
+
+    /// Durably stores the event; returns its sequence number (its cursor).
+    pub async fn record(&self, event: UsageEvent) -> Result<u64, StoreError> {
+        match commit(&*self.store, Write::AppendUsage(Box::new(event))).await? {
+            Committed::Usage { seq } => {
+                self.metrics.usage_events_total.inc();
+                Ok(seq)
+            }
+            Committed::Done => Err(StoreError::Internal("usage append returned no sequence".into())),
+        }
+    }
+}
