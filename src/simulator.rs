@@ -6,9 +6,11 @@
 //! with a 500, and honours per-request overrides:
 //! - `X-Sim-Delay-Ms: N`: answer after N ms;
 //! - `X-Sim-Status: N`: answer with status N;
-//! - `X-Sim-Error: Code`: answer 200 with a `Response.Error` of that code.
+//! - `X-Sim-Error: Code`: answer 200 with a `Response.Error` of that code;
+//! - `X-Sim-Echo: 1`: add the request's path and headers to the answer.
 //!
-//! `GET /_sim/stats` reports, per `X-Tollgate-Account`, the requests now in
+//! `GET /_sim/stats` reports, per `X-Tollgate-Account` (and per
+//! `sub:<X-Tollgate-Sub-Account>` when that is set), the requests now in
 //! progress, the most ever seen at once, the total, and the order in which
 //! request ids arrived; `POST /_sim/reset` clears it.
 
@@ -51,12 +53,12 @@ pub struct Simulator {
 /// Counts a request in flight until dropped, however the request ends.
 struct InFlight<'a> {
     sim: &'a Simulator,
-    account: String,
+    probe: String,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.sim.probes().get_mut(&self.account) {
+        if let Some(p) = self.sim.probes().get_mut(&self.probe) {
             p.in_flight -= 1;
         }
     }
@@ -74,9 +76,9 @@ impl Simulator {
         self.probes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn enter(&self, account: &str, request_id: &str) -> InFlight<'_> {
+    fn enter(&self, probe: &str, request_id: &str) -> InFlight<'_> {
         let mut probes = self.probes();
-        let p = probes.entry(account.to_string()).or_default();
+        let p = probes.entry(probe.to_string()).or_default();
         p.in_flight += 1;
         p.requests += 1;
         p.max_in_flight = p.max_in_flight.max(p.in_flight);
@@ -86,7 +88,7 @@ impl Simulator {
         p.arrivals.push_back(request_id.to_string());
         InFlight {
             sim: self,
-            account: account.to_string(),
+            probe: probe.to_string(),
         }
     }
 
@@ -138,7 +140,18 @@ impl Simulator {
             .unwrap_or_else(|| self.latency());
         let status = header("x-sim-status").and_then(|v| v.parse::<u16>().ok());
         let error_code = header("x-sim-error");
+        let echo = header("x-sim-echo").is_some().then(|| {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("<binary>"))))
+                .collect();
+            json!({"Path": req.uri().to_string(), "Method": req.method().as_str(), "Headers": headers})
+        });
         let _in_flight = self.enter(&account, &request_id);
+        let _sub_in_flight = header("x-tollgate-sub-account")
+            .filter(|s| !s.is_empty())
+            .map(|sub| self.enter(&format!("sub:{sub}"), &request_id));
         // Read the whole upload, like the real service.
         if req.into_body().collect().await.is_err() {
             return json_response(StatusCode::BAD_REQUEST, &json!({"error": "body"}));
@@ -148,7 +161,7 @@ impl Simulator {
         let status = status
             .and_then(|s| StatusCode::from_u16(s).ok())
             .unwrap_or(if failed { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK });
-        let body = if let Some(code) = error_code {
+        let mut body = if let Some(code) = error_code {
             json!({"Response": {"Error": {"Code": code, "Message": "simulated error"}, "RequestId": request_id}})
         } else if status.is_success() {
             json!({"Response": {
@@ -158,6 +171,9 @@ impl Simulator {
         } else {
             json!({"Response": {"Error": {"Code": "InternalError", "Message": "simulated failure"}, "RequestId": request_id}})
         };
+        if let Some(echo) = echo {
+            body["Echo"] = echo;
+        }
         json_response(status, &body)
     }
 }

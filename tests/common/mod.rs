@@ -1,0 +1,504 @@
+//! Test harness: starts the real `tollgate` binary (gateway and simulator)
+//! on loopback ports chosen by the OS, and talks to it over HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A child process killed (SIGKILL) when dropped, with its stderr captured.
+pub struct Proc {
+    child: Child,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `args`, waits for a stdout line containing `marker`, returns
+    /// the process and every `http://` address printed until then.
+    fn spawn(args: &[&str], env: &[(&str, String)], markers: usize) -> (Self, Vec<String>) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start tollgate");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut addrs = Vec::new();
+        let mut line = String::new();
+        while addrs.len() < markers {
+            line.clear();
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
+                panic!("tollgate exited before listening; stderr:\n{}", stderr.lock().unwrap());
+            }
+            if let Some(i) = line.find("http://") {
+                addrs.push(line[i..].trim().to_string());
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while out.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        (Self { child, stderr }, addrs)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm_and_wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Simulator {
+    pub proc: Proc,
+    pub url: String,
+}
+
+impl Simulator {
+    pub fn start() -> Self {
+        let (proc, addrs) = Proc::spawn(
+            &["simulate", "--listen", "127.0.0.1:0", "--latency-ms", "0", "--jitter-ms", "0"],
+            &[],
+            1,
+        );
+        Self {
+            proc,
+            url: addrs[0].clone(),
+        }
+    }
+
+    pub async fn stats(&self, client: &Http) -> Value {
+        client.get_json(&format!("{}/_sim/stats", self.url), &[]).await.1
+    }
+
+    pub async fn max_in_flight(&self, client: &Http, account: &str) -> u64 {
+        self.stats(client).await["accounts"][account]["max_in_flight"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+/// Gateway options a test may change; the rest is fixed for the tests.
+#[derive(Clone)]
+pub struct Opts {
+    pub extra_toml: String,
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            extra_toml: String::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub url: String,
+    pub admin: String,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(dir: &Path, backend: &str, opts: &Opts) -> Self {
+        let data_dir = dir.join("data");
+        let config_path = dir.join("tollgate.toml");
+        let toml = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+instance = "test"
+shutdown_grace_ms = 10000
+
+[admin]
+listen = "127.0.0.1:0"
+token = "{ADMIN_TOKEN}"
+
+[backend]
+url = "{backend}"
+timeout_ms = 10000
+
+[storage]
+data_dir = "{}"
+
+[demo]
+enabled = false
+
+{}
+"#,
+            data_dir.display(),
+            opts.extra_toml
+        );
+        std::fs::write(&config_path, toml).unwrap();
+        Self::start_with_config(&config_path, &data_dir, opts)
+    }
+
+    /// Starts again on the same config and data (after a stop or a crash).
+    pub fn restart(&mut self, opts: &Opts) {
+        self.proc.kill9();
+        *self = Self::start_with_config(&self.config_path.clone(), &self.data_dir.clone(), opts);
+    }
+
+    fn start_with_config(config_path: &Path, data_dir: &Path, opts: &Opts) -> Self {
+        let (proc, addrs) = Proc::spawn(
+            &["serve", "--config", config_path.to_str().unwrap()],
+            &opts.env,
+            2,
+        );
+        Self {
+            proc,
+            url: addrs[0].clone(),
+            admin: addrs[1].clone(),
+            data_dir: data_dir.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+        }
+    }
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["Response"]["Error"]["Code"].as_str().unwrap_or("").to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+}
+
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(256)
+                .build_http(),
+        }
+    }
+
+    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(body.into())).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("read body").to_bytes();
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get_json(&self, url: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        let r = self.send(Method::GET, url, headers, Bytes::new()).await;
+        let v = r.json();
+        (r.status, v)
+    }
+}
+
+/// Admin calls with the test token.
+pub struct Admin<'a> {
+    pub http: &'a Http,
+    pub base: &'a str,
+}
+
+impl Admin<'_> {
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Resp {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.http
+            .send(
+                method,
+                &format!("{}{path}", self.base),
+                &[("authorization", &auth), ("content-type", "application/json")],
+                body,
+            )
+            .await
+    }
+
+    pub async fn create_account(&self, id: &str) {
+        let r = self.call(Method::POST, "/v1/accounts", Some(json!({"id": id}))).await;
+        assert_eq!(r.status, StatusCode::CREATED, "create {id}: {:?}", r.json());
+    }
+
+    pub async fn create_sub(&self, root: &str, id: &str, cap: Option<u32>) {
+        let r = self
+            .call(
+                Method::POST,
+                &format!("/v1/accounts/{root}/sub-accounts"),
+                Some(json!({"id": id, "max_concurrency": cap})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "create sub {id}: {:?}", r.json());
+    }
+
+    /// Issues a key; returns (key_id, api_key).
+    pub async fn issue_key(&self, root: &str, sub: Option<&str>) -> (String, String) {
+        let body = match sub {
+            Some(s) => json!({"sub_account": s}),
+            None => json!({}),
+        };
+        let r = self
+            .call(Method::POST, &format!("/v1/accounts/{root}/keys"), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "issue key: {:?}", r.json());
+        let v = r.json();
+        (
+            v["key_id"].as_str().unwrap().to_string(),
+            v["api_key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub async fn account(&self, id: &str) -> Value {
+        self.call(Method::GET, &format!("/v1/accounts/{id}"), None).await.json()
+    }
+
+    /// Every usage event, following the cursor to the end.
+    pub async fn all_events(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        for _ in 0..10_000 {
+            let r = self
+                .call(Method::GET, &format!("/v1/usage-events?after={after}&limit=1000"), None)
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+            let v = r.json();
+            let events = v["events"].as_array().unwrap().clone();
+            after = v["next"].as_str().unwrap().to_string();
+            if events.is_empty() {
+                break;
+            }
+            out.extend(events);
+        }
+        out
+    }
+
+    /// Waits (bounded) until the account has nothing in flight or queued.
+    pub async fn wait_idle(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let a = self.account(id).await;
+            let c = &a["concurrency"];
+            if (c["in_flight"] == 0 && c["queued"] == 0) || Instant::now() > deadline {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A running simulator + gateway pair in a temp dir.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub sim: Simulator,
+    pub gw: Gateway,
+    pub http: Http,
+}
+
+impl Stack {
+    pub fn start(opts: Opts) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = Simulator::start();
+        let gw = Gateway::start(dir.path(), &sim.url, &opts);
+        Self {
+            dir,
+            sim,
+            gw,
+            http: Http::new(),
+        }
+    }
+
+    pub fn admin(&self) -> Admin<'_> {
+        Admin {
+            http: &self.http,
+            base: &self.gw.admin,
+        }
+    }
+
+    /// An account with one root key; returns the key.
+    pub async fn account_with_key(&self, id: &str) -> String {
+        let admin = self.admin();
+        admin.create_account(id).await;
+        admin.issue_key(id, None).await.1
+    }
+
+    /// A task through the gateway with the given key and extra headers.
+    pub async fn task(&self, key: &str, headers: &[(&str, &str)]) -> Resp {
+        let auth = format!("Bearer {key}");
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        self.http
+            .send(Method::POST, &format!("{}/v1/style-transfer", self.gw.url), &all, r#"{"InputImage":"x"}"#)
+            .await
+    }
+}
+
+/// A cheap, `'static` handle for sending tasks from spawned tokio tasks.
+#[derive(Clone)]
+pub struct TaskClient {
+    pub http: Http,
+    pub url: String,
+}
+
+impl TaskClient {
+    pub async fn task(&self, key: &str, headers: &[(&str, &str)]) -> Resp {
+        let auth = format!("Bearer {key}");
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        self.http
+            .send(Method::POST, &format!("{}/v1/style-transfer", self.url), &all, r#"{"InputImage":"x"}"#)
+            .await
+    }
+
+    /// Spawns a task with the given delay and request id.
+    pub fn spawn(&self, key: &str, delay_ms: u64, request_id: &str) -> tokio::task::JoinHandle<Resp> {
+        let this = self.clone();
+        let key = key.to_string();
+        let rid = request_id.to_string();
+        tokio::spawn(async move {
+            let d = delay_ms.to_string();
+            this.task(&key, &[("x-sim-delay-ms", &d), ("x-request-id", &rid)]).await
+        })
+    }
+}
+
+impl Stack {
+    pub fn client(&self) -> TaskClient {
+        TaskClient {
+            http: self.http.clone(),
+            url: self.gw.url.clone(),
+        }
+    }
+}
+
+/// Sends a raw HTTP/1.1 task request on its own connection and returns the
+/// open socket (drop it to hang up).
+pub async fn raw_task(gateway_url: &str, key: &str, extra_headers: &str, body: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = gateway_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /v1/style-transfer HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s
+}
+
+/// Waits (bounded) until `check` holds for the account's view.
+pub async fn wait_for(admin: &Admin<'_>, account: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = admin.account(account).await;
+        if check(&a) {
+            return a;
+        }
+        if Instant::now() > deadline {
+            panic!("{account}: never {what}; last view {a}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Declares a body of `declared` bytes but sends only `sent` of them, like
+/// a client in the middle of a large upload; returns the open socket.
+pub async fn raw_partial_task(
+    gateway_url: &str,
+    key: &str,
+    extra_headers: &str,
+    declared: usize,
+    sent: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = gateway_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/style-transfer HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Length: {declared}\r\n{extra_headers}\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'x'; sent]).await.unwrap();
+    s
+}

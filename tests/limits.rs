@@ -1,0 +1,231 @@
+//! The concurrency invariants, against the real binary over real sockets:
+//! the limit is never exceeded at the backend and is reached, accounts are
+//! isolated, FIFO order, queue bounds and deadlines, and no slot leaks when
+//! clients give up.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Opts, Stack, raw_partial_task, raw_task, wait_for};
+use futures_util::future::join_all;
+use http::StatusCode;
+use serde_json::Value;
+
+fn queued(n: u64) -> impl Fn(&Value) -> bool {
+    move |a| a["concurrency"]["queued"] == n
+}
+
+fn in_flight(n: u64) -> impl Fn(&Value) -> bool {
+    move |a| a["concurrency"]["in_flight"] == n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_is_shared_by_root_and_sub_accounts_never_exceeded_and_reached() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    admin.create_account("acme").await;
+    admin.create_sub("acme", "acme-dev", None).await;
+    admin.create_sub("acme", "acme-ops", None).await;
+    let keys = [
+        admin.issue_key("acme", None).await.1,
+        admin.issue_key("acme", Some("acme-dev")).await.1,
+        admin.issue_key("acme", Some("acme-ops")).await.1,
+    ];
+    let tasks = (0..36).map(|i| stack.task(&keys[i % 3], &[("x-sim-delay-ms", "60")]));
+    let results = join_all(tasks).await;
+    assert!(results.iter().all(|r| r.status == StatusCode::OK));
+    assert_eq!(stack.sim.max_in_flight(&stack.http, "acme").await, 3, "limit 3, exactly reached");
+    let a = wait_for(&admin, "acme", "idle", in_flight(0)).await;
+    assert_eq!(a["concurrency"]["limit"], 3);
+    assert_eq!(a["concurrency"]["queued"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_account_cap_holds_inside_the_root_limit() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    admin.create_account("acme").await;
+    admin.create_sub("acme", "acme-dev", Some(1)).await;
+    let root = admin.issue_key("acme", None).await.1;
+    let dev = admin.issue_key("acme", Some("acme-dev")).await.1;
+    let dev_tasks = (0..6).map(|_| stack.task(&dev, &[("x-sim-delay-ms", "50")]));
+    let root_tasks = (0..6).map(|_| stack.task(&root, &[("x-sim-delay-ms", "50")]));
+    let (a, b) = tokio::join!(join_all(dev_tasks), join_all(root_tasks));
+    assert!(a.iter().chain(b.iter()).all(|r| r.status == StatusCode::OK));
+    assert_eq!(stack.sim.max_in_flight(&stack.http, "sub:acme-dev").await, 1);
+    assert_eq!(stack.sim.max_in_flight(&stack.http, "acme").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_are_isolated() {
+    let stack = Stack::start(Opts::default());
+    let a = stack.account_with_key("alpha").await;
+    let b = stack.account_with_key("beta").await;
+    // Alpha floods its queue; beta still gets its own 3 slots at once.
+    let alpha = (0..20).map(|_| stack.task(&a, &[("x-sim-delay-ms", "150")]));
+    let beta = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        join_all((0..6).map(|_| stack.task(&b, &[("x-sim-delay-ms", "30")]))).await
+    };
+    let (ra, rb) = tokio::join!(join_all(alpha), beta);
+    assert!(ra.iter().chain(rb.iter()).all(|r| r.status == StatusCode::OK));
+    for r in &rb {
+        let waited: u64 = r.header("x-queue-wait-ms").unwrap().parse().unwrap();
+        assert!(waited < 1000, "beta waited {waited} ms behind alpha's queue");
+    }
+    assert_eq!(stack.sim.max_in_flight(&stack.http, "alpha").await, 3);
+    assert_eq!(stack.sim.max_in_flight(&stack.http, "beta").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_tasks_are_admitted_in_arrival_order() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    let key = stack.account_with_key("acme").await;
+    let client = stack.client();
+    // Three holders that finish ~100 ms apart, so each release admits one
+    // waiter and the backend sees the admissions in grant order.
+    let mut handles = vec![
+        client.spawn(&key, 200, "hold-1"),
+        client.spawn(&key, 300, "hold-2"),
+        client.spawn(&key, 400, "hold-3"),
+    ];
+    wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
+    for i in 0..6u64 {
+        handles.push(client.spawn(&key, 250, &format!("q{i}")));
+        wait_for(&admin, "acme", "queued", queued(i + 1)).await;
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    let stats = stack.sim.stats(&stack.http).await;
+    let arrivals: Vec<&str> = stats["accounts"]["acme"]["arrivals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .filter(|id| id.starts_with('q'))
+        .collect();
+    assert_eq!(arrivals, ["q0", "q1", "q2", "q3", "q4", "q5"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_job_num_exceed_with_retry_after() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[limits]\nmax_queue_per_account = 2\n".into(),
+        ..Opts::default()
+    });
+    let admin = stack.admin();
+    let key = stack.account_with_key("acme").await;
+    let client = stack.client();
+    let mut handles: Vec<_> = (0..3).map(|i| client.spawn(&key, 600, &format!("h{i}"))).collect();
+    wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
+    handles.push(client.spawn(&key, 10, "w0"));
+    handles.push(client.spawn(&key, 10, "w1"));
+    wait_for(&admin, "acme", "2 queued", queued(2)).await;
+    let r = stack.task(&key, &[]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.error_code(), "RequestLimitExceeded.JobNumExceed");
+    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(retry >= 1);
+    assert!(r.header("x-request-id").is_some());
+    for h in handles {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    // Nothing was charged for the refused task.
+    assert_eq!(admin.all_events().await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_timeout_header_gives_queue_timeout() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    let key = stack.account_with_key("acme").await;
+    let client = stack.client();
+    let holders: Vec<_> = (0..3).map(|i| client.spawn(&key, 1500, &format!("h{i}"))).collect();
+    wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
+    let r = stack.task(&key, &[("x-queue-timeout-ms", "150")]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.error_code(), "RequestLimitExceeded.QueueTimeout");
+    assert!(r.header("retry-after").is_some());
+    let waited: u64 = r.header("x-queue-wait-ms").unwrap().parse().unwrap();
+    assert!(waited >= 150, "waited {waited}");
+    let a = admin.account("acme").await;
+    assert_eq!(a["concurrency"]["queued"], 0, "the expired task left the queue");
+    // A malformed header is a clear 400, not a silent default.
+    let bad = stack.task(&key, &[("x-queue-timeout-ms", "soon")]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.error_code(), "InvalidParameter.InvalidParameter");
+    for h in holders {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_while_queued_leaves_at_once_and_never_reaches_the_backend() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    let key = stack.account_with_key("acme").await;
+    let client = stack.client();
+    let holders: Vec<_> = (0..3).map(|i| client.spawn(&key, 1500, &format!("h{i}"))).collect();
+    wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
+    // One client sent its whole (small) body; the other is still uploading
+    // a large one when it hangs up, so the gateway has unread bytes on the
+    // socket and must notice the hang-up without reading them.
+    let ghost = raw_task(&stack.gw.url, &key, "X-Request-Id: ghost\r\n", r#"{"InputImage":"x"}"#).await;
+    let uploading = raw_partial_task(&stack.gw.url, &key, "X-Request-Id: ghost-upload\r\n", 1 << 20, 64 << 10).await;
+    wait_for(&admin, "acme", "2 queued", queued(2)).await;
+    drop(ghost);
+    drop(uploading);
+    // Long before the holders finish (1.5 s), the ghost is out of the queue.
+    let a = wait_for(&admin, "acme", "queue empty", queued(0)).await;
+    assert_eq!(a["concurrency"]["in_flight"], 3);
+    for h in holders {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    let stats = stack.sim.stats(&stack.http).await;
+    let arrivals = stats["accounts"]["acme"]["arrivals"].as_array().unwrap().clone();
+    assert!(!arrivals.iter().any(|v| v.as_str().unwrap().starts_with("ghost")), "{arrivals:?}");
+    let events = admin.all_events().await;
+    assert_eq!(events.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_clients_giving_up_leaks_no_slot() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    let key = stack.account_with_key("acme").await;
+    // 60 clients, each on its own connection, hang up after 0..300 ms:
+    // some while queued, some while their task is at the backend.
+    let storm = (0..60u64).map(|i| {
+        let url = stack.gw.url.clone();
+        let key = key.clone();
+        async move {
+            let s = raw_task(&url, &key, "X-Sim-Delay-Ms: 100\r\n", "{}").await;
+            tokio::time::sleep(Duration::from_millis((i * 37) % 300)).await;
+            drop(s);
+        }
+    });
+    join_all(storm).await;
+    let a = wait_for(&admin, "acme", "idle", |a| {
+        a["concurrency"]["in_flight"] == 0 && a["concurrency"]["queued"] == 0
+    })
+    .await;
+    assert_eq!(a["concurrency"]["limit"], 3);
+    assert!(stack.sim.max_in_flight(&stack.http, "acme").await <= 3);
+    // All three slots are free: three new tasks start at once.
+    let fresh = (0..3).map(|_| stack.task(&key, &[("x-sim-delay-ms", "10"), ("x-queue-timeout-ms", "0")]));
+    for r in join_all(fresh).await {
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+        assert_eq!(r.header("x-queue-wait-ms").as_deref(), Some("0"));
+    }
+    // Tasks that reached the backend ran to completion and were billed,
+    // flagged client_gone; no event for a task that never got there.
+    let events = admin.all_events().await;
+    let sim_requests = stack.sim.stats(&stack.http).await["accounts"]["acme"]["requests"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(events.len() as u64, sim_requests);
+    assert!(events.iter().any(|e| e["data"]["client_gone"] == true));
+}
