@@ -172,7 +172,7 @@ impl Simulator {
             json!({"Response": {"Error": {"Code": "InternalError", "Message": "simulated failure"}, "RequestId": request_id}})
         };
         if let Some(echo) = echo {
-            body["Echo"] = echo;
+            body["Response"]["Echo"] = echo;
         }
         json_response(status, &body)
     }

@@ -5,7 +5,7 @@
 //! because it must be classified, and a success recorded, before the client
 //! sees any of it.
 
-use std::error::Error as StdError;
+use std::error::Error as _;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -165,21 +165,21 @@ impl Backend {
     }
 
     fn map_send_error(&self, e: &hyper_util::client::legacy::Error) -> GatewayError {
-        let mut source: Option<&(dyn StdError + 'static)> = e.source();
-        while let Some(s) = source {
-            if s.is::<LengthLimitError>() {
-                return GatewayError::BodyTooLarge {
-                    limit: self.max_body_bytes,
-                };
-            }
-            if let Some(h) = s.downcast_ref::<hyper::Error>()
-                && h.is_user()
-            {
-                // Reading the client's body failed: the client went away or
-                // sent a broken body. The backend did not get the task.
-                return GatewayError::BadRequest("the request body could not be read".into());
-            }
-            source = s.source();
+        let mut chain: Vec<&(dyn std::error::Error + 'static)> = Vec::new();
+        let mut next = e.source();
+        while let Some(s) = next {
+            chain.push(s);
+            next = s.source();
+        }
+        if chain.iter().any(|s| s.is::<LengthLimitError>()) {
+            return GatewayError::BodyTooLarge {
+                limit: self.max_body_bytes,
+            };
+        }
+        if chain.iter().any(|s| s.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_user())) {
+            // Reading the client's body failed: the client went away or sent
+            // a broken body. The backend did not get a whole task.
+            return GatewayError::BadRequest("the request body could not be read".into());
         }
         tracing::warn!(error = %e, connect = e.is_connect(), "forwarding to the backend failed");
         GatewayError::BackendUnavailable
