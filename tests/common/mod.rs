@@ -254,6 +254,19 @@ impl Http {
     }
 
     pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+        self.try_send(method, url, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("request to {url} failed: {e}"))
+    }
+
+    /// Like `send`, but a connection failure is an error, not a panic.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Resp, String> {
         let mut req = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -262,14 +275,14 @@ impl Http {
             .client
             .request(req.body(Full::new(body.into())).unwrap())
             .await
-            .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+            .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("read body").to_bytes();
-        Resp {
+        let body = body.collect().await.map_err(|e| format!("{e:?}"))?.to_bytes();
+        Ok(Resp {
             status: parts.status,
             headers: parts.headers,
             body,
-        }
+        })
     }
 
     pub async fn get_json(&self, url: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
