@@ -1,0 +1,190 @@
+//! The admin API's guard and its answers to bad input, secrets kept out of
+//! logs and metrics, the metrics format, and bad config files.
+
+mod common;
+
+use std::process::Command;
+
+use common::{ADMIN_TOKEN, Opts, Stack};
+use http::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_the_token_and_health_does_not() {
+    let stack = Stack::start(Opts::default());
+    let url = |p: &str| format!("{}{p}", stack.gw.admin);
+    for auth in [None, Some("Bearer wrong-token-wrong-token"), Some("Basic abc"), Some(ADMIN_TOKEN)] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
+        let r = stack
+            .http
+            .send(Method::POST, &url("/v1/accounts"), &headers, json!({"id": "acme"}).to_string())
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(r.error_code(), "AuthFailure.InvalidAuthorization");
+    }
+    assert_eq!(stack.admin().call(Method::GET, "/v1/accounts/acme", None).await.status, StatusCode::NOT_FOUND);
+    for open in ["/metrics", "/healthz", "/readyz"] {
+        let r = stack.http.send(Method::GET, &url(open), &[], "").await;
+        assert_eq!(r.status, StatusCode::OK, "{open}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    admin.create_account("acme").await;
+    let cases: Vec<(Method, &str, Option<&str>, StatusCode)> = vec![
+        (Method::POST, "/v1/accounts", Some(r#"{"id": "bad id"}"#), StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts", Some(r#"{"id": ""}"#), StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts", Some(r#"{"id": 7}"#), StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts", Some(r#"{"id": "x", "extra": 1}"#), StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts", Some(r#"{"id": "#), StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts", None, StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts", Some(r#"{"id": "acme"}"#), StatusCode::CONFLICT),
+        (Method::GET, "/v1/accounts/nobody", None, StatusCode::NOT_FOUND),
+        (Method::POST, "/v1/accounts/nobody/sub-accounts", Some(r#"{"id": "s"}"#), StatusCode::NOT_FOUND),
+        (Method::POST, "/v1/accounts/acme/sub-accounts", Some(r#"{"id": "s", "max_concurrency": 0}"#), StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts/acme/sub-accounts", Some(r#"{"id": "s", "max_concurrency": 99}"#), StatusCode::BAD_REQUEST),
+        (Method::POST, "/v1/accounts/acme/sub-accounts", Some(r#"{"id": "acme"}"#), StatusCode::CONFLICT),
+        (Method::POST, "/v1/accounts/acme/keys", Some(r#"{"sub_account": "ghost"}"#), StatusCode::NOT_FOUND),
+        (Method::POST, "/v1/accounts/nobody/keys", Some("{}"), StatusCode::NOT_FOUND),
+        (Method::DELETE, "/v1/keys/key_nope", None, StatusCode::NOT_FOUND),
+        (Method::POST, "/v1/accounts/nobody/deactivate", None, StatusCode::NOT_FOUND),
+        (Method::GET, "/v1/usage-events?after=abc", None, StatusCode::BAD_REQUEST),
+        (Method::GET, "/v1/usage-events?limit=0", None, StatusCode::BAD_REQUEST),
+        (Method::GET, "/v1/usage-events?limit=100000", None, StatusCode::BAD_REQUEST),
+        (Method::GET, "/v1/usage-events?cursor=1", None, StatusCode::BAD_REQUEST),
+        (Method::GET, "/v1/nothing-here", None, StatusCode::NOT_FOUND),
+    ];
+    for (method, path, body, want) in cases {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let r = stack
+            .http
+            .send(method.clone(), &format!("{}{path}", stack.gw.admin), &[("authorization", &auth)], body.unwrap_or("").to_string())
+            .await;
+        assert_eq!(r.status, want, "{method} {path} {body:?}: {:?}", r.json());
+        let v = r.json();
+        let code = v["Response"]["Error"]["Code"].as_str().unwrap_or("");
+        let message = v["Response"]["Error"]["Message"].as_str().unwrap_or("");
+        assert!(!code.is_empty() && !message.is_empty(), "{path}: error shape {v}");
+    }
+    // Nothing half-made: acme has no sub-accounts, no other account exists.
+    let a = admin.account("acme").await;
+    assert_eq!(a["sub_accounts"], json!([]));
+    assert_eq!(admin.call(Method::GET, "/v1/accounts/x", None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(admin.call(Method::GET, "/v1/accounts/s", None).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs_or_metrics() {
+    let stack = Stack::start(Opts {
+        env: vec![("RUST_LOG", "debug".into())],
+        ..Opts::default()
+    });
+    let admin = stack.admin();
+    admin.create_account("acme").await;
+    let (_, key) = admin.issue_key("acme", None).await;
+    assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
+    assert_eq!(stack.task(&format!("{key}x"), &[]).await.status, StatusCode::UNAUTHORIZED);
+    let _ = stack
+        .http
+        .send(Method::GET, &format!("{}/v1/accounts/acme", stack.gw.admin), &[("authorization", "Bearer not-the-token-at-all")], "")
+        .await;
+    let metrics = stack.http.send(Method::GET, &format!("{}/metrics", stack.gw.admin), &[], "").await;
+    let metrics = String::from_utf8_lossy(&metrics.body).to_string();
+    let logs = stack.gw.proc.logs();
+    assert!(logs.contains("API key issued"), "debug logs were captured");
+    for secret in [key.as_str(), ADMIN_TOKEN, &key[3..20]] {
+        assert!(!logs.contains(secret), "a secret is in the logs");
+        assert!(!metrics.contains(secret), "a secret is in the metrics");
+    }
+    // The key is stored hashed: its text is nowhere in the data directory.
+    for entry in walk(&stack.gw.data_dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains(&key[3..]), "{entry:?} holds the key");
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_name_the_spec_series_and_pass_promtool() {
+    let stack = Stack::start(Opts::default());
+    let key = stack.account_with_key("acme").await;
+    assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
+    assert_eq!(stack.task("bad", &[]).await.status, StatusCode::UNAUTHORIZED);
+    let r = stack.http.send(Method::GET, &format!("{}/metrics", stack.gw.admin), &[], "").await;
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    for series in [
+        r#"tollgate_requests_total{outcome="success"} 1"#,
+        r#"tollgate_requests_total{outcome="rejected"} 1"#,
+        r#"tollgate_in_flight{account="acme"} 0"#,
+        r#"tollgate_queued{account="acme"} 0"#,
+        r#"tollgate_concurrency_limit{account="acme"} 3"#,
+        "tollgate_queue_wait_seconds_bucket",
+        "tollgate_upstream_seconds_bucket",
+        "tollgate_usage_events_total 1",
+        r#"tollgate_rejections_total{code="AuthFailure.InvalidAuthorization"} 1"#,
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+    }
+    let promtool = Command::new("promtool").arg("--version").output();
+    if promtool.is_err() {
+        // CI installs promtool; only a developer machine without it skips.
+        assert!(std::env::var("CI").is_err(), "promtool must be installed in CI");
+        eprintln!("promtool not installed; format check skipped");
+        return;
+    }
+    let path = stack.dir.path().join("metrics.txt");
+    std::fs::write(&path, &text).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", path.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_bad_config_is_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[limits]\ndefault_concurrency = 0\n", "limits.default_concurrency"),
+        ("[limits]\nmax_queue_wait_ms = \"long\"\n", "limits.max_queue_wait_ms"),
+        ("[billing]\narrears_grace = \"tomorrow\"\n", "billing.arrears_grace"),
+        ("[backend]\nurl = \"https://x\"\n", "backend.url"),
+        ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+        ("[sever]\n", "sever"),
+    ];
+    for (toml, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env("TOLLGATE_STORAGE_DATA_DIR", dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{toml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{toml}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config", "/nonexistent/tollgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tollgate.toml"));
+}
