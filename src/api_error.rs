@@ -46,7 +46,10 @@ mod tests {
     fn shape_matches_the_service() {
         let body = error_body("RequestLimitExceeded.JobNumExceed", "queue \"full\"", "r-1");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["Response"]["Error"]["Code"], "RequestLimitExceeded.JobNumExceed");
+        assert_eq!(
+            v["Response"]["Error"]["Code"],
+            "RequestLimitExceeded.JobNumExceed"
+        );
         assert_eq!(v["Response"]["Error"]["Message"], "queue \"full\"");
         assert_eq!(v["Response"]["RequestId"], "r-1");
     }

@@ -193,8 +193,13 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         config.backend.url.clone()
     };
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.data_dir)?);
-    let app = App::build(config.clone(), &backend_url, store.clone(), Arc::new(SystemClock))?;
-    if config.demo.enabled {
+    let app = App::build(
+        config.clone(),
+        &backend_url,
+        store.clone(),
+        Arc::new(SystemClock),
+    )?;
+    if config.demo_enabled() {
         app.seed_demo().await?;
     }
     let data = bind(config.server.listen).await?;
@@ -216,7 +221,12 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.clone(), admin, stop.clone()));
-    let data_task = tokio::spawn(crate::gateway::serve(app.clone(), data, stop.clone(), grace));
+    let data_task = tokio::spawn(crate::gateway::serve(
+        app.clone(),
+        data,
+        stop.clone(),
+        grace,
+    ));
 
     shutdown_signal().await;
     tracing::info!("shutdown: refusing queued tasks, draining in-flight ones");

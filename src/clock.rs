@@ -45,7 +45,9 @@ impl ManualClock {
 
     pub fn advance(&self, by: SignedDuration) {
         let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
-        *now = now.checked_add(by).expect("manual clock advanced out of range");
+        *now = now
+            .checked_add(by)
+            .expect("manual clock advanced out of range");
     }
 }
 

@@ -18,7 +18,15 @@ pub const DEFAULT_CONCURRENCY: u32 = 3;
 
 /// Config sections, as used in env override names.
 const SECTIONS: &[&str] = &[
-    "server", "admin", "backend", "limits", "storage", "billing", "metrics", "log", "simulator",
+    "server",
+    "admin",
+    "backend",
+    "limits",
+    "storage",
+    "billing",
+    "metrics",
+    "log",
+    "simulator",
     "demo",
 ];
 
@@ -73,7 +81,14 @@ impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminConfig")
             .field("listen", &self.listen)
-            .field("token", &if self.token.is_empty() { "<unset>" } else { "<redacted>" })
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    "<unset>"
+                } else {
+                    "<redacted>"
+                },
+            )
             .finish()
     }
 }
@@ -243,15 +258,17 @@ impl Default for SimulatorConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
-    /// Seed a demo account and the public demo key at start.
-    pub enabled: bool,
+    /// Seed a demo account and the public demo key at start. Unset: only
+    /// when the built-in simulator is the backend, so a deployment with a
+    /// real backend never accepts the public key unless told to.
+    pub enabled: Option<bool>,
     pub account: String,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: None,
             account: "demo".into(),
         }
     }
@@ -313,10 +330,12 @@ impl Config {
         for (name, value) in env {
             apply_env_override(&mut table, &name, &value)?;
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Invalid {
-                key: e.path().to_string(),
-                reason: e.inner().message().to_string(),
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid {
+                    key: e.path().to_string(),
+                    reason: e.inner().message().to_string(),
+                }
             })?;
         config.validate()?;
         Ok(config)
@@ -377,7 +396,7 @@ impl Config {
                 "must not exceed simulator.latency_ms",
             ));
         }
-        if self.demo.enabled && crate::accounts::validate_id(&self.demo.account).is_err() {
+        if self.demo_enabled() && crate::accounts::validate_id(&self.demo.account).is_err() {
             return Err(invalid("demo.account", "is not a valid account id"));
         }
         Ok(())
@@ -386,6 +405,11 @@ impl Config {
     /// Whether `serve` starts the built-in simulator as its backend.
     pub fn uses_embedded_simulator(&self) -> bool {
         self.backend.url.is_empty()
+    }
+
+    /// Whether `serve` seeds the demo account and key.
+    pub fn demo_enabled(&self) -> bool {
+        self.demo.enabled.unwrap_or_else(|| self.uses_embedded_simulator())
     }
 
     pub fn max_queue_wait(&self) -> Duration {
@@ -408,7 +432,10 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
     }) else {
         return Err(invalid(
             name,
-            format!("environment variable names no config section ({})", SECTIONS.join(", ")),
+            format!(
+                "environment variable names no config section ({})",
+                SECTIONS.join(", ")
+            ),
         ));
     };
     let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
@@ -424,8 +451,11 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
     // Keys that are strings in the schema stay strings even when they look
     // like numbers (a token of digits, an instance named `1`).
     let value = match (key, &parsed) {
-        ("token" | "instance" | "url" | "account" | "timezone" | "level" | "data_dir"
-        | "arrears_grace" | "listen", v) if !v.is_str() => toml::Value::String(value.to_string()),
+        (
+            "token" | "instance" | "url" | "account" | "timezone" | "level" | "data_dir"
+            | "arrears_grace" | "listen",
+            v,
+        ) if !v.is_str() => toml::Value::String(value.to_string()),
         _ => parsed,
     };
     section_table.insert(key.to_string(), value);
@@ -446,7 +476,9 @@ impl BackendUrl {
             .parse()
             .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
         if uri.scheme_str() != Some("http") {
-            return Err(format!("`{url}` must start with http:// (https backends are not supported yet)"));
+            return Err(format!(
+                "`{url}` must start with http:// (https backends are not supported yet)"
+            ));
         }
         let authority = uri
             .authority()
@@ -475,7 +507,9 @@ mod tests {
     fn defaults_run_the_demo() {
         let c = Config::from_toml_and_env("", no_env()).unwrap();
         assert!(c.uses_embedded_simulator());
-        assert!(c.demo.enabled);
+        assert!(c.demo_enabled());
+        let real = Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.1:80\"\n", no_env()).unwrap();
+        assert!(!real.demo_enabled(), "no public demo key in front of a real backend");
         assert_eq!(c.limits.default_concurrency, 3);
         assert_eq!(c.billing.arrears_grace, Duration::from_secs(86_400));
     }
@@ -500,9 +534,15 @@ mod tests {
     #[test]
     fn bad_values_name_the_key() {
         let cases = [
-            ("[limits]\ndefault_concurrency = 0\n", "limits.default_concurrency"),
+            (
+                "[limits]\ndefault_concurrency = 0\n",
+                "limits.default_concurrency",
+            ),
             ("[backend]\nurl = \"ftp://x\"\n", "backend.url"),
-            ("[billing]\ntimezone = \"Mars/Olympus\"\n", "billing.timezone"),
+            (
+                "[billing]\ntimezone = \"Mars/Olympus\"\n",
+                "billing.timezone",
+            ),
             ("[billing]\narrears_grace = \"soon\"\n", "soon"),
             ("[limits]\nmax_queue_wait_ms = \"x\"\n", "max_queue_wait_ms"),
             ("[limits]\nmax_queue = 3\n", "max_queue"),
@@ -510,7 +550,9 @@ mod tests {
             ("not toml at all", "config"),
         ];
         for (text, needle) in cases {
-            let err = Config::from_toml_and_env(text, no_env()).unwrap_err().to_string();
+            let err = Config::from_toml_and_env(text, no_env())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
         }
     }
@@ -527,7 +569,10 @@ mod tests {
     fn admin_token_is_not_debug_printed() {
         let c = Config::from_toml_and_env(
             "",
-            vec![("TOLLGATE_ADMIN_TOKEN".into(), "supersecret-token-123".into())],
+            vec![(
+                "TOLLGATE_ADMIN_TOKEN".into(),
+                "supersecret-token-123".into(),
+            )],
         )
         .unwrap();
         assert!(!format!("{c:?}").contains("supersecret"));

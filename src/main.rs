@@ -14,7 +14,11 @@ use tracing_subscriber::EnvFilter;
 use tollgate::config::{Config, LogFormat, SimulatorConfig};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Concurrency-limiting task gateway")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Concurrency-limiting task gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,7 +64,10 @@ fn init_logging(format: LogFormat, level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tollgate: cannot start the runtime: {e}");
@@ -94,7 +101,9 @@ fn main() -> ExitCode {
         } => {
             init_logging(LogFormat::Text, "info");
             if jitter_ms > latency_ms || !(0.0..=1.0).contains(&failure_rate) {
-                eprintln!("tollgate simulate: --jitter-ms must not exceed --latency-ms, and --failure-rate must be in 0..=1");
+                eprintln!(
+                    "tollgate simulate: --jitter-ms must not exceed --latency-ms, and --failure-rate must be in 0..=1"
+                );
                 return ExitCode::from(2);
             }
             let config = SimulatorConfig {

@@ -65,7 +65,8 @@ impl Metrics {
             )
             .expect("valid"),
         );
-        let outcomes = ["success", "failure", "rejected", "error"].map(|o| requests.with_label_values(&[o]));
+        let outcomes =
+            ["success", "failure", "rejected", "error"].map(|o| requests.with_label_values(&[o]));
         let rejections = register(
             &registry,
             IntCounterVec::new(
@@ -85,7 +86,8 @@ impl Metrics {
                     "Time admitted tasks waited in their account's queue.",
                 )
                 .buckets(vec![
-                    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0,
                 ]),
             )
             .expect("valid"),
@@ -98,14 +100,19 @@ impl Metrics {
                     "Time from forwarding a task to the backend's complete answer.",
                 )
                 .buckets(vec![
-                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0,
                 ]),
             )
             .expect("valid"),
         );
         let usage_events_total = register(
             &registry,
-            IntCounter::new("tollgate_usage_events_total", "Usage events durably stored.").expect("valid"),
+            IntCounter::new(
+                "tollgate_usage_events_total",
+                "Usage events durably stored.",
+            )
+            .expect("valid"),
         );
         let gauges = if per_account_labels {
             let vec = |name: &str, help: &str| {
@@ -115,16 +122,28 @@ impl Metrics {
                 )
             };
             AccountGauges::PerAccount {
-                in_flight: vec("tollgate_in_flight", "Tasks of the account at the backend now."),
-                queued: vec("tollgate_queued", "Tasks of the account waiting for a slot."),
-                limit: vec("tollgate_concurrency_limit", "The account's concurrency limit now."),
+                in_flight: vec(
+                    "tollgate_in_flight",
+                    "Tasks of the account at the backend now.",
+                ),
+                queued: vec(
+                    "tollgate_queued",
+                    "Tasks of the account waiting for a slot.",
+                ),
+                limit: vec(
+                    "tollgate_concurrency_limit",
+                    "The account's concurrency limit now.",
+                ),
             }
         } else {
             AccountGauges::Totals {
                 in_flight: register(
                     &registry,
-                    IntGauge::new("tollgate_in_flight", "Tasks at the backend now, all accounts.")
-                        .expect("valid"),
+                    IntGauge::new(
+                        "tollgate_in_flight",
+                        "Tasks at the backend now, all accounts.",
+                    )
+                    .expect("valid"),
                 ),
                 queued: register(
                     &registry,
@@ -165,8 +184,12 @@ impl Metrics {
                 queued.reset();
                 limit.reset();
                 limiter.for_each_gate(&mut |account, s| {
-                    in_flight.with_label_values(&[account]).set(i64::from(s.in_flight));
-                    queued.with_label_values(&[account]).set(i64::from(s.queued));
+                    in_flight
+                        .with_label_values(&[account])
+                        .set(i64::from(s.in_flight));
+                    queued
+                        .with_label_values(&[account])
+                        .set(i64::from(s.queued));
                     limit.with_label_values(&[account]).set(i64::from(s.limit));
                 });
             }

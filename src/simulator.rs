@@ -124,14 +124,21 @@ impl Simulator {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
-            (&http::Method::GET, "/_sim/stats") => return json_response(StatusCode::OK, &self.stats()),
+            (&http::Method::GET, "/_sim/stats") => {
+                return json_response(StatusCode::OK, &self.stats());
+            }
             (&http::Method::POST, "/_sim/reset") => {
                 self.probes().clear();
                 return json_response(StatusCode::OK, &json!({"reset": true}));
             }
             _ => {}
         }
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         let account = header("x-tollgate-account").unwrap_or_else(|| "-".into());
         let request_id = header("x-request-id").unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let delay = header("x-sim-delay-ms")
@@ -160,7 +167,11 @@ impl Simulator {
         let failed = status.is_none() && rand::rng().random_bool(self.config.failure_rate);
         let status = status
             .and_then(|s| StatusCode::from_u16(s).ok())
-            .unwrap_or(if failed { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK });
+            .unwrap_or(if failed {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            });
         let mut body = if let Some(code) = error_code {
             json!({"Response": {"Error": {"Code": code, "Message": "simulated error"}, "RequestId": request_id}})
         } else if status.is_success() {
@@ -181,8 +192,10 @@ impl Simulator {
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 

@@ -13,16 +13,34 @@ use serde_json::json;
 async fn the_admin_api_needs_the_token_and_health_does_not() {
     let stack = Stack::start(Opts::default());
     let url = |p: &str| format!("{}{p}", stack.gw.admin);
-    for auth in [None, Some("Bearer wrong-token-wrong-token"), Some("Basic abc"), Some(ADMIN_TOKEN)] {
-        let headers: Vec<(&str, &str)> = auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
+    for auth in [
+        None,
+        Some("Bearer wrong-token-wrong-token"),
+        Some("Basic abc"),
+        Some(ADMIN_TOKEN),
+    ] {
+        let headers: Vec<(&str, &str)> =
+            auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
         let r = stack
             .http
-            .send(Method::POST, &url("/v1/accounts"), &headers, json!({"id": "acme"}).to_string())
+            .send(
+                Method::POST,
+                &url("/v1/accounts"),
+                &headers,
+                json!({"id": "acme"}).to_string(),
+            )
             .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{auth:?}");
         assert_eq!(r.error_code(), "AuthFailure.InvalidAuthorization");
     }
-    assert_eq!(stack.admin().call(Method::GET, "/v1/accounts/acme", None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        stack
+            .admin()
+            .call(Method::GET, "/v1/accounts/acme", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
     for open in ["/metrics", "/healthz", "/readyz"] {
         let r = stack.http.send(Method::GET, &url(open), &[], "").await;
         assert_eq!(r.status, StatusCode::OK, "{open}");
@@ -35,45 +53,154 @@ async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
     let admin = stack.admin();
     admin.create_account("acme").await;
     let cases: Vec<(Method, &str, Option<&str>, StatusCode)> = vec![
-        (Method::POST, "/v1/accounts", Some(r#"{"id": "bad id"}"#), StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/accounts", Some(r#"{"id": ""}"#), StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/accounts", Some(r#"{"id": 7}"#), StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/accounts", Some(r#"{"id": "x", "extra": 1}"#), StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/accounts", Some(r#"{"id": "#), StatusCode::BAD_REQUEST),
+        (
+            Method::POST,
+            "/v1/accounts",
+            Some(r#"{"id": "bad id"}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts",
+            Some(r#"{"id": ""}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts",
+            Some(r#"{"id": 7}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts",
+            Some(r#"{"id": "x", "extra": 1}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts",
+            Some(r#"{"id": "#),
+            StatusCode::BAD_REQUEST,
+        ),
         (Method::POST, "/v1/accounts", None, StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/accounts", Some(r#"{"id": "acme"}"#), StatusCode::CONFLICT),
-        (Method::GET, "/v1/accounts/nobody", None, StatusCode::NOT_FOUND),
-        (Method::POST, "/v1/accounts/nobody/sub-accounts", Some(r#"{"id": "s"}"#), StatusCode::NOT_FOUND),
-        (Method::POST, "/v1/accounts/acme/sub-accounts", Some(r#"{"id": "s", "max_concurrency": 0}"#), StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/accounts/acme/sub-accounts", Some(r#"{"id": "s", "max_concurrency": 99}"#), StatusCode::BAD_REQUEST),
-        (Method::POST, "/v1/accounts/acme/sub-accounts", Some(r#"{"id": "acme"}"#), StatusCode::CONFLICT),
-        (Method::POST, "/v1/accounts/acme/keys", Some(r#"{"sub_account": "ghost"}"#), StatusCode::NOT_FOUND),
-        (Method::POST, "/v1/accounts/nobody/keys", Some("{}"), StatusCode::NOT_FOUND),
-        (Method::DELETE, "/v1/keys/key_nope", None, StatusCode::NOT_FOUND),
-        (Method::POST, "/v1/accounts/nobody/deactivate", None, StatusCode::NOT_FOUND),
-        (Method::GET, "/v1/usage-events?after=abc", None, StatusCode::BAD_REQUEST),
-        (Method::GET, "/v1/usage-events?limit=0", None, StatusCode::BAD_REQUEST),
-        (Method::GET, "/v1/usage-events?limit=100000", None, StatusCode::BAD_REQUEST),
-        (Method::GET, "/v1/usage-events?cursor=1", None, StatusCode::BAD_REQUEST),
+        (
+            Method::POST,
+            "/v1/accounts",
+            Some(r#"{"id": "acme"}"#),
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::GET,
+            "/v1/accounts/nobody",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts/nobody/sub-accounts",
+            Some(r#"{"id": "s"}"#),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts/acme/sub-accounts",
+            Some(r#"{"id": "s", "max_concurrency": 0}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts/acme/sub-accounts",
+            Some(r#"{"id": "s", "max_concurrency": 99}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts/acme/sub-accounts",
+            Some(r#"{"id": "acme"}"#),
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts/acme/keys",
+            Some(r#"{"sub_account": "ghost"}"#),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts/nobody/keys",
+            Some("{}"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::DELETE,
+            "/v1/keys/key_nope",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/v1/accounts/nobody/deactivate",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/v1/usage-events?after=abc",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/v1/usage-events?limit=0",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/v1/usage-events?limit=100000",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            "/v1/usage-events?cursor=1",
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
         (Method::GET, "/v1/nothing-here", None, StatusCode::NOT_FOUND),
     ];
     for (method, path, body, want) in cases {
         let auth = format!("Bearer {ADMIN_TOKEN}");
         let r = stack
             .http
-            .send(method.clone(), &format!("{}{path}", stack.gw.admin), &[("authorization", &auth)], body.unwrap_or("").to_string())
+            .send(
+                method.clone(),
+                &format!("{}{path}", stack.gw.admin),
+                &[("authorization", &auth)],
+                body.unwrap_or("").to_string(),
+            )
             .await;
         assert_eq!(r.status, want, "{method} {path} {body:?}: {:?}", r.json());
         let v = r.json();
         let code = v["Response"]["Error"]["Code"].as_str().unwrap_or("");
         let message = v["Response"]["Error"]["Message"].as_str().unwrap_or("");
-        assert!(!code.is_empty() && !message.is_empty(), "{path}: error shape {v}");
+        assert!(
+            !code.is_empty() && !message.is_empty(),
+            "{path}: error shape {v}"
+        );
     }
     // Nothing half-made: acme has no sub-accounts, no other account exists.
     let a = admin.account("acme").await;
     assert_eq!(a["sub_accounts"], json!([]));
-    assert_eq!(admin.call(Method::GET, "/v1/accounts/x", None).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(admin.call(Method::GET, "/v1/accounts/s", None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        admin.call(Method::GET, "/v1/accounts/x", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        admin.call(Method::GET, "/v1/accounts/s", None).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,12 +213,23 @@ async fn secrets_never_appear_in_logs_or_metrics() {
     admin.create_account("acme").await;
     let (_, key) = admin.issue_key("acme", None).await;
     assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
-    assert_eq!(stack.task(&format!("{key}x"), &[]).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        stack.task(&format!("{key}x"), &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let _ = stack
         .http
-        .send(Method::GET, &format!("{}/v1/accounts/acme", stack.gw.admin), &[("authorization", "Bearer not-the-token-at-all")], "")
+        .send(
+            Method::GET,
+            &format!("{}/v1/accounts/acme", stack.gw.admin),
+            &[("authorization", "Bearer not-the-token-at-all")],
+            "",
+        )
         .await;
-    let metrics = stack.http.send(Method::GET, &format!("{}/metrics", stack.gw.admin), &[], "").await;
+    let metrics = stack
+        .http
+        .send(Method::GET, &format!("{}/metrics", stack.gw.admin), &[], "")
+        .await;
     let metrics = String::from_utf8_lossy(&metrics.body).to_string();
     let logs = stack.gw.proc.logs();
     assert!(logs.contains("API key issued"), "debug logs were captured");
@@ -102,7 +240,10 @@ async fn secrets_never_appear_in_logs_or_metrics() {
     // The key is stored hashed: its text is nowhere in the data directory.
     for entry in walk(&stack.gw.data_dir) {
         let bytes = std::fs::read(&entry).unwrap();
-        assert!(!String::from_utf8_lossy(&bytes).contains(&key[3..]), "{entry:?} holds the key");
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&key[3..]),
+            "{entry:?} holds the key"
+        );
     }
 }
 
@@ -124,8 +265,14 @@ async fn metrics_name_the_spec_series_and_pass_promtool() {
     let stack = Stack::start(Opts::default());
     let key = stack.account_with_key("acme").await;
     assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
-    assert_eq!(stack.task("bad", &[]).await.status, StatusCode::UNAUTHORIZED);
-    let r = stack.http.send(Method::GET, &format!("{}/metrics", stack.gw.admin), &[], "").await;
+    assert_eq!(
+        stack.task("bad", &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = stack
+        .http
+        .send(Method::GET, &format!("{}/metrics", stack.gw.admin), &[], "")
+        .await;
     let text = String::from_utf8_lossy(&r.body).to_string();
     for series in [
         r#"tollgate_requests_total{outcome="success"} 1"#,
@@ -143,7 +290,10 @@ async fn metrics_name_the_spec_series_and_pass_promtool() {
     let promtool = Command::new("promtool").arg("--version").output();
     if promtool.is_err() {
         // CI installs promtool; only a developer machine without it skips.
-        assert!(std::env::var("CI").is_err(), "promtool must be installed in CI");
+        assert!(
+            std::env::var("CI").is_err(),
+            "promtool must be installed in CI"
+        );
         eprintln!("promtool not installed; format check skipped");
         return;
     }
@@ -154,16 +304,30 @@ async fn metrics_name_the_spec_series_and_pass_promtool() {
         .arg(format!("promtool check metrics < {}", path.display()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn a_bad_config_is_refused_at_start_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("[limits]\ndefault_concurrency = 0\n", "limits.default_concurrency"),
-        ("[limits]\nmax_queue_wait_ms = \"long\"\n", "limits.max_queue_wait_ms"),
-        ("[billing]\narrears_grace = \"tomorrow\"\n", "billing.arrears_grace"),
+        (
+            "[limits]\ndefault_concurrency = 0\n",
+            "limits.default_concurrency",
+        ),
+        (
+            "[limits]\nmax_queue_wait_ms = \"long\"\n",
+            "limits.max_queue_wait_ms",
+        ),
+        (
+            "[billing]\narrears_grace = \"tomorrow\"\n",
+            "billing.arrears_grace",
+        ),
         ("[backend]\nurl = \"https://x\"\n", "backend.url"),
         ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
         ("[sever]\n", "sever"),
@@ -187,4 +351,32 @@ fn a_bad_config_is_refused_at_start_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tollgate.toml"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_defaults_serve_the_demo_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = common::Gateway::start_defaults(
+        dir.path(),
+        &[
+            ("TOLLGATE_SIMULATOR_LATENCY_MS", "20".into()),
+            ("TOLLGATE_SIMULATOR_LATENCY_JITTER_MS", "0".into()),
+        ],
+    );
+    let http = common::Http::new();
+    let r = http
+        .send(
+            Method::POST,
+            &format!("{}/v1/style-transfer", gw.url),
+            &[("authorization", &format!("Bearer {}", tollgate::config::DEMO_API_KEY))],
+            r#"{"InputImage":"https://example.invalid/cat.jpg","Style":"ukiyo-e"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert!(r.json()["Response"]["ResultImage"].is_string());
+    // With no admin token configured, the admin API is closed, not open.
+    let r = http
+        .send(Method::GET, &format!("{}/v1/accounts/demo", gw.admin), &[("authorization", "Bearer ")], "")
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }

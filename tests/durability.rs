@@ -58,7 +58,11 @@ async fn kill_9_under_load_loses_no_success_and_duplicates_nothing() {
                     .try_send(
                         Method::POST,
                         &format!("{}/v1/x", client.url),
-                        &[("authorization", &auth), ("x-request-id", &rid), ("x-sim-delay-ms", "2")],
+                        &[
+                            ("authorization", &auth),
+                            ("x-request-id", &rid),
+                            ("x-sim-delay-ms", "2"),
+                        ],
                         "{}",
                     )
                     .await;
@@ -77,18 +81,28 @@ async fn kill_9_under_load_loses_no_success_and_duplicates_nothing() {
         w.await.unwrap();
     }
     let succeeded = succeeded.lock().await.clone();
-    assert!(succeeded.len() > 50, "the load ran ({} successes)", succeeded.len());
+    assert!(
+        succeeded.len() > 50,
+        "the load ran ({} successes)",
+        succeeded.len()
+    );
     eprintln!("kill -9 after {} successes", succeeded.len());
 
     stack.gw.restart(&Opts::default());
     let events = stack.admin().all_events().await;
     let event_ids: HashSet<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(event_ids.len(), events.len(), "no event stored twice");
-    let charged: Vec<&str> = events.iter().map(|e| e["data"]["request_id"].as_str().unwrap()).collect();
+    let charged: Vec<&str> = events
+        .iter()
+        .map(|e| e["data"]["request_id"].as_str().unwrap())
+        .collect();
     let charged_set: HashSet<&str> = charged.iter().copied().collect();
     assert_eq!(charged_set.len(), charged.len(), "no task charged twice");
     for rid in &succeeded {
-        assert!(charged_set.contains(rid.as_str()), "success {rid} lost in the crash");
+        assert!(
+            charged_set.contains(rid.as_str()),
+            "success {rid} lost in the crash"
+        );
     }
     // Events may exist for tasks whose answer the crash cut off (stored,
     // then killed before the client read it), never more than the workers
@@ -109,12 +123,18 @@ async fn a_restart_keeps_accounts_sub_accounts_and_keys() {
     let (_, dev) = admin.issue_key("acme", Some("acme-dev")).await;
     let (revoked_id, revoked) = admin.issue_key("acme", None).await;
     assert_eq!(
-        admin.call(Method::DELETE, &format!("/v1/keys/{revoked_id}"), None).await.status,
+        admin
+            .call(Method::DELETE, &format!("/v1/keys/{revoked_id}"), None)
+            .await
+            .status,
         StatusCode::NO_CONTENT
     );
     assert_eq!(stack.task(&dev, &[]).await.status, StatusCode::OK);
     let status = stack.gw.proc.sigterm_and_wait(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "clean exit on SIGTERM: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit on SIGTERM: {status:?}"
+    );
 
     stack.gw.restart(&Opts::default());
     let admin = stack.admin();
@@ -123,7 +143,10 @@ async fn a_restart_keeps_accounts_sub_accounts_and_keys() {
     assert_eq!(a["sub_accounts"][0]["id"], "acme-dev");
     assert_eq!(a["sub_accounts"][0]["max_concurrency"], 2);
     assert_eq!(stack.task(&dev, &[]).await.status, StatusCode::OK);
-    assert_eq!(stack.task(&revoked, &[]).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        stack.task(&revoked, &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(admin.all_events().await.len(), 2);
 }
 
@@ -133,13 +156,24 @@ async fn sigterm_finishes_in_flight_tasks_refuses_queued_ones_and_exits_0() {
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
-    let running: Vec<_> = (0..3).map(|i| client.spawn(&key, 700, &format!("run{i}"))).collect();
-    wait_for(&admin, "acme", "3 in flight", |a| a["concurrency"]["in_flight"] == 3).await;
+    let running: Vec<_> = (0..3)
+        .map(|i| client.spawn(&key, 700, &format!("run{i}")))
+        .collect();
+    wait_for(&admin, "acme", "3 in flight", |a| {
+        a["concurrency"]["in_flight"] == 3
+    })
+    .await;
     let queued = client.spawn(&key, 10, "queued");
-    wait_for(&admin, "acme", "1 queued", |a| a["concurrency"]["queued"] == 1).await;
+    wait_for(&admin, "acme", "1 queued", |a| {
+        a["concurrency"]["queued"] == 1
+    })
+    .await;
 
     let pid = stack.gw.proc.pid();
-    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     let q = queued.await.unwrap();
     assert_eq!(q.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(q.error_code(), "FailedOperation.ServiceShuttingDown");

@@ -35,7 +35,11 @@ async fn limit_is_shared_by_root_and_sub_accounts_never_exceeded_and_reached() {
     let tasks = (0..36).map(|i| stack.task(&keys[i % 3], &[("x-sim-delay-ms", "60")]));
     let results = join_all(tasks).await;
     assert!(results.iter().all(|r| r.status == StatusCode::OK));
-    assert_eq!(stack.sim.max_in_flight(&stack.http, "acme").await, 3, "limit 3, exactly reached");
+    assert_eq!(
+        stack.sim.max_in_flight(&stack.http, "acme").await,
+        3,
+        "limit 3, exactly reached"
+    );
     let a = wait_for(&admin, "acme", "idle", in_flight(0)).await;
     assert_eq!(a["concurrency"]["limit"], 3);
     assert_eq!(a["concurrency"]["queued"], 0);
@@ -53,7 +57,10 @@ async fn sub_account_cap_holds_inside_the_root_limit() {
     let root_tasks = (0..6).map(|_| stack.task(&root, &[("x-sim-delay-ms", "50")]));
     let (a, b) = tokio::join!(join_all(dev_tasks), join_all(root_tasks));
     assert!(a.iter().chain(b.iter()).all(|r| r.status == StatusCode::OK));
-    assert_eq!(stack.sim.max_in_flight(&stack.http, "sub:acme-dev").await, 1);
+    assert_eq!(
+        stack.sim.max_in_flight(&stack.http, "sub:acme-dev").await,
+        1
+    );
     assert_eq!(stack.sim.max_in_flight(&stack.http, "acme").await, 3);
 }
 
@@ -69,10 +76,17 @@ async fn accounts_are_isolated() {
         join_all((0..6).map(|_| stack.task(&b, &[("x-sim-delay-ms", "30")]))).await
     };
     let (ra, rb) = tokio::join!(join_all(alpha), beta);
-    assert!(ra.iter().chain(rb.iter()).all(|r| r.status == StatusCode::OK));
+    assert!(
+        ra.iter()
+            .chain(rb.iter())
+            .all(|r| r.status == StatusCode::OK)
+    );
     for r in &rb {
         let waited: u64 = r.header("x-queue-wait-ms").unwrap().parse().unwrap();
-        assert!(waited < 1000, "beta waited {waited} ms behind alpha's queue");
+        assert!(
+            waited < 1000,
+            "beta waited {waited} ms behind alpha's queue"
+        );
     }
     assert_eq!(stack.sim.max_in_flight(&stack.http, "alpha").await, 3);
     assert_eq!(stack.sim.max_in_flight(&stack.http, "beta").await, 3);
@@ -119,7 +133,9 @@ async fn a_full_queue_answers_job_num_exceed_with_retry_after() {
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
-    let mut handles: Vec<_> = (0..3).map(|i| client.spawn(&key, 600, &format!("h{i}"))).collect();
+    let mut handles: Vec<_> = (0..3)
+        .map(|i| client.spawn(&key, 600, &format!("h{i}")))
+        .collect();
     wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
     handles.push(client.spawn(&key, 10, "w0"));
     handles.push(client.spawn(&key, 10, "w1"));
@@ -127,7 +143,11 @@ async fn a_full_queue_answers_job_num_exceed_with_retry_after() {
     let r = stack.task(&key, &[]).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.error_code(), "RequestLimitExceeded.JobNumExceed");
-    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     assert!(r.header("x-request-id").is_some());
     for h in handles {
@@ -143,7 +163,9 @@ async fn queue_timeout_header_gives_queue_timeout() {
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
-    let holders: Vec<_> = (0..3).map(|i| client.spawn(&key, 1500, &format!("h{i}"))).collect();
+    let holders: Vec<_> = (0..3)
+        .map(|i| client.spawn(&key, 1500, &format!("h{i}")))
+        .collect();
     wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
     let r = stack.task(&key, &[("x-queue-timeout-ms", "150")]).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
@@ -152,7 +174,10 @@ async fn queue_timeout_header_gives_queue_timeout() {
     let waited: u64 = r.header("x-queue-wait-ms").unwrap().parse().unwrap();
     assert!(waited >= 150, "waited {waited}");
     let a = admin.account("acme").await;
-    assert_eq!(a["concurrency"]["queued"], 0, "the expired task left the queue");
+    assert_eq!(
+        a["concurrency"]["queued"], 0,
+        "the expired task left the queue"
+    );
     // A malformed header is a clear 400, not a silent default.
     let bad = stack.task(&key, &[("x-queue-timeout-ms", "soon")]).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
@@ -168,13 +193,28 @@ async fn a_client_that_hangs_up_while_queued_leaves_at_once_and_never_reaches_th
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
-    let holders: Vec<_> = (0..3).map(|i| client.spawn(&key, 1500, &format!("h{i}"))).collect();
+    let holders: Vec<_> = (0..3)
+        .map(|i| client.spawn(&key, 1500, &format!("h{i}")))
+        .collect();
     wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
     // One client sent its whole (small) body; the other is still uploading
     // a large one when it hangs up, so the gateway has unread bytes on the
     // socket and must notice the hang-up without reading them.
-    let ghost = raw_task(&stack.gw.url, &key, "X-Request-Id: ghost\r\n", r#"{"InputImage":"x"}"#).await;
-    let uploading = raw_partial_task(&stack.gw.url, &key, "X-Request-Id: ghost-upload\r\n", 1 << 20, 64 << 10).await;
+    let ghost = raw_task(
+        &stack.gw.url,
+        &key,
+        "X-Request-Id: ghost\r\n",
+        r#"{"InputImage":"x"}"#,
+    )
+    .await;
+    let uploading = raw_partial_task(
+        &stack.gw.url,
+        &key,
+        "X-Request-Id: ghost-upload\r\n",
+        1 << 20,
+        64 << 10,
+    )
+    .await;
     wait_for(&admin, "acme", "2 queued", queued(2)).await;
     drop(ghost);
     drop(uploading);
@@ -185,8 +225,16 @@ async fn a_client_that_hangs_up_while_queued_leaves_at_once_and_never_reaches_th
         assert_eq!(h.await.unwrap().status, StatusCode::OK);
     }
     let stats = stack.sim.stats(&stack.http).await;
-    let arrivals = stats["accounts"]["acme"]["arrivals"].as_array().unwrap().clone();
-    assert!(!arrivals.iter().any(|v| v.as_str().unwrap().starts_with("ghost")), "{arrivals:?}");
+    let arrivals = stats["accounts"]["acme"]["arrivals"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        !arrivals
+            .iter()
+            .any(|v| v.as_str().unwrap().starts_with("ghost")),
+        "{arrivals:?}"
+    );
     let events = admin.all_events().await;
     assert_eq!(events.len(), 3);
 }
@@ -215,7 +263,12 @@ async fn a_storm_of_clients_giving_up_leaks_no_slot() {
     assert_eq!(a["concurrency"]["limit"], 3);
     assert!(stack.sim.max_in_flight(&stack.http, "acme").await <= 3);
     // All three slots are free: three new tasks start at once.
-    let fresh = (0..3).map(|_| stack.task(&key, &[("x-sim-delay-ms", "10"), ("x-queue-timeout-ms", "0")]));
+    let fresh = (0..3).map(|_| {
+        stack.task(
+            &key,
+            &[("x-sim-delay-ms", "10"), ("x-queue-timeout-ms", "0")],
+        )
+    });
     for r in join_all(fresh).await {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
         assert_eq!(r.header("x-queue-wait-ms").as_deref(), Some("0"));

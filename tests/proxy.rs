@@ -36,7 +36,12 @@ async fn tencent_json_mode_does_not_charge_an_error_in_a_200() {
         env: vec![("TOLLGATE_BACKEND_SUCCESS", "tencent-json".into())],
     });
     let key = stack.account_with_key("acme").await;
-    let r = stack.task(&key, &[("x-sim-error", "FailedOperation.ImageDecodeFailed")]).await;
+    let r = stack
+        .task(
+            &key,
+            &[("x-sim-error", "FailedOperation.ImageDecodeFailed")],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.error_code(), "FailedOperation.ImageDecodeFailed");
     assert!(stack.admin().all_events().await.is_empty());
@@ -59,7 +64,14 @@ async fn every_success_has_exactly_one_event_and_failures_none() {
         let stack = &stack;
         async move {
             let r = stack
-                .task(key, &[("x-sim-status", status), ("x-request-id", &rid), ("x-sim-delay-ms", "5")])
+                .task(
+                    key,
+                    &[
+                        ("x-sim-status", status),
+                        ("x-request-id", &rid),
+                        ("x-sim-delay-ms", "5"),
+                    ],
+                )
                 .await;
             (rid, r.status)
         }
@@ -88,8 +100,14 @@ async fn every_success_has_exactly_one_event_and_failures_none() {
         assert_eq!(e["data"]["units"], 1);
         assert_eq!(e["data"]["status"], 200);
         assert_eq!(e["data"]["client_gone"], false);
-        let n: u64 = e["data"]["request_id"].as_str().unwrap()[4..].parse().unwrap();
-        let expected_sub = if n % 2 == 0 { Value::Null } else { Value::from("acme-dev") };
+        let n: u64 = e["data"]["request_id"].as_str().unwrap()[4..]
+            .parse()
+            .unwrap();
+        let expected_sub = if n % 2 == 0 {
+            Value::Null
+        } else {
+            Value::from("acme-dev")
+        };
         assert_eq!(e["data"]["sub_account"], expected_sub);
     }
     // The JSON Lines export holds the same events, once each.
@@ -104,11 +122,18 @@ async fn every_success_has_exactly_one_event_and_failures_none() {
     }
     assert_eq!(lines, 60);
     // The cursor pages without gaps or repeats.
-    let first = admin.call(Method::GET, "/v1/usage-events?limit=25", None).await.json();
+    let first = admin
+        .call(Method::GET, "/v1/usage-events?limit=25", None)
+        .await
+        .json();
     assert_eq!(first["events"].as_array().unwrap().len(), 25);
     let next = first["next"].as_str().unwrap().to_string();
     let rest = admin
-        .call(Method::GET, &format!("/v1/usage-events?after={next}&limit=1000"), None)
+        .call(
+            Method::GET,
+            &format!("/v1/usage-events?after={next}&limit=1000"),
+            None,
+        )
         .await
         .json();
     assert_eq!(rest["events"].as_array().unwrap().len(), 35);
@@ -141,7 +166,10 @@ async fn headers_are_forwarded_without_credentials() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.header("x-request-id").as_deref(), Some("client-chosen-id"));
+    assert_eq!(
+        r.header("x-request-id").as_deref(),
+        Some("client-chosen-id")
+    );
     assert!(r.header("x-queue-wait-ms").is_some());
     let body = r.json();
     let echo = &body["Response"]["Echo"];
@@ -154,14 +182,20 @@ async fn headers_are_forwarded_without_credentials() {
     assert_eq!(h["content-type"], "application/json");
     assert!(h.get("x-api-key").is_none());
     assert!(h.get("authorization").is_none());
-    assert!(h.get("x-private").is_none(), "hop-by-hop header named in Connection");
+    assert!(
+        h.get("x-private").is_none(),
+        "hop-by-hop header named in Connection"
+    );
     // A root key: the sub-account header is present and empty; a request
     // id is generated when the client sends none.
     let root = admin.issue_key("acme", None).await.1;
     let r = stack.task(&root, &[("x-sim-echo", "1")]).await;
     let h = &r.json()["Response"]["Echo"]["Headers"];
     assert_eq!(h["x-tollgate-sub-account"], "");
-    assert_eq!(Some(h["x-request-id"].as_str().unwrap().to_string()), r.header("x-request-id"));
+    assert_eq!(
+        Some(h["x-request-id"].as_str().unwrap().to_string()),
+        r.header("x-request-id")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,10 +210,18 @@ async fn keys_are_checked_and_revocation_is_immediate() {
         .await;
     assert_eq!(none.status, StatusCode::UNAUTHORIZED);
     assert_eq!(none.error_code(), "AuthFailure.InvalidAuthorization");
-    assert_eq!(stack.task("tg_not_a_key", &[]).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(stack.task(&"x".repeat(5000), &[]).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        stack.task("tg_not_a_key", &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        stack.task(&"x".repeat(5000), &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
-    let r = admin.call(Method::DELETE, &format!("/v1/keys/{key_id}"), None).await;
+    let r = admin
+        .call(Method::DELETE, &format!("/v1/keys/{key_id}"), None)
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     let r = stack.task(&key, &[]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -195,11 +237,21 @@ async fn deactivation_refuses_every_key_and_the_queue() {
     let root = admin.issue_key("acme", None).await.1;
     let dev = admin.issue_key("acme", Some("acme-dev")).await.1;
     let client = stack.client();
-    let running: Vec<_> = (0..3).map(|i| client.spawn(&root, 500, &format!("run{i}"))).collect();
-    wait_for(&admin, "acme", "3 in flight", |a| a["concurrency"]["in_flight"] == 3).await;
+    let running: Vec<_> = (0..3)
+        .map(|i| client.spawn(&root, 500, &format!("run{i}")))
+        .collect();
+    wait_for(&admin, "acme", "3 in flight", |a| {
+        a["concurrency"]["in_flight"] == 3
+    })
+    .await;
     let waiting = client.spawn(&dev, 10, "waiting");
-    wait_for(&admin, "acme", "1 queued", |a| a["concurrency"]["queued"] == 1).await;
-    let r = admin.call(Method::POST, "/v1/accounts/acme/deactivate", None).await;
+    wait_for(&admin, "acme", "1 queued", |a| {
+        a["concurrency"]["queued"] == 1
+    })
+    .await;
+    let r = admin
+        .call(Method::POST, "/v1/accounts/acme/deactivate", None)
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["status"], "deactivated");
     let w = waiting.await.unwrap();
@@ -214,7 +266,9 @@ async fn deactivation_refuses_every_key_and_the_queue() {
     for h in running {
         assert_eq!(h.await.unwrap().status, StatusCode::OK);
     }
-    let r = admin.call(Method::POST, "/v1/accounts/acme/activate", None).await;
+    let r = admin
+        .call(Method::POST, "/v1/accounts/acme/activate", None)
+        .await;
     assert_eq!(r.json()["status"], "active");
     assert_eq!(stack.task(&dev, &[]).await.status, StatusCode::OK);
     assert_eq!(admin.all_events().await.len(), 4);
@@ -231,7 +285,12 @@ async fn a_body_over_the_limit_is_refused_with_413() {
     let big = "x".repeat(2048);
     let r = stack
         .http
-        .send(Method::POST, &format!("{}/v1/x", stack.gw.url), &[("authorization", &auth)], big.clone())
+        .send(
+            Method::POST,
+            &format!("{}/v1/x", stack.gw.url),
+            &[("authorization", &auth)],
+            big.clone(),
+        )
         .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.error_code(), "FailedOperation.RequestEntityTooLarge");
@@ -243,11 +302,17 @@ async fn a_body_over_the_limit_is_refused_with_413() {
     );
     s.write_all(head.as_bytes()).await.unwrap();
     for _ in 0..4 {
-        s.write_all(format!("200\r\n{}\r\n", "y".repeat(512)).as_bytes()).await.unwrap();
+        s.write_all(format!("200\r\n{}\r\n", "y".repeat(512)).as_bytes())
+            .await
+            .unwrap();
     }
     s.write_all(b"0\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("FailedOperation.RequestEntityTooLarge"));
@@ -275,16 +340,32 @@ async fn backend_timeout_is_504_and_frees_the_slot() {
 async fn an_unreachable_backend_is_502_and_frees_the_slot() {
     let dir = tempfile::tempdir().unwrap();
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let gw = common::Gateway::start(dir.path(), &format!("http://127.0.0.1:{port}"), &Opts::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = common::Gateway::start(
+        dir.path(),
+        &format!("http://127.0.0.1:{port}"),
+        &Opts::default(),
+    );
     let http = common::Http::new();
-    let admin = common::Admin { http: &http, base: &gw.admin };
+    let admin = common::Admin {
+        http: &http,
+        base: &gw.admin,
+    };
     admin.create_account("acme").await;
     let key = admin.issue_key("acme", None).await.1;
     let auth = format!("Bearer {key}");
     for _ in 0..5 {
         let r = http
-            .send(Method::POST, &format!("{}/v1/x", gw.url), &[("authorization", &auth)], "{}")
+            .send(
+                Method::POST,
+                &format!("{}/v1/x", gw.url),
+                &[("authorization", &auth)],
+                "{}",
+            )
             .await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
         assert_eq!(r.error_code(), "FailedOperation.BackendUnavailable");
@@ -303,9 +384,16 @@ async fn malformed_requests_get_400_and_health_is_open() {
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await;
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"));
-    let r = stack.http.send(Method::GET, &format!("{}/healthz", stack.gw.url), &[], "").await;
+    let r = stack
+        .http
+        .send(Method::GET, &format!("{}/healthz", stack.gw.url), &[], "")
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     // The gateway is still serving.
     assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);

@@ -26,7 +26,9 @@ pub fn validate_id(id: &str) -> Result<(), &'static str> {
     if ok_len && ok_first && ok_chars {
         Ok(())
     } else {
-        Err("must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+        Err(
+            "must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit",
+        )
     }
 }
 
@@ -214,7 +216,11 @@ mod tests {
     #[test]
     fn keys_authenticate_until_revoked() {
         let reg = Registry::new();
-        let root = reg.insert_root(RootAccount::new("acme", AccountStatus::Active, Timestamp::UNIX_EPOCH));
+        let root = reg.insert_root(RootAccount::new(
+            "acme",
+            AccountStatus::Active,
+            Timestamp::UNIX_EPOCH,
+        ));
         let secret = generate_api_key();
         reg.insert_key(KeyEntry {
             key_id: "k1".into(),

@@ -32,7 +32,10 @@ pub async fn create_account(State(app): State<Arc<App>>, body: Bytes) -> Reply {
     let req: NewAccount = parse_json(&body)?;
     validate_id(&req.id).map_err(|r| ApiError::bad_request(format!("id: {r}")))?;
     if app.registry.root(&req.id).is_some() || app.registry.sub(&req.id).is_some() {
-        return Err(ApiError::conflict("ResourceInUse", format!("account {} already exists", req.id)));
+        return Err(ApiError::conflict(
+            "ResourceInUse",
+            format!("account {} already exists", req.id),
+        ));
     }
     let now = app.clock.now();
     let row = AccountRow {
@@ -82,7 +85,11 @@ struct NewSubAccount {
     max_concurrency: Option<u32>,
 }
 
-pub async fn create_sub_account(State(app): State<Arc<App>>, Path(root_id): Path<String>, body: Bytes) -> Reply {
+pub async fn create_sub_account(
+    State(app): State<Arc<App>>,
+    Path(root_id): Path<String>,
+    body: Bytes,
+) -> Reply {
     let req: NewSubAccount = parse_json(&body)?;
     app.registry
         .root(&root_id)
@@ -97,7 +104,10 @@ pub async fn create_sub_account(State(app): State<Arc<App>>, Path(root_id): Path
         }
     }
     if app.registry.sub(&req.id).is_some() || app.registry.root(&req.id).is_some() {
-        return Err(ApiError::conflict("ResourceInUse", format!("account {} already exists", req.id)));
+        return Err(ApiError::conflict(
+            "ResourceInUse",
+            format!("account {} already exists", req.id),
+        ));
     }
     let now = app.clock.now();
     commit(
@@ -128,9 +138,17 @@ struct NewKey {
     sub_account: Option<String>,
 }
 
-pub async fn issue_key(State(app): State<Arc<App>>, Path(root_id): Path<String>, body: Bytes) -> Reply {
+pub async fn issue_key(
+    State(app): State<Arc<App>>,
+    Path(root_id): Path<String>,
+    body: Bytes,
+) -> Reply {
     // An empty body is fine here: a key for the root account.
-    let req: NewKey = if body.is_empty() { NewKey::default() } else { parse_json(&body)? };
+    let req: NewKey = if body.is_empty() {
+        NewKey::default()
+    } else {
+        parse_json(&body)?
+    };
     app.registry
         .root(&root_id)
         .ok_or_else(|| ApiError::not_found(format!("account {root_id}")))?;
@@ -167,7 +185,10 @@ pub async fn issue_key(State(app): State<Arc<App>>, Path(root_id): Path<String>,
     ))
 }
 
-pub async fn revoke_key(State(app): State<Arc<App>>, Path(key_id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn revoke_key(
+    State(app): State<Arc<App>>,
+    Path(key_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     if app.registry.key(&key_id).is_none() {
         return Err(ApiError::not_found(format!("key {key_id}")));
     }

@@ -27,7 +27,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "ResourceNotFound", format!("{} does not exist", what.into()))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            format!("{} does not exist", what.into()),
+        )
     }
 
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
@@ -46,7 +50,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Conflict(what) => Self::conflict("ResourceInUse", format!("{what} already exists")),
+            StoreError::Conflict(what) => {
+                Self::conflict("ResourceInUse", format!("{what} already exists"))
+            }
             StoreError::NotFound(what) => Self::not_found(what),
             StoreError::Closed => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -69,9 +75,15 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let request_id = uuid::Uuid::now_v7().to_string();
-        let mut resp = (self.status, error_body(self.code, &self.message, &request_id)).into_response();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut resp = (
+            self.status,
+            error_body(self.code, &self.message, &request_id),
+        )
+            .into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         resp
     }
 }
@@ -79,7 +91,10 @@ impl IntoResponse for ApiError {
 /// Parses a JSON body into `T`, with an error that names what is wrong.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request("the request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }

@@ -25,7 +25,10 @@ pub fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/accounts", post(accounts::create_account))
         .route("/accounts/{id}", get(accounts::get_account))
-        .route("/accounts/{id}/sub-accounts", post(accounts::create_sub_account))
+        .route(
+            "/accounts/{id}/sub-accounts",
+            post(accounts::create_sub_account),
+        )
         .route("/accounts/{id}/keys", post(accounts::issue_key))
         .route("/accounts/{id}/deactivate", post(accounts::deactivate))
         .route("/accounts/{id}/activate", post(accounts::activate))
@@ -37,7 +40,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(|| async { r#"{"status":"ok"}"# }))
         .route("/readyz", get(readyz))
         .nest("/v1", v1)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "UnsupportedOperation", "no such admin endpoint") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "UnsupportedOperation",
+                "no such admin endpoint",
+            )
+        })
         .with_state(app)
 }
 

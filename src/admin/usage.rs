@@ -22,9 +22,14 @@ struct Page<'a> {
     next: String,
 }
 
-pub async fn list(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {
-        return Err(ApiError::bad_request(format!("unknown query parameter `{unknown}`")));
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter `{unknown}`"
+        )));
     }
     let after: u64 = match q.get("after").map(String::as_str) {
         None | Some("") => 0,
@@ -38,12 +43,18 @@ pub async fn list(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, S
             .parse()
             .ok()
             .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| ApiError::bad_request(format!("limit: must be between 1 and {MAX_PAGE}")))?,
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit: must be between 1 and {MAX_PAGE}"))
+            })?,
     };
     let store = app.store.clone();
     let events = tokio::task::spawn_blocking(move || store.usage_events(after, limit))
         .await
-        .map_err(|_| ApiError::from(crate::store::StoreError::Internal("reader task failed".into())))??;
+        .map_err(|_| {
+            ApiError::from(crate::store::StoreError::Internal(
+                "reader task failed".into(),
+            ))
+        })??;
     let next = events.last().map_or(after, |e| e.seq).to_string();
     let page = Page {
         events: events.iter().map(|e| &*e.event).collect(),
@@ -52,7 +63,9 @@ pub async fn list(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, S
     let body = serde_json::to_vec(&page)
         .map_err(|e| ApiError::from(crate::store::StoreError::Internal(e.to_string())))?;
     let mut resp = body.into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }

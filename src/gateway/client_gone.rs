@@ -53,7 +53,9 @@ impl ConnWatch {
             // Only data arrived (the body, a pipelined request). Clear the
             // readiness so the next wait sleeps until a new event instead of
             // spinning: the reactor is edge-triggered.
-            let _ = socket.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+            let _ = socket.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
         }
     }
 }

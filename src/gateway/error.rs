@@ -95,7 +95,9 @@ impl GatewayError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::QueueFull { retry_after } | Self::QueueTimeout { retry_after } => Some(*retry_after),
+            Self::QueueFull { retry_after } | Self::QueueTimeout { retry_after } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }
@@ -105,9 +107,15 @@ impl GatewayError {
         let mut resp = Response::new(Full::new(body));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(after) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
         }
         resp
     }

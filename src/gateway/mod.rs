@@ -60,7 +60,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period over with connections still open");
     }
 }

@@ -34,7 +34,11 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// What the forwarded task hands back to the connection that is waiting.
 type TaskResult = Result<(Answer, Outcome), GatewayError>;
 
-pub async fn handle(app: Arc<App>, conn: Arc<ConnWatch>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(
+    app: Arc<App>,
+    conn: Arc<ConnWatch>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let request_id = request_id_of(&req);
     if req.uri().path() == "/healthz" && req.method() == http::Method::GET {
         return healthz(&request_id);
@@ -58,7 +62,10 @@ pub async fn handle(app: Arc<App>, conn: Arc<ConnWatch>, req: Request<Incoming>)
     };
     let headers = resp.headers_mut();
     headers.insert(X_REQUEST_ID, request_id);
-    headers.insert(X_QUEUE_WAIT_MS, HeaderValue::from(queue_wait.as_millis() as u64));
+    headers.insert(
+        X_QUEUE_WAIT_MS,
+        HeaderValue::from(queue_wait.as_millis() as u64),
+    );
     resp
 }
 
@@ -106,7 +113,9 @@ async fn run(
         }
         Err(e) => return Err(limit_error(app, &ticket, e)),
     };
-    app.metrics.queue_wait_seconds.observe(queue_wait.as_secs_f64());
+    app.metrics
+        .queue_wait_seconds
+        .observe(queue_wait.as_secs_f64());
 
     let (done_tx, done_rx) = oneshot::channel();
     let task = Task {
@@ -209,7 +218,8 @@ fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::now_v7().to_string()).expect("a UUID is a valid header")
+            HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+                .expect("a UUID is a valid header")
         })
 }
 
@@ -218,7 +228,10 @@ fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Principal, Gateway
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .or_else(|| headers.get(X_API_KEY).and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .ok_or(GatewayError::Unauthorized)?;
@@ -256,7 +269,9 @@ fn queue_wait_limit(app: &App, req: &Request<Incoming>) -> Result<Duration, Gate
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| {
-            GatewayError::BadRequest("X-Queue-Timeout-Ms must be a whole number of milliseconds".into())
+            GatewayError::BadRequest(
+                "X-Queue-Timeout-Ms must be a whole number of milliseconds".into(),
+            )
         })?;
     Ok(max.min(Duration::from_millis(ms)))
 }
@@ -264,8 +279,10 @@ fn queue_wait_limit(app: &App, req: &Request<Incoming>) -> Result<Duration, Gate
 fn healthz(request_id: &HeaderValue) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ok\"}")));
     *resp.status_mut() = StatusCode::OK;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp.headers_mut().insert(X_REQUEST_ID, request_id.clone());
     resp
 }

@@ -109,9 +109,12 @@ impl Backend {
     ) -> Result<Answer, GatewayError> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: http::Uri = format!("http://{}{}{}", self.base.authority, self.base.path_prefix, path)
-            .parse()
-            .map_err(|_| GatewayError::BadRequest("the request path is not valid".into()))?;
+        let uri: http::Uri = format!(
+            "http://{}{}{}",
+            self.base.authority, self.base.path_prefix, path
+        )
+        .parse()
+        .map_err(|_| GatewayError::BadRequest("the request path is not valid".into()))?;
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         for name in [
@@ -176,7 +179,10 @@ impl Backend {
                 limit: self.max_body_bytes,
             };
         }
-        if chain.iter().any(|s| s.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_user())) {
+        if chain.iter().any(|s| {
+            s.downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_user())
+        }) {
             // Reading the client's body failed: the client went away or sent
             // a broken body. The backend did not get a whole task.
             return GatewayError::BadRequest("the request body could not be read".into());
@@ -234,10 +240,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

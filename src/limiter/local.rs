@@ -215,10 +215,28 @@ impl Gate {
     /// whose sub-account has room (a capped sub-account at its cap does not
     /// block the tasks behind it). Returns the grants to send once the lock
     /// is released: a permit must never be dropped under the lock.
-    fn collect_grants(self: &Arc<Self>, st: &mut GateState) -> Vec<(oneshot::Sender<Grant>, Permit)> {
+    fn collect_grants(
+        self: &Arc<Self>,
+        st: &mut GateState,
+    ) -> Vec<(oneshot::Sender<Grant>, Permit)> {
         let mut grants = Vec::new();
+        // Sub-accounts found at their cap in this pass: later entries of the
+        // same sub-account (the same `Arc`) are skipped without a map lookup,
+        // so a queue full of one capped sub-account costs a pointer compare
+        // per entry.
+        let mut full: Vec<Arc<str>> = Vec::new();
         while st.in_flight < st.limit {
-            let Some(pos) = st.queue.iter().position(|e| st.sub_has_room(e.sub.as_ref())) else {
+            let Some(pos) = st.queue.iter().position(|e| match &e.sub {
+                None => true,
+                Some((id, _)) if full.iter().any(|f| Arc::ptr_eq(f, id)) => false,
+                Some(sub) => {
+                    let room = st.sub_has_room(Some(sub));
+                    if !room {
+                        full.push(sub.0.clone());
+                    }
+                    room
+                }
+            }) else {
                 break;
             };
             let entry = st.queue.remove(pos).expect("position is in range");
@@ -281,7 +299,11 @@ impl LocalPermit {
         let sample = took.as_micros().min(u128::from(u64::MAX / 8)) as u64;
         let ewma = &self.gate.service_ewma_micros;
         let old = ewma.load(Ordering::Relaxed);
-        let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample) / 8
+        };
         // A lost update under a race only makes the hint slightly staler.
         ewma.store(new.max(1), Ordering::Relaxed);
     }

@@ -55,10 +55,24 @@ fn permits_up_to_the_limit_then_queue() {
     let t = ticket("acme");
     let held: Vec<_> = (0..3).map(|_| now(&l, &t)).collect();
     let _w = queued(&l, &t);
-    assert_eq!(stats(&l, "acme"), GateStats { limit: 3, in_flight: 3, queued: 1 });
+    assert_eq!(
+        stats(&l, "acme"),
+        GateStats {
+            limit: 3,
+            in_flight: 3,
+            queued: 1
+        }
+    );
     drop(held);
     // The waiter was granted the first freed slot.
-    assert_eq!(stats(&l, "acme"), GateStats { limit: 3, in_flight: 1, queued: 0 });
+    assert_eq!(
+        stats(&l, "acme"),
+        GateStats {
+            limit: 3,
+            in_flight: 1,
+            queued: 0
+        }
+    );
 }
 
 #[test]
@@ -111,7 +125,14 @@ async fn waiters_are_served_in_fifo_order() {
     }
     assert_eq!(order, vec![0, 1, 2, 3, 4]);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(stats(&l, "acme"), GateStats { limit: 1, in_flight: 0, queued: 0 });
+    assert_eq!(
+        stats(&l, "acme"),
+        GateStats {
+            limit: 1,
+            in_flight: 0,
+            queued: 0
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -137,7 +158,14 @@ fn a_dropped_waiter_that_was_already_granted_frees_the_slot() {
     drop(p); // grants the slot to `w`, which never polls it
     assert_eq!(stats(&l, "acme").in_flight, 1);
     drop(w);
-    assert_eq!(stats(&l, "acme"), GateStats { limit: 1, in_flight: 0, queued: 0 });
+    assert_eq!(
+        stats(&l, "acme"),
+        GateStats {
+            limit: 1,
+            in_flight: 0,
+            queued: 0
+        }
+    );
 }
 
 #[test]
@@ -165,7 +193,14 @@ fn growing_the_limit_starts_waiters_at_once() {
     assert!(matches!(poll_once(&mut w1), Poll::Ready(Ok(_))));
     assert!(matches!(poll_once(&mut w2), Poll::Ready(Ok(_))));
     // The permits were dropped right after polling.
-    assert_eq!(stats(&l, "acme"), GateStats { limit: 3, in_flight: 1, queued: 0 });
+    assert_eq!(
+        stats(&l, "acme"),
+        GateStats {
+            limit: 3,
+            in_flight: 1,
+            queued: 0
+        }
+    );
 }
 
 #[test]
@@ -224,7 +259,10 @@ fn refusing_queued_tasks_empties_the_queue() {
     let _p = now(&l, &t);
     let mut w = queued(&l, &t);
     l.refuse_queued("acme");
-    assert!(matches!(poll_once(&mut w), Poll::Ready(Err(LimitError::Refused))));
+    assert!(matches!(
+        poll_once(&mut w),
+        Poll::Ready(Err(LimitError::Refused))
+    ));
     assert_eq!(stats(&l, "acme").queued, 0);
 }
 
@@ -235,7 +273,10 @@ fn shutdown_refuses_queued_and_new_tasks() {
     let _p = now(&l, &t);
     let mut w = queued(&l, &t);
     l.shut_down();
-    assert!(matches!(poll_once(&mut w), Poll::Ready(Err(LimitError::ShuttingDown))));
+    assert!(matches!(
+        poll_once(&mut w),
+        Poll::Ready(Err(LimitError::ShuttingDown))
+    ));
     assert!(matches!(l.acquire(&t), Err(LimitError::ShuttingDown)));
 }
 

@@ -55,7 +55,9 @@ pub enum Write {
 pub enum Committed {
     Done,
     /// The usage event's sequence number: its position in commit order.
-    Usage { seq: u64 },
+    Usage {
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -124,7 +124,11 @@ impl Store for SqliteStore {
             .prepare("SELECT id, status, created_at FROM accounts ORDER BY id")
             .and_then(|mut st| {
                 st.query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
                 })?
                 .collect::<Result<Vec<_>, _>>()
             })
@@ -210,7 +214,9 @@ impl Store for SqliteStore {
     fn usage_events(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let conn = self.reader();
         let mut st = conn
-            .prepare_cached("SELECT seq, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .prepare_cached(
+                "SELECT seq, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
             .map_err(internal)?;
         let rows = st
             .query_map(params![after as i64, limit as i64], |r| {
@@ -243,7 +249,8 @@ impl Drop for SqliteStore {
 }
 
 fn parse_ts(s: &str) -> Result<Timestamp, StoreError> {
-    s.parse().map_err(|e| internal(format!("bad timestamp {s}: {e}")))
+    s.parse()
+        .map_err(|e| internal(format!("bad timestamp {s}: {e}")))
 }
 
 fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>, mut sink: JsonlSink) {
@@ -257,7 +264,11 @@ fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Job>, mut sink: JsonlSi
                 Job::Write(w, ack) => batch.push((w, ack)),
                 Job::Close => closing = true,
             }
-            next = if batch.len() < MAX_BATCH { jobs.try_recv().ok() } else { None };
+            next = if batch.len() < MAX_BATCH {
+                jobs.try_recv().ok()
+            } else {
+                None
+            };
         }
         if !batch.is_empty() {
             commit_batch(&mut conn, &mut sink, &mut recorded_watermark, batch);
@@ -353,7 +364,9 @@ fn apply(conn: &Connection, write: &Write) -> Result<(Committed, Option<Pending>
     match write {
         Write::CreateAccount(a) => {
             conn.prepare_cached("INSERT INTO accounts(id, status, created_at) VALUES (?1, ?2, ?3)")
-                .and_then(|mut st| st.execute(params![a.id, a.status.as_str(), a.created_at.to_string()]))
+                .and_then(|mut st| {
+                    st.execute(params![a.id, a.status.as_str(), a.created_at.to_string()])
+                })
                 .map_err(|e| map_write_error(e, &format!("account {}", a.id)))?;
             done
         }
@@ -401,9 +414,11 @@ fn apply(conn: &Connection, write: &Write) -> Result<(Committed, Option<Pending>
         }
         Write::AppendUsage(ev) => {
             let json = serde_json::to_string(ev).map_err(internal)?;
-            conn.prepare_cached("INSERT INTO usage_events(id, account, time, json) VALUES (?1, ?2, ?3, ?4)")
-                .and_then(|mut st| st.execute(params![ev.id, ev.subject, ev.time, json]))
-                .map_err(|e| map_write_error(e, &format!("usage event {}", ev.id)))?;
+            conn.prepare_cached(
+                "INSERT INTO usage_events(id, account, time, json) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut st| st.execute(params![ev.id, ev.subject, ev.time, json]))
+            .map_err(|e| map_write_error(e, &format!("usage event {}", ev.id)))?;
             let seq = conn.last_insert_rowid() as u64;
             Ok((
                 Committed::Usage { seq },
@@ -427,7 +442,9 @@ fn recover_export(conn: &mut Connection, dir: &Path) -> Result<JsonlSink, StoreE
     // matters once an operator has moved every file away.
     let from_files: Option<u64> = match last_id {
         Some(id) => conn
-            .query_row("SELECT seq FROM usage_events WHERE id = ?1", [id], |r| r.get::<_, i64>(0))
+            .query_row("SELECT seq FROM usage_events WHERE id = ?1", [id], |r| {
+                r.get::<_, i64>(0)
+            })
             .optional()
             .map_err(internal)?
             .map(|s| s as u64),
@@ -435,12 +452,14 @@ fn recover_export(conn: &mut Connection, dir: &Path) -> Result<JsonlSink, StoreE
     };
     let from_meta = || -> Result<u64, StoreError> {
         Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = 'jsonl_exported_seq'", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .optional()
-        .map_err(internal)?
-        .unwrap_or(0) as u64)
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'jsonl_exported_seq'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(internal)?
+            .unwrap_or(0) as u64)
     };
     let start = match from_files {
         Some(seq) => seq,
@@ -523,15 +542,17 @@ mod tests {
         )
         .await;
         assert!(matches!(orphan, Err(StoreError::NotFound(_))), "{orphan:?}");
-        let Committed::Usage { seq: s1 } = commit(&store, Write::AppendUsage(Box::new(event("acme"))))
-            .await
-            .unwrap()
+        let Committed::Usage { seq: s1 } =
+            commit(&store, Write::AppendUsage(Box::new(event("acme"))))
+                .await
+                .unwrap()
         else {
             panic!()
         };
-        let Committed::Usage { seq: s2 } = commit(&store, Write::AppendUsage(Box::new(event("acme"))))
-            .await
-            .unwrap()
+        let Committed::Usage { seq: s2 } =
+            commit(&store, Write::AppendUsage(Box::new(event("acme"))))
+                .await
+                .unwrap()
         else {
             panic!()
         };
@@ -547,7 +568,12 @@ mod tests {
         assert_eq!(store.usage_events(s1, 10).unwrap().len(), 1);
         let lines = std::fs::read_dir(dir.path().join("usage"))
             .unwrap()
-            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap().lines().count())
+            .map(|e| {
+                std::fs::read_to_string(e.unwrap().path())
+                    .unwrap()
+                    .lines()
+                    .count()
+            })
             .sum::<usize>();
         assert_eq!(lines, 2, "each event exported exactly once");
     }
@@ -558,13 +584,20 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         commit(&store, account("acme")).await.unwrap();
         for _ in 0..3 {
-            commit(&store, Write::AppendUsage(Box::new(event("acme")))).await.unwrap();
+            commit(&store, Write::AppendUsage(Box::new(event("acme"))))
+                .await
+                .unwrap();
         }
         store.close();
         drop(store);
         // Simulate a crash that lost the last export line.
         let usage = dir.path().join("usage");
-        let file = std::fs::read_dir(&usage).unwrap().next().unwrap().unwrap().path();
+        let file = std::fs::read_dir(&usage)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let text = std::fs::read_to_string(&file).unwrap();
         let kept: Vec<&str> = text.lines().take(1).collect();
         std::fs::write(&file, format!("{}\n", kept.join("\n"))).unwrap();

@@ -64,7 +64,10 @@ impl JsonlSink {
     }
 
     /// Appends events (in commit order); skips any already exported.
-    pub fn append<'a>(&mut self, events: impl IntoIterator<Item = ExportedEvent<'a>>) -> io::Result<()> {
+    pub fn append<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = ExportedEvent<'a>>,
+    ) -> io::Result<()> {
         for ev in events {
             if ev.seq <= self.exported_up_to {
                 continue;

@@ -26,7 +26,9 @@ impl UsageRecorder {
                 self.metrics.usage_events_total.inc();
                 Ok(seq)
             }
-            Committed::Done => Err(StoreError::Internal("usage append returned no sequence".into())),
+            Committed::Done => Err(StoreError::Internal(
+                "usage append returned no sequence".into(),
+            )),
         }
     }
 }

@@ -55,7 +55,10 @@ impl Proc {
         while addrs.len() < markers {
             line.clear();
             if out.read_line(&mut line).unwrap_or(0) == 0 {
-                panic!("tollgate exited before listening; stderr:\n{}", stderr.lock().unwrap());
+                panic!(
+                    "tollgate exited before listening; stderr:\n{}",
+                    stderr.lock().unwrap()
+                );
             }
             if let Some(i) = line.find("http://") {
                 addrs.push(line[i..].trim().to_string());
@@ -81,7 +84,9 @@ impl Proc {
     }
 
     pub fn sigterm_and_wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -112,7 +117,15 @@ pub struct Simulator {
 impl Simulator {
     pub fn start() -> Self {
         let (proc, addrs) = Proc::spawn(
-            &["simulate", "--listen", "127.0.0.1:0", "--latency-ms", "0", "--jitter-ms", "0"],
+            &[
+                "simulate",
+                "--listen",
+                "127.0.0.1:0",
+                "--latency-ms",
+                "0",
+                "--jitter-ms",
+                "0",
+            ],
             &[],
             1,
         );
@@ -123,7 +136,10 @@ impl Simulator {
     }
 
     pub async fn stats(&self, client: &Http) -> Value {
-        client.get_json(&format!("{}/_sim/stats", self.url), &[]).await.1
+        client
+            .get_json(&format!("{}/_sim/stats", self.url), &[])
+            .await
+            .1
     }
 
     pub async fn max_in_flight(&self, client: &Http, account: &str) -> u64 {
@@ -134,19 +150,10 @@ impl Simulator {
 }
 
 /// Gateway options a test may change; the rest is fixed for the tests.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Opts {
     pub extra_toml: String,
     pub env: Vec<(&'static str, String)>,
-}
-
-impl Default for Opts {
-    fn default() -> Self {
-        Self {
-            extra_toml: String::new(),
-            env: Vec::new(),
-        }
-    }
 }
 
 pub struct Gateway {
@@ -191,6 +198,26 @@ enabled = false
         Self::start_with_config(&config_path, &data_dir, opts)
     }
 
+    /// `tollgate serve` with no config file: the embedded defaults (the
+    /// README's first command), moved to free ports and a temp data dir.
+    pub fn start_defaults(dir: &Path, env: &[(&str, String)]) -> Self {
+        let data_dir = dir.join("data");
+        let mut all = vec![
+            ("TOLLGATE_SERVER_LISTEN", "127.0.0.1:0".to_string()),
+            ("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+            ("TOLLGATE_STORAGE_DATA_DIR", data_dir.display().to_string()),
+        ];
+        all.extend(env.iter().cloned());
+        let (proc, addrs) = Proc::spawn(&["serve"], &all, 2);
+        Self {
+            proc,
+            url: addrs[0].clone(),
+            admin: addrs[1].clone(),
+            data_dir,
+            config_path: PathBuf::new(),
+        }
+    }
+
     /// Starts again on the same config and data (after a stop or a crash).
     pub fn restart(&mut self, opts: &Opts) {
         self.proc.kill9();
@@ -225,11 +252,17 @@ impl Resp {
     }
 
     pub fn error_code(&self) -> String {
-        self.json()["Response"]["Error"]["Code"].as_str().unwrap_or("").to_string()
+        self.json()["Response"]["Error"]["Code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     }
 }
 
@@ -253,7 +286,13 @@ impl Http {
         }
     }
 
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Resp {
         self.try_send(method, url, headers, body)
             .await
             .unwrap_or_else(|e| panic!("request to {url} failed: {e}"))
@@ -277,7 +316,11 @@ impl Http {
             .await
             .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| format!("{e:?}"))?.to_bytes();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
         Ok(Resp {
             status: parts.status,
             headers: parts.headers,
@@ -306,14 +349,19 @@ impl Admin<'_> {
             .send(
                 method,
                 &format!("{}{path}", self.base),
-                &[("authorization", &auth), ("content-type", "application/json")],
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
                 body,
             )
             .await
     }
 
     pub async fn create_account(&self, id: &str) {
-        let r = self.call(Method::POST, "/v1/accounts", Some(json!({"id": id}))).await;
+        let r = self
+            .call(Method::POST, "/v1/accounts", Some(json!({"id": id})))
+            .await;
         assert_eq!(r.status, StatusCode::CREATED, "create {id}: {:?}", r.json());
     }
 
@@ -325,7 +373,12 @@ impl Admin<'_> {
                 Some(json!({"id": id, "max_concurrency": cap})),
             )
             .await;
-        assert_eq!(r.status, StatusCode::CREATED, "create sub {id}: {:?}", r.json());
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "create sub {id}: {:?}",
+            r.json()
+        );
     }
 
     /// Issues a key; returns (key_id, api_key).
@@ -335,7 +388,11 @@ impl Admin<'_> {
             None => json!({}),
         };
         let r = self
-            .call(Method::POST, &format!("/v1/accounts/{root}/keys"), Some(body))
+            .call(
+                Method::POST,
+                &format!("/v1/accounts/{root}/keys"),
+                Some(body),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "issue key: {:?}", r.json());
         let v = r.json();
@@ -346,7 +403,9 @@ impl Admin<'_> {
     }
 
     pub async fn account(&self, id: &str) -> Value {
-        self.call(Method::GET, &format!("/v1/accounts/{id}"), None).await.json()
+        self.call(Method::GET, &format!("/v1/accounts/{id}"), None)
+            .await
+            .json()
     }
 
     /// Every usage event, following the cursor to the end.
@@ -355,7 +414,11 @@ impl Admin<'_> {
         let mut after = String::new();
         for _ in 0..10_000 {
             let r = self
-                .call(Method::GET, &format!("/v1/usage-events?after={after}&limit=1000"), None)
+                .call(
+                    Method::GET,
+                    &format!("/v1/usage-events?after={after}&limit=1000"),
+                    None,
+                )
                 .await;
             assert_eq!(r.status, StatusCode::OK);
             let v = r.json();
@@ -424,7 +487,12 @@ impl Stack {
         let mut all = vec![("authorization", auth.as_str())];
         all.extend_from_slice(headers);
         self.http
-            .send(Method::POST, &format!("{}/v1/style-transfer", self.gw.url), &all, r#"{"InputImage":"x"}"#)
+            .send(
+                Method::POST,
+                &format!("{}/v1/style-transfer", self.gw.url),
+                &all,
+                r#"{"InputImage":"x"}"#,
+            )
             .await
     }
 }
@@ -442,18 +510,29 @@ impl TaskClient {
         let mut all = vec![("authorization", auth.as_str())];
         all.extend_from_slice(headers);
         self.http
-            .send(Method::POST, &format!("{}/v1/style-transfer", self.url), &all, r#"{"InputImage":"x"}"#)
+            .send(
+                Method::POST,
+                &format!("{}/v1/style-transfer", self.url),
+                &all,
+                r#"{"InputImage":"x"}"#,
+            )
             .await
     }
 
     /// Spawns a task with the given delay and request id.
-    pub fn spawn(&self, key: &str, delay_ms: u64, request_id: &str) -> tokio::task::JoinHandle<Resp> {
+    pub fn spawn(
+        &self,
+        key: &str,
+        delay_ms: u64,
+        request_id: &str,
+    ) -> tokio::task::JoinHandle<Resp> {
         let this = self.clone();
         let key = key.to_string();
         let rid = request_id.to_string();
         tokio::spawn(async move {
             let d = delay_ms.to_string();
-            this.task(&key, &[("x-sim-delay-ms", &d), ("x-request-id", &rid)]).await
+            this.task(&key, &[("x-sim-delay-ms", &d), ("x-request-id", &rid)])
+                .await
         })
     }
 }
@@ -469,7 +548,12 @@ impl Stack {
 
 /// Sends a raw HTTP/1.1 task request on its own connection and returns the
 /// open socket (drop it to hang up).
-pub async fn raw_task(gateway_url: &str, key: &str, extra_headers: &str, body: &str) -> tokio::net::TcpStream {
+pub async fn raw_task(
+    gateway_url: &str,
+    key: &str,
+    extra_headers: &str,
+    body: &str,
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let addr = gateway_url.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -482,7 +566,12 @@ pub async fn raw_task(gateway_url: &str, key: &str, extra_headers: &str, body: &
 }
 
 /// Waits (bounded) until `check` holds for the account's view.
-pub async fn wait_for(admin: &Admin<'_>, account: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+pub async fn wait_for(
+    admin: &Admin<'_>,
+    account: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let a = admin.account(account).await;
