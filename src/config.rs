@@ -409,7 +409,9 @@ impl Config {
 
     /// Whether `serve` seeds the demo account and key.
     pub fn demo_enabled(&self) -> bool {
-        self.demo.enabled.unwrap_or_else(|| self.uses_embedded_simulator())
+        self.demo
+            .enabled
+            .unwrap_or_else(|| self.uses_embedded_simulator())
     }
 
     pub fn max_queue_wait(&self) -> Duration {
@@ -508,8 +510,12 @@ mod tests {
         let c = Config::from_toml_and_env("", no_env()).unwrap();
         assert!(c.uses_embedded_simulator());
         assert!(c.demo_enabled());
-        let real = Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.1:80\"\n", no_env()).unwrap();
-        assert!(!real.demo_enabled(), "no public demo key in front of a real backend");
+        let real = Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.1:80\"\n", no_env())
+            .unwrap();
+        assert!(
+            !real.demo_enabled(),
+            "no public demo key in front of a real backend"
+        );
         assert_eq!(c.limits.default_concurrency, 3);
         assert_eq!(c.billing.arrears_grace, Duration::from_secs(86_400));
     }

@@ -368,7 +368,10 @@ async fn the_embedded_defaults_serve_the_demo_at_once() {
         .send(
             Method::POST,
             &format!("{}/v1/style-transfer", gw.url),
-            &[("authorization", &format!("Bearer {}", tollgate::config::DEMO_API_KEY))],
+            &[(
+                "authorization",
+                &format!("Bearer {}", tollgate::config::DEMO_API_KEY),
+            )],
             r#"{"InputImage":"https://example.invalid/cat.jpg","Style":"ukiyo-e"}"#,
         )
         .await;
@@ -376,7 +379,12 @@ async fn the_embedded_defaults_serve_the_demo_at_once() {
     assert!(r.json()["Response"]["ResultImage"].is_string());
     // With no admin token configured, the admin API is closed, not open.
     let r = http
-        .send(Method::GET, &format!("{}/v1/accounts/demo", gw.admin), &[("authorization", "Bearer ")], "")
+        .send(
+            Method::GET,
+            &format!("{}/v1/accounts/demo", gw.admin),
+            &[("authorization", "Bearer ")],
+            "",
+        )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
