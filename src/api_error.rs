@@ -28,6 +28,13 @@ struct ErrorBody<'a> {
 }
 
 /// Serializes one error body. Never fails: the shape holds only strings.
+///
+/// ```
+/// let body = tollgate::api_error::error_body("RequestLimitExceeded.JobNumExceed", "queue full", "r-1");
+/// let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+/// assert_eq!(v["Response"]["Error"]["Code"], "RequestLimitExceeded.JobNumExceed");
+/// assert_eq!(v["Response"]["RequestId"], "r-1");
+/// ```
 pub fn error_body(code: &str, message: &str, request_id: &str) -> Bytes {
     let envelope = Envelope {
         response: Inner {

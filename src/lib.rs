@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod limiter;
+pub mod loadgen;
 pub mod metrics;
 pub mod simulator;
 pub mod store;

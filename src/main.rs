@@ -1,5 +1,5 @@
-//! The `tollgate` binary: `serve` (the gateway) and `simulate` (the backend
-//! double).
+//! The `tollgate` binary: `serve` (the gateway), `loadgen` (the load
+//! generator) and `simulate` (the backend double).
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
@@ -32,6 +32,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Load-test a tollgate deployment (or any HTTP endpoint).
+    Loadgen(tollgate::loadgen::LoadgenArgs),
     /// Run the style-transfer backend double.
     Simulate {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -92,6 +94,29 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Loadgen(args) => {
+            let plan = match args.plan() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("tollgate loadgen: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let show_progress = !args.json && std::io::stderr().is_terminal();
+            let report = runtime.block_on(tollgate::loadgen::run(plan, show_progress));
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("tollgate loadgen: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.to_text());
+            }
+            ExitCode::SUCCESS
         }
         Command::Simulate {
             listen,

@@ -210,3 +210,39 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::LocalLimiter;
+
+    #[test]
+    fn per_account_gauges_can_be_turned_into_totals() {
+        let limiter = LocalLimiter::new(3, 10);
+        limiter.set_limit("a", 3);
+        limiter.set_limit("b", 5);
+        let per_account = Metrics::new(true).render(&limiter);
+        assert!(per_account.contains(r#"tollgate_concurrency_limit{account="b"} 5"#));
+        let totals = Metrics::new(false).render(&limiter);
+        assert!(!totals.contains("account="), "{totals}");
+        assert!(totals.contains("tollgate_in_flight 0"));
+        assert!(totals.contains("tollgate_queued 0"));
+    }
+
+    #[test]
+    fn outcomes_count_separately() {
+        let m = Metrics::new(true);
+        m.request(Outcome::Success);
+        m.request(Outcome::Success);
+        m.request(Outcome::Error);
+        m.rejection("RequestLimitExceeded.JobNumExceed");
+        let text = m.render(&LocalLimiter::new(3, 10));
+        assert!(text.contains(r#"tollgate_requests_total{outcome="success"} 2"#));
+        assert!(text.contains(r#"tollgate_requests_total{outcome="error"} 1"#));
+        assert!(
+            text.contains(
+                r#"tollgate_rejections_total{code="RequestLimitExceeded.JobNumExceed"} 1"#
+            )
+        );
+    }
+}

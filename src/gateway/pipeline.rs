@@ -43,7 +43,8 @@ pub async fn handle(
     if req.uri().path() == "/healthz" && req.method() == http::Method::GET {
         return healthz(&request_id);
     }
-    let span = tracing::debug_span!("task", request_id = %request_id.to_str().unwrap_or_default());
+    // At info level so warnings and errors inside the task carry its id.
+    let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());
     let mut queue_wait = Duration::ZERO;
     let result = run(&app, &conn, req, &request_id, &mut queue_wait)
         .instrument(span.clone())

@@ -1,0 +1,273 @@
+//! The request loops: closed (one connection per worker) and open (due
+//! times on a fixed schedule, a pooled client).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::report::{Report, Tally};
+use super::{Mode, Plan};
+
+fn request(plan: &Plan, n: usize) -> Request<Full<Bytes>> {
+    let mut req = Request::post(plan.uri.clone())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(plan.body.clone()))
+        .expect("valid parts");
+    let headers = req.headers_mut();
+    if let Some(authority) = plan.uri.authority()
+        && let Ok(v) = header::HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    if !plan.keys.is_empty() {
+        let key = &plan.keys[n % plan.keys.len()];
+        if let Ok(v) = header::HeaderValue::from_str(&format!("Bearer {key}")) {
+            headers.insert(header::AUTHORIZATION, v);
+        }
+    }
+    for (k, v) in &plan.headers {
+        headers.insert(k.clone(), v.clone());
+    }
+    req
+}
+
+/// The error code of a non-2xx answer in the service's error shape.
+fn error_code(status: u16, body: &[u8]) -> Option<String> {
+    if (200..300).contains(&status) {
+        return None;
+    }
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["Response"]["Error"]["Code"].as_str().map(String::from))
+        .or_else(|| Some(format!("HTTP {status}")))
+}
+
+fn progress_bar(plan: &Plan, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(plan.duration.as_millis() as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+pub async fn run(plan: Plan, show_progress: bool) -> Report {
+    let plan = Arc::new(plan);
+    let done = Arc::new(AtomicU64::new(0));
+    let pb = progress_bar(&plan, show_progress);
+    let start = Instant::now();
+    let deadline = start + plan.duration;
+    let ticker = {
+        let pb = pb.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let elapsed = start.elapsed();
+                pb.set_position(elapsed.as_millis() as u64);
+                let n = done.load(Ordering::Relaxed);
+                pb.set_message(format!(
+                    "{n} requests, {:.0} req/s",
+                    n as f64 / elapsed.as_secs_f64()
+                ));
+            }
+        })
+    };
+    let (mode, tally) = match plan.mode {
+        Mode::Closed { connections } => (
+            format!("closed loop, {connections} connections"),
+            closed_loop(plan.clone(), connections, deadline, done).await,
+        ),
+        Mode::Open { rate } => (
+            format!("open loop, {rate:.0} req/s"),
+            open_loop(plan.clone(), rate, start, deadline, done).await,
+        ),
+    };
+    let elapsed = start.elapsed();
+    ticker.abort();
+    pb.finish_and_clear();
+    Report::from_tally(mode, elapsed, &tally)
+}
+
+async fn closed_loop(
+    plan: Arc<Plan>,
+    connections: usize,
+    deadline: Instant,
+    done: Arc<AtomicU64>,
+) -> Tally {
+    let counter = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let plan = plan.clone();
+            let counter = counter.clone();
+            let done = done.clone();
+            tokio::spawn(async move { closed_worker(&plan, deadline, &counter, &done).await })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for w in workers {
+        if let Ok(t) = w.await {
+            total.merge(&t);
+        }
+    }
+    total
+}
+
+async fn closed_worker(
+    plan: &Plan,
+    deadline: Instant,
+    counter: &AtomicUsize,
+    done: &AtomicU64,
+) -> Tally {
+    let mut tally = Tally::default();
+    let authority = plan
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    'reconnect: while Instant::now() < deadline {
+        let Ok(stream) = TcpStream::connect(&authority).await else {
+            tally.connection_errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        else {
+            tally.connection_errors += 1;
+            continue;
+        };
+        tokio::spawn(conn);
+        while Instant::now() < deadline {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let resp = match sender.send_request(request(plan, n)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tally.connection_errors += 1;
+                    continue 'reconnect;
+                }
+            };
+            let status = resp.status().as_u16();
+            let Ok(body) = resp.into_body().collect().await else {
+                tally.connection_errors += 1;
+                continue 'reconnect;
+            };
+            tally.record(
+                started.elapsed(),
+                status,
+                error_code(status, &body.to_bytes()),
+            );
+            done.fetch_add(1, Ordering::Relaxed);
+            if sender.ready().await.is_err() {
+                continue 'reconnect;
+            }
+        }
+    }
+    tally
+}
+
+/// One answered (or failed) request of the open loop.
+struct Sample {
+    latency: Duration,
+    status: u16,
+    error_code: Option<String>,
+    failed: bool,
+}
+
+async fn open_loop(
+    plan: Arc<Plan>,
+    rate: f64,
+    start: Instant,
+    deadline: Instant,
+    done: Arc<AtomicU64>,
+) -> Tally {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(plan.max_outstanding)
+        .build_http();
+    let outstanding = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Sample>();
+    // One histogram, fed by a collector, instead of one per request.
+    let collector = tokio::spawn(async move {
+        let mut tally = Tally::default();
+        while let Some(s) = rx.recv().await {
+            if s.failed {
+                tally.connection_errors += 1;
+            } else {
+                tally.record(s.latency, s.status, s.error_code);
+            }
+        }
+        tally
+    });
+    let mut dropped = 0u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut n: usize = 0;
+    loop {
+        let due = start + interval.mul_f64(n as f64);
+        if due >= deadline {
+            break;
+        }
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        n += 1;
+        if outstanding.load(Ordering::Relaxed) >= plan.max_outstanding {
+            dropped += 1;
+            continue;
+        }
+        outstanding.fetch_add(1, Ordering::Relaxed);
+        let req = request(&plan, n);
+        let client = client.clone();
+        let tx = tx.clone();
+        let outstanding = outstanding.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let sample = match client.request(req).await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    match resp.into_body().collect().await {
+                        // Measured from when the request was due, not sent.
+                        Ok(body) => Sample {
+                            latency: due.elapsed(),
+                            status,
+                            error_code: error_code(status, &body.to_bytes()),
+                            failed: false,
+                        },
+                        Err(_) => Sample {
+                            latency: Duration::ZERO,
+                            status,
+                            error_code: None,
+                            failed: true,
+                        },
+                    }
+                }
+                Err(_) => Sample {
+                    latency: Duration::ZERO,
+                    status: 0,
+                    error_code: None,
+                    failed: true,
+                },
+            };
+            done.fetch_add(1, Ordering::Relaxed);
+            outstanding.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(sample);
+        });
+    }
+    drop(tx);
+    let mut total = collector.await.unwrap_or_default();
+    total.dropped = dropped;
+    total
+}
