@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::tz::TimeZone;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,6 +15,7 @@ use crate::accounts::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEMO_API_KEY};
+use crate::entitlements::schedule::Schedule;
 use crate::gateway::proxy::Backend;
 use crate::limiter::{Limiter, LocalLimiter};
 use crate::metrics::Metrics;
@@ -30,6 +32,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub recorder: UsageRecorder,
     pub backend: Backend,
+    /// Concurrency packages and the timer that applies them to the limiter.
+    pub schedule: Arc<Schedule>,
+    /// `billing.timezone`: days, months and cut-offs are counted in it.
+    pub tz: TimeZone,
     /// Forwarded tasks, which outlive their client connections; shutdown
     /// waits for them.
     pub tasks: TaskTracker,
@@ -67,7 +73,20 @@ impl App {
         ));
         let backend = Backend::new(&config.backend, backend_url, config.limits.max_body_bytes)
             .map_err(StartError::Backend)?;
+        let tz = TimeZone::get(&config.billing.timezone).map_err(|e| {
+            StartError::Config(crate::config::ConfigError::Invalid {
+                key: "billing.timezone".into(),
+                reason: e.to_string(),
+            })
+        })?;
+        let schedule = Arc::new(Schedule::new(
+            config.limits.default_concurrency,
+            clock.clone(),
+            limiter.clone(),
+        ));
         let app = Self {
+            schedule,
+            tz,
             recorder: UsageRecorder::new(store.clone(), metrics.clone()),
             registry: Registry::new(),
             config,
@@ -84,7 +103,7 @@ impl App {
     }
 
     fn load(&self) -> Result<(), StoreError> {
-        let snap = self.store.load()?;
+        let snap = self.store.load(self.clock.now())?;
         for a in snap.accounts {
             self.add_root(RootAccount::new(&a.id, a.status, a.created_at));
         }
@@ -99,13 +118,15 @@ impl App {
         for k in snap.keys {
             self.add_key(k);
         }
+        for p in snap.concurrency_packages {
+            self.schedule.add(p);
+        }
         Ok(())
     }
 
     pub fn add_root(&self, root: RootAccount) -> Arc<RootAccount> {
         let root = self.registry.insert_root(root);
-        self.limiter
-            .set_limit(&root.id, self.config.limits.default_concurrency);
+        self.schedule.apply(&root.id);
         root
     }
 
@@ -221,6 +242,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.clone(), admin, stop.clone()));
+    tokio::spawn(app.schedule.clone().run(stop.clone()));
     let data_task = tokio::spawn(crate::gateway::serve(
         app.clone(),
         data,

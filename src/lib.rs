@@ -15,6 +15,7 @@ pub mod api_error;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod entitlements;
 pub mod gateway;
 pub mod limiter;
 pub mod loadgen;

@@ -65,6 +65,19 @@ fn account_view(app: &App, id: &str) -> Result<Value, ApiError> {
         .iter()
         .map(|s| json!({"id": &*s.id, "max_concurrency": s.max_concurrency}))
         .collect();
+    let (packages, next_change) = {
+        let book = app.schedule.book();
+        let now = app.clock.now();
+        let packages: Vec<Value> = book
+            .packages(id)
+            .iter()
+            .map(|p| super::concurrency::package_view(app, p))
+            .collect();
+        let next = book
+            .next_change_of(id, now)
+            .map(|(at, limit)| json!({"at": rfc3339_millis(at), "limit": limit}));
+        (packages, next)
+    };
     Ok(json!({
         "id": &*root.id,
         "status": root.status().as_str(),
@@ -73,7 +86,9 @@ fn account_view(app: &App, id: &str) -> Result<Value, ApiError> {
             "limit": stats.limit,
             "in_flight": stats.in_flight,
             "queued": stats.queued,
+            "next_change": next_change,
         },
+        "concurrency_packages": packages,
         "sub_accounts": subs,
     }))
 }

@@ -2,6 +2,7 @@
 //! `/healthz` and `/readyz`.
 
 mod accounts;
+mod concurrency;
 mod error;
 mod usage;
 
@@ -32,6 +33,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/accounts/{id}/keys", post(accounts::issue_key))
         .route("/accounts/{id}/deactivate", post(accounts::deactivate))
         .route("/accounts/{id}/activate", post(accounts::activate))
+        .route(
+            "/accounts/{id}/concurrency-packages",
+            post(concurrency::buy),
+        )
+        .route(
+            "/accounts/{id}/concurrency-packages/{pkg}",
+            delete(concurrency::refund),
+        )
         .route("/keys/{key_id}", delete(accounts::revoke_key))
         .route("/usage-events", get(usage::list))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));

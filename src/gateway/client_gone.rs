@@ -25,11 +25,6 @@ impl ConnWatch {
         Self { fd }
     }
 
-    /// A watch that never fires (for requests not on a TCP connection).
-    pub fn none() -> Self {
-        Self { fd: None }
-    }
-
     /// Resolves once the peer has closed or reset the connection.
     pub async fn closed(&self) {
         match self.watch().await {

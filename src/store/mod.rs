@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::accounts::{AccountStatus, KeyHash};
+use crate::entitlements::ConcurrencyPackage;
 use crate::usage::UsageEvent;
 
 pub use sqlite::SqliteStore;
@@ -49,6 +50,8 @@ pub enum Write {
     CreateKey(KeyRow),
     RevokeKey { key_id: String, at: Timestamp },
     AppendUsage(Box<UsageEvent>),
+    CreateConcurrencyPackage(Box<ConcurrencyPackage>),
+    RefundConcurrencyPackage { id: String, at: Timestamp },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +82,8 @@ pub struct Snapshot {
     pub sub_accounts: Vec<SubAccountRow>,
     /// Unrevoked keys only.
     pub keys: Vec<KeyRow>,
+    /// Unrefunded packages that have not ended.
+    pub concurrency_packages: Vec<ConcurrencyPackage>,
 }
 
 /// A stored usage event with its cursor.
@@ -91,7 +96,9 @@ pub struct StoredEvent {
 pub type Ack = oneshot::Sender<Result<Committed, StoreError>>;
 
 pub trait Store: Send + Sync + 'static {
-    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Everything to rebuild memory from; packages that ended before `now`
+    /// are left out.
+    fn load(&self, now: Timestamp) -> Result<Snapshot, StoreError>;
 
     /// Queues a write; `ack` is answered once it is durable (or failed).
     fn submit(&self, write: Write, ack: Ack);

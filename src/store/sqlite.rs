@@ -17,6 +17,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use serde_json::value::RawValue;
 
 use crate::accounts::AccountStatus;
+use crate::entitlements::{ConcurrencyPackage, Period};
 use crate::usage::jsonl::{ExportedEvent, JsonlSink};
 
 use super::{
@@ -55,6 +56,18 @@ CREATE TABLE IF NOT EXISTS usage_events (
     json    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_events_account_time ON usage_events(account, time);
+CREATE TABLE IF NOT EXISTS concurrency_packages (
+    id          TEXT PRIMARY KEY,
+    account     TEXT NOT NULL REFERENCES accounts(id),
+    units       INTEGER NOT NULL,
+    period      TEXT NOT NULL,
+    start_date  TEXT NOT NULL,
+    starts_at   TEXT NOT NULL,
+    ends_at     TEXT NOT NULL,
+    price_usd   TEXT NOT NULL,
+    bought_at   TEXT NOT NULL,
+    refunded_at TEXT
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -118,7 +131,7 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn load(&self) -> Result<Snapshot, StoreError> {
+    fn load(&self, now: Timestamp) -> Result<Snapshot, StoreError> {
         let conn = self.reader();
         let accounts = conn
             .prepare("SELECT id, status, created_at FROM accounts ORDER BY id")
@@ -198,10 +211,12 @@ impl Store for SqliteStore {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let concurrency_packages = load_packages(&conn, now)?;
         Ok(Snapshot {
             accounts,
             sub_accounts,
             keys,
+            concurrency_packages,
         })
     }
 
@@ -246,6 +261,65 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+fn load_packages(conn: &Connection, now: Timestamp) -> Result<Vec<ConcurrencyPackage>, StoreError> {
+    type Raw = (
+        String,
+        String,
+        u32,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+    );
+    let rows: Vec<Raw> = conn
+        .prepare(
+            "SELECT id, account, units, period, start_date, starts_at, ends_at, price_usd, bought_at
+             FROM concurrency_packages WHERE refunded_at IS NULL ORDER BY starts_at, id",
+        )
+        .and_then(|mut st| {
+            st.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            })?
+            .collect()
+        })
+        .map_err(internal)?;
+    let mut out = Vec::new();
+    for (id, account, units, period, start, starts_at, ends_at, price, bought_at) in rows {
+        let pkg = ConcurrencyPackage {
+            period: Period::parse(&period)
+                .ok_or_else(|| internal(format!("package {id}: bad period")))?,
+            start: start
+                .parse()
+                .map_err(|e| internal(format!("package {id}: {e}")))?,
+            starts_at: parse_ts(&starts_at)?,
+            ends_at: parse_ts(&ends_at)?,
+            price_usd: price
+                .parse()
+                .map_err(|e| internal(format!("package {id}: {e}")))?,
+            bought_at: parse_ts(&bought_at)?,
+            id,
+            account,
+            units,
+        };
+        if pkg.ends_at > now {
+            out.push(pkg);
+        }
+    }
+    Ok(out)
 }
 
 fn parse_ts(s: &str) -> Result<Timestamp, StoreError> {
@@ -412,6 +486,40 @@ fn apply(conn: &Connection, write: &Write) -> Result<(Committed, Option<Pending>
             }
             done
         }
+        Write::CreateConcurrencyPackage(p) => {
+            conn.prepare_cached(
+                "INSERT INTO concurrency_packages
+                 (id, account, units, period, start_date, starts_at, ends_at, price_usd, bought_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    p.id,
+                    p.account,
+                    p.units,
+                    p.period.as_str(),
+                    p.start.to_string(),
+                    p.starts_at.to_string(),
+                    p.ends_at.to_string(),
+                    p.price_usd.to_string(),
+                    p.bought_at.to_string()
+                ])
+            })
+            .map_err(|e| map_write_error(e, &format!("concurrency package {}", p.id)))?;
+            done
+        }
+        Write::RefundConcurrencyPackage { id, at } => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE concurrency_packages SET refunded_at = ?2 WHERE id = ?1 AND refunded_at IS NULL",
+                )
+                .and_then(|mut st| st.execute(params![id, at.to_string()]))
+                .map_err(internal)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("concurrency package {id}")));
+            }
+            done
+        }
         Write::AppendUsage(ev) => {
             let json = serde_json::to_string(ev).map_err(internal)?;
             conn.prepare_cached(
@@ -561,7 +669,7 @@ mod tests {
         drop(store);
 
         let store = SqliteStore::open(dir.path()).unwrap();
-        let snap = store.load().unwrap();
+        let snap = store.load(Timestamp::now()).unwrap();
         assert_eq!(snap.accounts.len(), 1);
         let evs = store.usage_events(0, 10).unwrap();
         assert_eq!(evs.len(), 2);
