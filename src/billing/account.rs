@@ -1,0 +1,116 @@
+//! One account's billing state and the rules that change it.
+
+use jiff::{SignedDuration, Timestamp};
+use rust_decimal::Decimal;
+
+use super::{PackageKind, ResourcePackage, Source};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccountBilling {
+    pub postpaid: bool,
+    /// USD; negative after a settlement the balance could not cover.
+    pub balance: Decimal,
+    /// When a settlement left the balance negative; cleared when a top-up
+    /// makes it non-negative again.
+    pub arrears_since: Option<Timestamp>,
+    pub packages: Vec<ResourcePackage>,
+}
+
+/// Why a call may not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    InArrears,
+    LowBalance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Good,
+    /// Negative balance; service continues until `suspends_at`.
+    Overdue { suspends_at: Timestamp },
+    Suspended { since: Timestamp },
+}
+
+impl AccountBilling {
+    pub fn standing(&self, now: Timestamp, grace: SignedDuration) -> Standing {
+        match self.arrears_since {
+            Some(since) if self.balance < Decimal::ZERO => {
+                let suspends_at = since.checked_add(grace).unwrap_or(Timestamp::MAX);
+                if now >= suspends_at {
+                    Standing::Suspended { since: suspends_at }
+                } else {
+                    Standing::Overdue { suspends_at }
+                }
+            }
+            _ => Standing::Good,
+        }
+    }
+
+    /// Picks who pays for a call made now and holds a unit of it: the free
+    /// package, then prepaid ones (earliest expiry first), then postpaid.
+    pub fn reserve(&mut self, now: Timestamp, grace: SignedDuration) -> Result<Source, Refusal> {
+        if let Standing::Suspended { .. } = self.standing(now, grace) {
+            return Err(Refusal::InArrears);
+        }
+        let pick = self
+            .packages
+            .iter_mut()
+            .filter(|p| p.pays_at(now))
+            .min_by(|a, b| {
+                (a.kind == PackageKind::Prepaid, a.expires_at, &a.id).cmp(&(b.kind == PackageKind::Prepaid, b.expires_at, &b.id))
+            });
+        match pick {
+            Some(p) => {
+                p.reserved += 1;
+                Ok(Source::Package {
+                    id: p.id.clone(),
+                    kind: p.kind,
+                })
+            }
+            None if self.postpaid => Ok(Source::Postpaid),
+            None => Err(Refusal::LowBalance),
+        }
+    }
+
+    fn package_mut(&mut self, id: &str) -> Option<&mut ResourcePackage> {
+        self.packages.iter_mut().find(|p| p.id == id)
+    }
+
+    /// Gives a held unit back (the call failed or never ran).
+    pub fn release(&mut self, source: &Source) {
+        if let Some(p) = source.package_id().and_then(|id| self.package_mut(id)) {
+            p.reserved = p.reserved.saturating_sub(1);
+        }
+    }
+
+    /// Turns a held unit into a used one (the success is recorded).
+    pub fn commit(&mut self, source: &Source) {
+        if let Some(p) = source.package_id().and_then(|id| self.package_mut(id)) {
+            p.reserved = p.reserved.saturating_sub(1);
+            p.used += 1;
+        }
+    }
+
+    /// Free and prepaid units that could pay for a call made now.
+    pub fn remaining_units(&self, now: Timestamp) -> u64 {
+        self.packages.iter().filter(|p| p.pays_at(now)).map(|p| p.remaining()).sum()
+    }
+
+    /// The balance after a top-up, and whether the arrears are cleared.
+    pub fn top_up(&mut self, amount: Decimal) {
+        self.balance += amount;
+        if self.balance >= Decimal::ZERO {
+            self.arrears_since = None;
+        }
+    }
+
+    /// Charges (or, if the bill fell, credits) a settlement's difference.
+    pub fn settle(&mut self, delta: Decimal, now: Timestamp) {
+        self.balance -= delta;
+        if self.balance < Decimal::ZERO {
+            self.arrears_since.get_or_insert(now);
+        } else {
+            self.arrears_since = None;
+        }
+    }
+}
