@@ -1,6 +1,7 @@
 //! Wiring: builds the shared state from the config and the store, runs the
 //! listeners, and shuts down in order on SIGTERM/SIGINT.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::accounts::{
     AccountStatus, KeyEntry, Principal, Registry, RootAccount, SubAccount, hash_key,
 };
+use crate::billing::{self, AccountBilling, PackageKind, ResourcePackage};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEMO_API_KEY};
 use crate::entitlements::schedule::Schedule;
@@ -36,6 +38,12 @@ pub struct App {
     pub schedule: Arc<Schedule>,
     /// `billing.timezone`: days, months and cut-offs are counted in it.
     pub tz: TimeZone,
+    /// Billing state per account (packages, postpaid, balance, arrears);
+    /// admission reserves here without touching the store.
+    pub billing: billing::Accounts,
+    /// Serializes admin changes to balances (top-ups, settlements), which
+    /// compute the new balance first and store it second.
+    pub billing_admin: tokio::sync::Mutex<()>,
     /// Forwarded tasks, which outlive their client connections; shutdown
     /// waits for them.
     pub tasks: TaskTracker,
@@ -87,6 +95,8 @@ impl App {
         let app = Self {
             schedule,
             tz,
+            billing: billing::Accounts::new(config.billing.arrears_grace),
+            billing_admin: tokio::sync::Mutex::new(()),
             recorder: UsageRecorder::new(store.clone(), metrics.clone()),
             registry: Registry::new(),
             config,
@@ -104,7 +114,20 @@ impl App {
 
     fn load(&self) -> Result<(), StoreError> {
         let snap = self.store.load(self.clock.now())?;
+        let mut packages: HashMap<String, Vec<ResourcePackage>> = HashMap::new();
+        for p in snap.resource_packages {
+            packages.entry(p.account.clone()).or_default().push(p);
+        }
         for a in snap.accounts {
+            self.billing.insert(
+                &a.id,
+                AccountBilling {
+                    postpaid: a.postpaid,
+                    balance: a.balance_usd,
+                    arrears_since: a.arrears_since,
+                    packages: packages.remove(&a.id).unwrap_or_default(),
+                },
+            );
             self.add_root(RootAccount::new(&a.id, a.status, a.created_at));
         }
         for s in snap.sub_accounts {
@@ -122,6 +145,49 @@ impl App {
             self.schedule.add(p);
         }
         Ok(())
+    }
+
+    /// Creates and activates a root account with the free package of its
+    /// first activation, durably, then makes it usable.
+    pub async fn create_account(
+        &self,
+        id: &str,
+        postpaid: bool,
+    ) -> Result<Arc<RootAccount>, StoreError> {
+        let now = self.clock.now();
+        let free = ResourcePackage::new(
+            format!("free_{}", uuid::Uuid::now_v7().simple()),
+            id,
+            PackageKind::Free,
+            billing::FREE_PACKAGE_SIZE,
+            rust_decimal::Decimal::ZERO,
+            now,
+        );
+        let account = AccountRow {
+            id: id.to_string(),
+            status: AccountStatus::Active,
+            created_at: now,
+            postpaid,
+            balance_usd: rust_decimal::Decimal::ZERO,
+            arrears_since: None,
+        };
+        commit(
+            &*self.store,
+            Write::CreateAccount {
+                account,
+                free_package: Box::new(free.clone()),
+            },
+        )
+        .await?;
+        self.billing.insert(
+            id,
+            AccountBilling {
+                postpaid,
+                packages: vec![free],
+                ..AccountBilling::default()
+            },
+        );
+        Ok(self.add_root(RootAccount::new(id, AccountStatus::Active, now)))
     }
 
     pub fn add_root(&self, root: RootAccount) -> Arc<RootAccount> {
@@ -158,17 +224,8 @@ impl App {
     async fn seed_demo(&self) -> Result<(), StoreError> {
         let id = self.config.demo.account.clone();
         if self.registry.root(&id).is_none() {
-            let now = self.clock.now();
-            let row = AccountRow {
-                id: id.clone(),
-                status: AccountStatus::Active,
-                created_at: now,
-            };
-            match commit(&*self.store, Write::CreateAccount(row)).await {
-                Ok(_) | Err(StoreError::Conflict(_)) => {}
-                Err(e) => return Err(e),
-            }
-            self.add_root(RootAccount::new(&id, AccountStatus::Active, now));
+            // Postpaid, so the demo keeps answering past the free package.
+            self.create_account(&id, true).await?;
         }
         if self.registry.authenticate(DEMO_API_KEY).is_none() {
             let row = KeyRow {

@@ -82,7 +82,8 @@ async fn every_success_has_exactly_one_event_and_failures_none() {
         .filter(|(_, s)| *s == StatusCode::OK)
         .map(|(rid, _)| rid.clone())
         .collect();
-    assert_eq!(succeeded.len(), 60);
+    let statuses: Vec<_> = results.iter().map(|(_, s)| s.as_u16()).collect();
+    assert_eq!(succeeded.len(), 60, "{statuses:?}");
     let events = admin.all_events().await;
     assert_eq!(events.len(), 60);
     let ids: HashSet<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();

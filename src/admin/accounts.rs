@@ -12,11 +12,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::accounts::{
-    AccountStatus, RootAccount, SubAccount, generate_api_key, hash_key, new_key_id, validate_id,
+    AccountStatus, SubAccount, generate_api_key, hash_key, new_key_id, validate_id,
 };
 use crate::app::App;
+use crate::billing::Standing;
 use crate::clock::rfc3339_millis;
-use crate::store::{AccountRow, KeyRow, SubAccountRow, Write, commit};
+use crate::store::{KeyRow, SubAccountRow, Write, commit};
 
 use super::error::{ApiError, parse_json};
 
@@ -37,14 +38,7 @@ pub async fn create_account(State(app): State<Arc<App>>, body: Bytes) -> Reply {
             format!("account {} already exists", req.id),
         ));
     }
-    let now = app.clock.now();
-    let row = AccountRow {
-        id: req.id.clone(),
-        status: AccountStatus::Active,
-        created_at: now,
-    };
-    commit(&*app.store, Write::CreateAccount(row)).await?;
-    app.add_root(RootAccount::new(&req.id, AccountStatus::Active, now));
+    app.create_account(&req.id, false).await?;
     tracing::info!(account = %req.id, "account created");
     Ok((StatusCode::CREATED, Json(account_view(&app, &req.id)?)))
 }
@@ -78,9 +72,16 @@ fn account_view(app: &App, id: &str) -> Result<Value, ApiError> {
             .map(|(at, limit)| json!({"at": rfc3339_millis(at), "limit": limit}));
         (packages, next)
     };
-    Ok(json!({
+    let (standing, billing) =
+        super::billing::account_billing_view(app, id).unwrap_or((Standing::Good, Value::Null));
+    // Deactivation is the operator's; suspension follows from the balance.
+    let status = match (root.status(), standing) {
+        (AccountStatus::Active, Standing::Suspended { .. }) => AccountStatus::Suspended,
+        (s, _) => s,
+    };
+    let mut view = json!({
         "id": &*root.id,
-        "status": root.status().as_str(),
+        "status": status.as_str(),
         "created_at": rfc3339_millis(root.created_at),
         "concurrency": {
             "limit": stats.limit,
@@ -90,7 +91,11 @@ fn account_view(app: &App, id: &str) -> Result<Value, ApiError> {
         },
         "concurrency_packages": packages,
         "sub_accounts": subs,
-    }))
+    });
+    if let (Value::Object(view), Value::Object(billing)) = (&mut view, billing) {
+        view.extend(billing);
+    }
+    Ok(view)
 }
 
 #[derive(Deserialize)]

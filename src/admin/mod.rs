@@ -2,6 +2,7 @@
 //! `/healthz` and `/readyz`.
 
 mod accounts;
+mod billing;
 mod concurrency;
 mod error;
 mod usage;
@@ -12,7 +13,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use http::{HeaderValue, StatusCode, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,18 @@ pub fn router(app: Arc<App>) -> Router {
             "/accounts/{id}/concurrency-packages/{pkg}",
             delete(concurrency::refund),
         )
+        .route(
+            "/accounts/{id}/resource-packages",
+            post(billing::buy_package).get(billing::list_packages),
+        )
+        .route(
+            "/accounts/{id}/resource-packages/{pkg}/refund",
+            post(billing::refund_package),
+        )
+        .route("/accounts/{id}/postpaid", put(billing::set_postpaid))
+        .route("/accounts/{id}/top-up", post(billing::top_up))
+        .route("/accounts/{id}/usage", get(billing::usage))
+        .route("/billing/settle", post(billing::settle))
         .route("/keys/{key_id}", delete(accounts::revoke_key))
         .route("/usage-events", get(usage::list))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));

@@ -27,8 +27,12 @@ pub enum Refusal {
 pub enum Standing {
     Good,
     /// Negative balance; service continues until `suspends_at`.
-    Overdue { suspends_at: Timestamp },
-    Suspended { since: Timestamp },
+    Overdue {
+        suspends_at: Timestamp,
+    },
+    Suspended {
+        since: Timestamp,
+    },
 }
 
 impl AccountBilling {
@@ -57,7 +61,11 @@ impl AccountBilling {
             .iter_mut()
             .filter(|p| p.pays_at(now))
             .min_by(|a, b| {
-                (a.kind == PackageKind::Prepaid, a.expires_at, &a.id).cmp(&(b.kind == PackageKind::Prepaid, b.expires_at, &b.id))
+                (a.kind == PackageKind::Prepaid, a.expires_at, &a.id).cmp(&(
+                    b.kind == PackageKind::Prepaid,
+                    b.expires_at,
+                    &b.id,
+                ))
             });
         match pick {
             Some(p) => {
@@ -93,7 +101,11 @@ impl AccountBilling {
 
     /// Free and prepaid units that could pay for a call made now.
     pub fn remaining_units(&self, now: Timestamp) -> u64 {
-        self.packages.iter().filter(|p| p.pays_at(now)).map(|p| p.remaining()).sum()
+        self.packages
+            .iter()
+            .filter(|p| p.pays_at(now))
+            .map(|p| p.remaining())
+            .sum()
     }
 
     /// The balance after a top-up, and whether the arrears are cleared.

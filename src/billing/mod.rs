@@ -82,7 +82,14 @@ pub struct ResourcePackage {
 
 impl ResourcePackage {
     /// A package valid one year from `at`.
-    pub fn new(id: String, account: &str, kind: PackageKind, size: u64, price_usd: Decimal, at: Timestamp) -> Self {
+    pub fn new(
+        id: String,
+        account: &str,
+        kind: PackageKind,
+        size: u64,
+        price_usd: Decimal,
+        at: Timestamp,
+    ) -> Self {
         Self {
             id,
             account: account.to_string(),
@@ -102,7 +109,10 @@ impl ResourcePackage {
     }
 
     pub fn pays_at(&self, t: Timestamp) -> bool {
-        self.refunded_at.is_none() && self.effective_at <= t && t < self.expires_at && self.remaining() > 0
+        self.refunded_at.is_none()
+            && self.effective_at <= t
+            && t < self.expires_at
+            && self.remaining() > 0
     }
 }
 
@@ -125,7 +135,10 @@ impl Source {
     /// The usage event's `charged_to`.
     pub fn label(&self) -> String {
         match self {
-            Self::Package { kind: PackageKind::Free, .. } => "free".into(),
+            Self::Package {
+                kind: PackageKind::Free,
+                ..
+            } => "free".into(),
             Self::Package { id, .. } => format!("prepaid:{id}"),
             Self::Postpaid => "postpaid".into(),
         }
@@ -196,7 +209,9 @@ impl Month {
         }
         let year: i16 = s[..4].parse().ok()?;
         let month: i8 = s[5..].parse().ok()?;
-        Date::new(year, month, 1).ok().map(|first_day| Self { first_day })
+        Date::new(year, month, 1)
+            .ok()
+            .map(|first_day| Self { first_day })
     }
 
     pub fn of(t: Timestamp, tz: &TimeZone) -> Self {
@@ -217,15 +232,26 @@ impl Month {
 
 impl std::fmt::Display for Month {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:04}-{:02}", self.first_day.year(), self.first_day.month())
+        write!(
+            f,
+            "{:04}-{:02}",
+            self.first_day.year(),
+            self.first_day.month()
+        )
     }
 }
 
 /// Prepaid refunds end at 00:00 of the 8th day after the purchase date
 /// (bought May 1: through May 8, not from May 9 00:00).
-pub fn prepaid_refund_deadline(pkg: &ResourcePackage, tz: &TimeZone) -> Result<Timestamp, jiff::Error> {
+pub fn prepaid_refund_deadline(
+    pkg: &ResourcePackage,
+    tz: &TimeZone,
+) -> Result<Timestamp, jiff::Error> {
     let bought = pkg.effective_at.to_zoned(tz.clone()).date();
-    Ok(bought.checked_add(8.days())?.to_zoned(tz.clone())?.timestamp())
+    Ok(bought
+        .checked_add(8.days())?
+        .to_zoned(tz.clone())?
+        .timestamp())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -240,7 +266,11 @@ pub enum PackageRefundError {
     AlreadyRefunded,
 }
 
-pub fn check_prepaid_refund(pkg: &ResourcePackage, now: Timestamp, tz: &TimeZone) -> Result<(), PackageRefundError> {
+pub fn check_prepaid_refund(
+    pkg: &ResourcePackage,
+    now: Timestamp,
+    tz: &TimeZone,
+) -> Result<(), PackageRefundError> {
     if pkg.kind == PackageKind::Free {
         return Err(PackageRefundError::Free);
     }

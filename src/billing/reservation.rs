@@ -36,7 +36,8 @@ impl Accounts {
     }
 
     pub fn insert(&self, account: &str, billing: AccountBilling) {
-        self.map.insert(Arc::from(account), Arc::new(Mutex::new(billing)));
+        self.map
+            .insert(Arc::from(account), Arc::new(Mutex::new(billing)));
     }
 
     /// Runs `f` on the account's state under its lock.
@@ -48,7 +49,11 @@ impl Accounts {
 
     /// Reserves a unit for a call made now (see [`AccountBilling::reserve`]).
     pub fn reserve(&self, account: &str, now: Timestamp) -> Result<Reservation, Refusal> {
-        let shared = self.map.get(account).map(|s| s.clone()).ok_or(Refusal::LowBalance)?;
+        let shared = self
+            .map
+            .get(account)
+            .map(|s| s.clone())
+            .ok_or(Refusal::LowBalance)?;
         let source = lock(&shared).reserve(now, self.grace)?;
         Ok(Reservation {
             billing: shared,
@@ -88,6 +93,8 @@ impl Drop for Reservation {
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation").field("source", &self.source).finish()
+        f.debug_struct("Reservation")
+            .field("source", &self.source)
+            .finish()
     }
 }

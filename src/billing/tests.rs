@@ -18,11 +18,25 @@ fn usd(s: &str) -> Decimal {
 const GRACE: SignedDuration = SignedDuration::from_hours(24);
 
 fn free(at: Timestamp) -> ResourcePackage {
-    ResourcePackage::new("free".into(), "acme", PackageKind::Free, FREE_PACKAGE_SIZE, Decimal::ZERO, at)
+    ResourcePackage::new(
+        "free".into(),
+        "acme",
+        PackageKind::Free,
+        FREE_PACKAGE_SIZE,
+        Decimal::ZERO,
+        at,
+    )
 }
 
 fn prepaid(id: &str, size: u64, at: Timestamp) -> ResourcePackage {
-    ResourcePackage::new(id.into(), "acme", PackageKind::Prepaid, size, prepaid_price(size).unwrap(), at)
+    ResourcePackage::new(
+        id.into(),
+        "acme",
+        PackageKind::Prepaid,
+        size,
+        prepaid_price(size).unwrap(),
+        at,
+    )
 }
 
 fn account(packages: Vec<ResourcePackage>) -> AccountBilling {
@@ -99,7 +113,11 @@ fn deduction_order_is_free_then_earliest_expiring_prepaid_then_postpaid() {
     let now = t0 + SignedDuration::from_hours(72);
     let first = a.reserve(now, GRACE).unwrap();
     assert_eq!(first.label(), "free");
-    a.packages.iter_mut().find(|p| p.kind == PackageKind::Free).unwrap().used = FREE_PACKAGE_SIZE;
+    a.packages
+        .iter_mut()
+        .find(|p| p.kind == PackageKind::Free)
+        .unwrap()
+        .used = FREE_PACKAGE_SIZE;
     a.release(&first);
     assert_eq!(a.reserve(now, GRACE).unwrap().label(), "prepaid:sooner");
     a.packages.iter_mut().for_each(|p| p.used = p.size);
@@ -112,7 +130,8 @@ fn a_package_bought_after_a_call_does_not_pay_for_it() {
     let mut a = account(vec![]);
     a.postpaid = true;
     let call = a.reserve(t0, GRACE).unwrap();
-    a.packages.push(prepaid("p", 1_000, t0 + SignedDuration::from_secs(1)));
+    a.packages
+        .push(prepaid("p", 1_000, t0 + SignedDuration::from_secs(1)));
     a.commit(&call);
     assert_eq!(call, Source::Postpaid);
     assert_eq!(a.packages[0].used, 0);
@@ -127,7 +146,10 @@ fn an_expired_package_pays_for_nothing() {
     let mut a = account(vec![prepaid("old", 1_000, t0)]);
     let expiry = a.packages[0].expires_at;
     assert_eq!(expiry, ts("2026-01-01T00:00:00Z"));
-    assert!(a.reserve(expiry - SignedDuration::from_secs(1), GRACE).is_ok());
+    assert!(
+        a.reserve(expiry - SignedDuration::from_secs(1), GRACE)
+            .is_ok()
+    );
     assert_eq!(a.reserve(expiry, GRACE), Err(Refusal::LowBalance));
 }
 
@@ -137,7 +159,13 @@ fn no_overdraw_60_calls_against_50_free_units() {
     let mut a = account(vec![free(t0)]);
     let results: Vec<_> = (0..60).map(|_| a.reserve(t0, GRACE)).collect();
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 50);
-    assert_eq!(results.iter().filter(|r| **r == Err(Refusal::LowBalance)).count(), 10);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| **r == Err(Refusal::LowBalance))
+            .count(),
+        10
+    );
     // A failed call gives its unit back for the next one.
     a.release(results[0].as_ref().unwrap());
     assert!(a.reserve(t0, GRACE).is_ok());
@@ -148,20 +176,38 @@ fn no_overdraw_60_calls_against_50_free_units() {
 fn prepaid_refunds_end_on_the_8th_day_after_purchase() {
     let tz = TimeZone::UTC;
     let p = prepaid("p", 1_000, ts("2026-05-01T10:00:00Z"));
-    assert_eq!(check_prepaid_refund(&p, ts("2026-05-08T23:59:59Z"), &tz), Ok(()));
-    assert!(matches!(check_prepaid_refund(&p, ts("2026-05-09T00:00:00Z"), &tz), Err(PackageRefundError::TooLate { .. })));
+    assert_eq!(
+        check_prepaid_refund(&p, ts("2026-05-08T23:59:59Z"), &tz),
+        Ok(())
+    );
+    assert!(matches!(
+        check_prepaid_refund(&p, ts("2026-05-09T00:00:00Z"), &tz),
+        Err(PackageRefundError::TooLate { .. })
+    ));
     let mut used = p.clone();
     used.used = 1;
-    assert_eq!(check_prepaid_refund(&used, ts("2026-05-02T00:00:00Z"), &tz), Err(PackageRefundError::Used { used: 1 }));
+    assert_eq!(
+        check_prepaid_refund(&used, ts("2026-05-02T00:00:00Z"), &tz),
+        Err(PackageRefundError::Used { used: 1 })
+    );
     let mut held = p.clone();
     held.reserved = 1;
-    assert!(check_prepaid_refund(&held, ts("2026-05-02T00:00:00Z"), &tz).is_err(), "a unit in use counts");
+    assert!(
+        check_prepaid_refund(&held, ts("2026-05-02T00:00:00Z"), &tz).is_err(),
+        "a unit in use counts"
+    );
     let f = free(ts("2026-05-01T10:00:00Z"));
-    assert_eq!(check_prepaid_refund(&f, ts("2026-05-01T11:00:00Z"), &tz), Err(PackageRefundError::Free));
+    assert_eq!(
+        check_prepaid_refund(&f, ts("2026-05-01T11:00:00Z"), &tz),
+        Err(PackageRefundError::Free)
+    );
     // The purchase date is the billing time zone's.
     let la = TimeZone::get("America/Los_Angeles").unwrap();
     let evening = prepaid("e", 1_000, ts("2026-05-02T03:00:00Z")); // May 1, 20:00 in LA
-    assert_eq!(check_prepaid_refund(&evening, ts("2026-05-09T06:59:59Z"), &la), Ok(()));
+    assert_eq!(
+        check_prepaid_refund(&evening, ts("2026-05-09T06:59:59Z"), &la),
+        Ok(())
+    );
     assert!(check_prepaid_refund(&evening, ts("2026-05-09T07:00:00Z"), &la).is_err());
 }
 
@@ -172,12 +218,25 @@ fn arrears_suspend_after_the_grace_and_a_top_up_resumes() {
     a.balance = usd("10");
     a.settle(usd("796"), t0);
     assert_eq!(a.balance, usd("-786"));
-    assert_eq!(a.standing(t0, GRACE), Standing::Overdue { suspends_at: t0 + GRACE });
-    assert!(a.reserve(t0 + SignedDuration::from_hours(23), GRACE).is_ok(), "still in grace");
+    assert_eq!(
+        a.standing(t0, GRACE),
+        Standing::Overdue {
+            suspends_at: t0 + GRACE
+        }
+    );
+    assert!(
+        a.reserve(t0 + SignedDuration::from_hours(23), GRACE)
+            .is_ok(),
+        "still in grace"
+    );
     // Suspended: refused even with prepaid units left.
     assert_eq!(a.reserve(t0 + GRACE, GRACE), Err(Refusal::InArrears));
     a.top_up(usd("700"));
-    assert_eq!(a.reserve(t0 + GRACE, GRACE), Err(Refusal::InArrears), "still negative");
+    assert_eq!(
+        a.reserve(t0 + GRACE, GRACE),
+        Err(Refusal::InArrears),
+        "still negative"
+    );
     a.top_up(usd("86"));
     assert_eq!(a.balance, Decimal::ZERO);
     assert_eq!(a.standing(t0 + GRACE, GRACE), Standing::Good);
@@ -199,14 +258,20 @@ fn months_are_counted_in_the_billing_time_zone() {
     let m = Month::parse("2026-11").unwrap();
     assert_eq!(m.to_string(), "2026-11");
     let (s, e) = m.bounds(&TimeZone::UTC).unwrap();
-    assert_eq!((s, e), (ts("2026-11-01T00:00:00Z"), ts("2026-12-01T00:00:00Z")));
+    assert_eq!(
+        (s, e),
+        (ts("2026-11-01T00:00:00Z"), ts("2026-12-01T00:00:00Z"))
+    );
     let tokyo = TimeZone::get("Asia/Tokyo").unwrap();
     assert_eq!(m.bounds(&tokyo).unwrap().0, ts("2026-10-31T15:00:00Z"));
     assert_eq!(Month::of(ts("2026-10-31T15:00:00Z"), &tokyo), m);
     for bad in ["2026-13", "2026-1", "26-11", "2026/11", "2026-11-01", ""] {
         assert!(Month::parse(bad).is_none(), "{bad}");
     }
-    assert_eq!(Month::parse("2027-02").unwrap().first_day, jiff::civil::date(2027, 2, 1));
+    assert_eq!(
+        Month::parse("2027-02").unwrap().first_day,
+        jiff::civil::date(2027, 2, 1)
+    );
     let _ = 1.month();
 }
 

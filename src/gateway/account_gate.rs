@@ -1,16 +1,23 @@
-//! The account gate: may this account call at all?
+//! The account gate: may this account call at all, and who pays?
 //!
-//! This is where the billing rules plug in (quota reservation before
-//! queueing); today it checks the account's status.
+//! Deactivated accounts are refused first, then suspended ones; then a unit
+//! is reserved from the free or prepaid packages (or postpaid), before the
+//! task queues, so concurrent tasks can never spend more than is left.
 
 use crate::accounts::{AccountStatus, Principal};
+use crate::app::App;
+use crate::billing::{Refusal, Reservation};
 
 use super::error::GatewayError;
 
-pub fn check(principal: &Principal) -> Result<(), GatewayError> {
-    match principal.root.status() {
-        AccountStatus::Active => Ok(()),
-        AccountStatus::Deactivated => Err(GatewayError::StopUsing),
-        AccountStatus::Suspended => Err(GatewayError::InArrears),
+pub fn check(app: &App, principal: &Principal) -> Result<Reservation, GatewayError> {
+    if principal.root.status() == AccountStatus::Deactivated {
+        return Err(GatewayError::StopUsing);
     }
+    app.billing
+        .reserve(&principal.root.id, app.clock.now())
+        .map_err(|r| match r {
+            Refusal::InArrears => GatewayError::InArrears,
+            Refusal::LowBalance => GatewayError::LowBalance,
+        })
 }

@@ -19,9 +19,10 @@ use tracing::Instrument;
 
 use crate::accounts::Principal;
 use crate::app::App;
+use crate::billing::Reservation;
 use crate::limiter::{Admission, LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
-use crate::usage::{ChargeSource, UsageData, UsageEvent};
+use crate::usage::{UsageData, UsageEvent};
 
 use super::account_gate;
 use super::client_gone::ConnWatch;
@@ -78,9 +79,11 @@ async fn run(
     queue_wait: &mut Duration,
 ) -> TaskResult {
     let principal = authenticate(app, &req)?;
-    account_gate::check(&principal)?;
     check_declared_length(app, &req)?;
     let wait_limit = queue_wait_limit(app, &req)?;
+    // Held until the task ends: dropped (unit given back) on every path but
+    // a recorded success.
+    let reservation = account_gate::check(app, &principal)?;
 
     let ticket = Ticket {
         account: principal.root.id.clone(),
@@ -127,7 +130,7 @@ async fn run(
     };
     app.tasks.spawn(
         async move {
-            let result = task.run(req, permit, &done_tx).await;
+            let result = task.run(req, permit, reservation, &done_tx).await;
             let _ = done_tx.send(result);
         }
         .in_current_span(),
@@ -159,6 +162,7 @@ impl Task {
         self,
         req: Request<Incoming>,
         permit: Permit,
+        reservation: Reservation,
         client: &oneshot::Sender<TaskResult>,
     ) -> TaskResult {
         let app = &self.app;
@@ -194,14 +198,16 @@ impl Task {
                 status: answer.status.as_u16(),
                 queue_wait_ms: self.queue_wait.as_millis() as u64,
                 upstream_ms: upstream.as_millis() as u64,
-                // Until the billing rules land, every success is billed
-                // after the fact.
-                charged_to: ChargeSource::Postpaid.label(),
+                charged_to: reservation.source().label(),
                 client_gone: client.is_closed(),
             },
         );
-        match app.recorder.record(event).await {
-            Ok(_) => Ok((answer, Outcome::Success)),
+        let package = reservation.source().package_id().map(String::from);
+        match app.recorder.record(event, package).await {
+            Ok(_) => {
+                reservation.commit();
+                Ok((answer, Outcome::Success))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "usage event could not be stored; the task is not charged");
                 Err(GatewayError::UsageRecordFailed)

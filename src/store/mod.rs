@@ -8,10 +8,12 @@
 mod sqlite;
 
 use jiff::Timestamp;
+use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::accounts::{AccountStatus, KeyHash};
+use crate::billing::{Bill, ResourcePackage};
 use crate::entitlements::ConcurrencyPackage;
 use crate::usage::UsageEvent;
 
@@ -22,6 +24,31 @@ pub struct AccountRow {
     pub id: String,
     pub status: AccountStatus,
     pub created_at: Timestamp,
+    pub postpaid: bool,
+    pub balance_usd: Decimal,
+    pub arrears_since: Option<Timestamp>,
+}
+
+/// One account's line of a month's settlement.
+#[derive(Debug, Clone)]
+pub struct SettlementLine {
+    pub account: String,
+    pub bill: Bill,
+    /// What this settlement changes the balance by (the bill minus what
+    /// earlier settlements of the month already charged).
+    pub delta_usd: Decimal,
+    pub balance_after_usd: Decimal,
+    pub arrears_since: Option<Timestamp>,
+}
+
+/// A month's successful calls of one account, by charge source.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MonthUsage {
+    pub account: String,
+    pub calls: u64,
+    pub free: u64,
+    pub prepaid: u64,
+    pub postpaid: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -44,14 +71,53 @@ pub struct KeyRow {
 /// One durable change.
 #[derive(Debug)]
 pub enum Write {
-    CreateAccount(AccountRow),
-    SetAccountStatus { id: String, status: AccountStatus },
+    /// A new account and the free package of its first activation, together.
+    CreateAccount {
+        account: AccountRow,
+        free_package: Box<ResourcePackage>,
+    },
+    SetAccountStatus {
+        id: String,
+        status: AccountStatus,
+    },
     CreateSubAccount(SubAccountRow),
     CreateKey(KeyRow),
-    RevokeKey { key_id: String, at: Timestamp },
-    AppendUsage(Box<UsageEvent>),
+    RevokeKey {
+        key_id: String,
+        at: Timestamp,
+    },
+    /// A success's event and its charge, in one transaction: the package it
+    /// is charged to (if any) gets one more unit used.
+    AppendUsage {
+        event: Box<UsageEvent>,
+        package: Option<String>,
+    },
     CreateConcurrencyPackage(Box<ConcurrencyPackage>),
-    RefundConcurrencyPackage { id: String, at: Timestamp },
+    RefundConcurrencyPackage {
+        id: String,
+        at: Timestamp,
+    },
+    CreateResourcePackage(Box<ResourcePackage>),
+    RefundResourcePackage {
+        id: String,
+        at: Timestamp,
+    },
+    SetPostpaid {
+        account: String,
+        enabled: bool,
+    },
+    TopUp {
+        account: String,
+        amount_usd: Decimal,
+        balance_after_usd: Decimal,
+        arrears_since: Option<Timestamp>,
+        at: Timestamp,
+    },
+    Settle {
+        month: String,
+        lines: Vec<SettlementLine>,
+        at: Timestamp,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +150,8 @@ pub struct Snapshot {
     pub keys: Vec<KeyRow>,
     /// Unrefunded packages that have not ended.
     pub concurrency_packages: Vec<ConcurrencyPackage>,
+    /// Every resource package, refunded ones included.
+    pub resource_packages: Vec<ResourcePackage>,
 }
 
 /// A stored usage event with its cursor.
@@ -106,6 +174,18 @@ pub trait Store: Send + Sync + 'static {
     /// Usage events with `seq > after`, in commit order, at most `limit`.
     /// Blocking: call from a blocking context.
     fn usage_events(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Successful calls in `[from, to)` by account and charge source (all
+    /// accounts, or one). Blocking.
+    fn month_usage(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+        account: Option<&str>,
+    ) -> Result<Vec<MonthUsage>, StoreError>;
+
+    /// What earlier settlements of `month` charged each account. Blocking.
+    fn settled(&self, month: &str) -> Result<Vec<(String, Decimal)>, StoreError>;
 
     /// Commits what is queued, stops the writer and waits for it.
     fn close(&self);

@@ -38,24 +38,6 @@ pub struct UsageData {
     pub client_gone: bool,
 }
 
-/// Where a success is charged.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChargeSource {
-    Free,
-    Prepaid(String),
-    Postpaid,
-}
-
-impl ChargeSource {
-    pub fn label(&self) -> String {
-        match self {
-            Self::Free => "free".into(),
-            Self::Prepaid(pkg) => format!("prepaid:{pkg}"),
-            Self::Postpaid => "postpaid".into(),
-        }
-    }
-}
-
 impl UsageEvent {
     /// A new event with a fresh UUIDv7 id (time-ordered, so ids sort roughly
     /// in commit order).
@@ -91,7 +73,7 @@ mod tests {
                 status: 200,
                 queue_wait_ms: 12,
                 upstream_ms: 840,
-                charged_to: ChargeSource::Prepaid("p1".into()).label(),
+                charged_to: "prepaid:p1".into(),
                 client_gone: false,
             },
         );

@@ -10,5 +10,5 @@ mod event;
 pub mod jsonl;
 mod recorder;
 
-pub use event::{ChargeSource, UsageData, UsageEvent};
+pub use event::{UsageData, UsageEvent};
 pub use recorder::UsageRecorder;

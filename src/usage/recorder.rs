@@ -19,9 +19,18 @@ impl UsageRecorder {
         Self { store, metrics }
     }
 
-    /// Durably stores the event; returns its sequence number (its cursor).
-    pub async fn record(&self, event: UsageEvent) -> Result<u64, StoreError> {
-        match commit(&*self.store, Write::AppendUsage(Box::new(event))).await? {
+    /// Durably stores the event together with its charge to `package` (if
+    /// any); returns its sequence number (its cursor).
+    pub async fn record(
+        &self,
+        event: UsageEvent,
+        package: Option<String>,
+    ) -> Result<u64, StoreError> {
+        let write = Write::AppendUsage {
+            event: Box::new(event),
+            package,
+        };
+        match commit(&*self.store, write).await? {
             Committed::Usage { seq } => {
                 self.metrics.usage_events_total.inc();
                 Ok(seq)

@@ -358,7 +358,22 @@ impl Admin<'_> {
             .await
     }
 
+    /// Creates an account with postpaid on, so the free quota never limits
+    /// a test that is not about billing.
     pub async fn create_account(&self, id: &str) {
+        self.create_plain_account(id).await;
+        let r = self
+            .call(
+                Method::PUT,
+                &format!("/v1/accounts/{id}/postpaid"),
+                Some(json!({"enabled": true})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "postpaid {id}: {:?}", r.json());
+    }
+
+    /// Creates an account as the API does: postpaid off, 50 free units.
+    pub async fn create_plain_account(&self, id: &str) {
         let r = self
             .call(Method::POST, "/v1/accounts", Some(json!({"id": id})))
             .await;

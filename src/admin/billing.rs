@@ -1,0 +1,402 @@
+//! Billing over the admin API: resource packages, the postpaid switch,
+//! top-ups, monthly usage and settlement.
+//!
+//! Each change is decided by the rules in `billing`, stored, and only then
+//! applied to memory; balance changes are serialized by `App::billing_admin`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use bytes::Bytes;
+use http::StatusCode;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::billing::{self, Month, PackageKind, ResourcePackage, Standing};
+use crate::clock::rfc3339_millis;
+use crate::store::{SettlementLine, StoreError, Write, commit};
+
+use super::error::{ApiError, parse_json};
+
+type Reply = Result<(StatusCode, Json<Value>), ApiError>;
+
+fn ensure_account(app: &App, id: &str) -> Result<(), ApiError> {
+    app.registry
+        .root(id)
+        .map(|_| ())
+        .ok_or_else(|| ApiError::not_found(format!("account {id}")))
+}
+
+pub fn package_view(app: &App, p: &ResourcePackage) -> Value {
+    let refundable_until = (p.kind == PackageKind::Prepaid)
+        .then(|| {
+            billing::prepaid_refund_deadline(p, &app.tz)
+                .ok()
+                .map(rfc3339_millis)
+        })
+        .flatten();
+    json!({
+        "id": p.id,
+        "kind": p.kind.as_str(),
+        "size": p.size,
+        "used": p.used,
+        "remaining": if p.refunded_at.is_some() { 0 } else { p.size - p.used.min(p.size) },
+        "effective_at": rfc3339_millis(p.effective_at),
+        "expires_at": rfc3339_millis(p.expires_at),
+        "price_usd": p.price_usd.to_string(),
+        "refundable_until": refundable_until,
+        "refunded_at": p.refunded_at.map(rfc3339_millis),
+    })
+}
+
+/// The billing part of `GET /v1/accounts/{id}`.
+pub fn account_billing_view(app: &App, id: &str) -> Option<(Standing, Value)> {
+    let now = app.clock.now();
+    app.billing.with(id, |b| {
+        let standing = b.standing(now, app.billing.grace());
+        let arrears = match standing {
+            Standing::Good => Value::Null,
+            Standing::Overdue { suspends_at } => json!({"since": b.arrears_since.map(rfc3339_millis), "suspends_at": rfc3339_millis(suspends_at)}),
+            Standing::Suspended { since } => json!({"since": b.arrears_since.map(rfc3339_millis), "suspended_at": rfc3339_millis(since)}),
+        };
+        let packages: Vec<Value> = b
+            .packages
+            .iter()
+            .filter(|p| p.refunded_at.is_none() && p.expires_at > now)
+            .map(|p| package_view(app, p))
+            .collect();
+        (
+            standing,
+            json!({
+                "postpaid": b.postpaid,
+                "balance_usd": b.balance.to_string(),
+                "arrears": arrears,
+                "remaining_units": b.remaining_units(now),
+                "resource_packages": packages,
+            }),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuyPackage {
+    size: Value,
+}
+
+pub async fn buy_package(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply {
+    ensure_account(&app, &id)?;
+    let req: BuyPackage = parse_json(&body)?;
+    let sizes: Vec<String> = billing::PREPAID_PRICES
+        .iter()
+        .map(|(s, _)| s.to_string())
+        .collect();
+    let (size, price) = req
+        .size
+        .as_u64()
+        .and_then(|s| billing::prepaid_price(s).map(|p| (s, p)))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("size: must be one of {}", sizes.join(", ")))
+        })?;
+    let pkg = ResourcePackage::new(
+        format!("rp_{}", uuid::Uuid::now_v7().simple()),
+        &id,
+        PackageKind::Prepaid,
+        size,
+        price,
+        app.clock.now(),
+    );
+    commit(
+        &*app.store,
+        Write::CreateResourcePackage(Box::new(pkg.clone())),
+    )
+    .await?;
+    let view = package_view(&app, &pkg);
+    app.billing.with(&id, |b| b.packages.push(pkg));
+    tracing::info!(account = %id, size, "prepaid package bought");
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+pub async fn refund_package(
+    State(app): State<Arc<App>>,
+    Path((id, pkg_id)): Path<(String, String)>,
+) -> Reply {
+    ensure_account(&app, &id)?;
+    let now = app.clock.now();
+    // Decide and mark under the account's lock, so no task can reserve a
+    // unit of the package between the check and the refund.
+    let decided = app
+        .billing
+        .with(&id, |b| {
+            let p = b.packages.iter_mut().find(|p| p.id == pkg_id)?;
+            Some(billing::check_prepaid_refund(p, now, &app.tz).map(|()| {
+                p.refunded_at = Some(now);
+                p.clone()
+            }))
+        })
+        .flatten()
+        .ok_or_else(|| ApiError::not_found(format!("resource package {pkg_id} of account {id}")))?;
+    let pkg = decided
+        .map_err(|e| ApiError::conflict("FailedOperation.RefundNotAllowed", e.to_string()))?;
+    if let Err(e) = commit(
+        &*app.store,
+        Write::RefundResourcePackage {
+            id: pkg_id.clone(),
+            at: now,
+        },
+    )
+    .await
+    {
+        app.billing.with(&id, |b| {
+            if let Some(p) = b.packages.iter_mut().find(|p| p.id == pkg_id) {
+                p.refunded_at = None;
+            }
+        });
+        return Err(e.into());
+    }
+    tracing::info!(account = %id, package = %pkg_id, "prepaid package refunded");
+    Ok((StatusCode::OK, Json(package_view(&app, &pkg))))
+}
+
+pub async fn list_packages(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
+    ensure_account(&app, &id)?;
+    let packages: Vec<Value> = app
+        .billing
+        .with(&id, |b| {
+            b.packages.iter().map(|p| package_view(&app, p)).collect()
+        })
+        .unwrap_or_default();
+    Ok((
+        StatusCode::OK,
+        Json(json!({"account": id, "packages": packages})),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Postpaid {
+    enabled: bool,
+}
+
+pub async fn set_postpaid(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply {
+    ensure_account(&app, &id)?;
+    let req: Postpaid = parse_json(&body)?;
+    commit(
+        &*app.store,
+        Write::SetPostpaid {
+            account: id.clone(),
+            enabled: req.enabled,
+        },
+    )
+    .await?;
+    app.billing.with(&id, |b| b.postpaid = req.enabled);
+    tracing::info!(account = %id, enabled = req.enabled, "postpaid switched");
+    Ok((
+        StatusCode::OK,
+        Json(json!({"account": id, "postpaid": req.enabled})),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUp {
+    amount: Value,
+}
+
+pub async fn top_up(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Reply {
+    ensure_account(&app, &id)?;
+    let req: TopUp = parse_json(&body)?;
+    let amount = req
+        .amount
+        .as_str()
+        .and_then(billing::parse_amount)
+        .ok_or_else(|| ApiError::bad_request("amount: must be a positive USD amount as a string, at most 2 decimals, e.g. \"12.50\""))?;
+    let _serial = app.billing_admin.lock().await;
+    let now = app.clock.now();
+    let (balance, arrears_since) = app
+        .billing
+        .with(&id, |b| {
+            let mut next = b.clone();
+            next.top_up(amount);
+            (next.balance, next.arrears_since)
+        })
+        .ok_or_else(|| ApiError::not_found(format!("account {id}")))?;
+    commit(
+        &*app.store,
+        Write::TopUp {
+            account: id.clone(),
+            amount_usd: amount,
+            balance_after_usd: balance,
+            arrears_since,
+            at: now,
+        },
+    )
+    .await?;
+    app.billing.with(&id, |b| {
+        b.balance = balance;
+        b.arrears_since = arrears_since;
+    });
+    tracing::info!(account = %id, %amount, "balance topped up");
+    Ok((
+        StatusCode::OK,
+        Json(
+            json!({"account": id, "balance_usd": balance.to_string(), "in_arrears": arrears_since.is_some()}),
+        ),
+    ))
+}
+
+fn parse_month(s: Option<&str>) -> Result<Month, ApiError> {
+    s.and_then(Month::parse)
+        .ok_or_else(|| ApiError::bad_request("month: must be YYYY-MM"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::from(StoreError::Internal("reader task failed".into())))?
+        .map_err(ApiError::from)
+}
+
+pub async fn usage(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply {
+    ensure_account(&app, &id)?;
+    let month = parse_month(q.get("month").map(String::as_str))?;
+    let (from, to) = month
+        .bounds(&app.tz)
+        .map_err(|e| ApiError::bad_request(format!("month: {e}")))?;
+    let store = app.store.clone();
+    let (account, label) = (id.clone(), month.to_string());
+    let (usage, settled) = blocking(move || {
+        let usage = store
+            .month_usage(from, to, Some(&account))?
+            .pop()
+            .unwrap_or_default();
+        let settled = store
+            .settled(&label)?
+            .into_iter()
+            .find(|(a, _)| *a == account)
+            .map(|(_, d)| d);
+        Ok((usage, settled))
+    })
+    .await?;
+    let bill = billing::bill(usage.calls, usage.postpaid);
+    Ok((
+        StatusCode::OK,
+        Json(json!({
+            "account": id,
+            "month": month.to_string(),
+            "calls": usage.calls,
+            "by_source": {"free": usage.free, "prepaid": usage.prepaid, "postpaid": usage.postpaid},
+            "postpaid_units": usage.postpaid,
+            "tier": bill.tier.tier,
+            "tier_up_to_calls": bill.tier.up_to,
+            "unit_price_usd": bill.tier.unit_price_usd.to_string(),
+            "amount_usd": bill.amount_usd.to_string(),
+            "settled_usd": settled.map(|d| d.to_string()),
+        })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settle {
+    month: String,
+}
+
+/// Settles a month for every account: each account's balance is charged its
+/// bill minus what earlier settlements of that month charged, so settling
+/// twice changes nothing, and settling again after late calls (of the
+/// current month) charges only the difference.
+pub async fn settle(State(app): State<Arc<App>>, body: Bytes) -> Reply {
+    let req: Settle = parse_json(&body)?;
+    let month = parse_month(Some(&req.month))?;
+    let now = app.clock.now();
+    if month.first_day > Month::of(now, &app.tz).first_day {
+        return Err(ApiError::bad_request(format!(
+            "month: {month} has not started"
+        )));
+    }
+    let (from, to) = month
+        .bounds(&app.tz)
+        .map_err(|e| ApiError::bad_request(format!("month: {e}")))?;
+    let _serial = app.billing_admin.lock().await;
+    let store = app.store.clone();
+    let label = month.to_string();
+    let (usage, settled) =
+        blocking(move || Ok((store.month_usage(from, to, None)?, store.settled(&label)?))).await?;
+    let settled: HashMap<String, Decimal> = settled.into_iter().collect();
+    let mut lines = Vec::new();
+    for u in usage {
+        let bill = billing::bill(u.calls, u.postpaid);
+        let before = settled.get(&u.account).copied().unwrap_or(Decimal::ZERO);
+        let delta = bill.amount_usd - before;
+        if delta.is_zero() && (settled.contains_key(&u.account) || bill.amount_usd.is_zero()) {
+            continue;
+        }
+        let Some((balance, arrears_since)) = app.billing.with(&u.account, |b| {
+            let mut next = b.clone();
+            next.settle(delta, now);
+            (next.balance, next.arrears_since)
+        }) else {
+            continue;
+        };
+        lines.push(SettlementLine {
+            account: u.account,
+            bill,
+            delta_usd: delta,
+            balance_after_usd: balance,
+            arrears_since,
+        });
+    }
+    if !lines.is_empty() {
+        commit(
+            &*app.store,
+            Write::Settle {
+                month: month.to_string(),
+                lines: lines.clone(),
+                at: now,
+            },
+        )
+        .await?;
+    }
+    let grace = app.billing.grace();
+    let mut report = Vec::new();
+    for l in &lines {
+        app.billing.with(&l.account, |b| {
+            b.balance = l.balance_after_usd;
+            b.arrears_since = l.arrears_since;
+        });
+        report.push(json!({
+            "account": l.account,
+            "calls": l.bill.calls,
+            "postpaid_units": l.bill.postpaid_units,
+            "unit_price_usd": l.bill.tier.unit_price_usd.to_string(),
+            "amount_usd": l.bill.amount_usd.to_string(),
+            "charged_now_usd": l.delta_usd.to_string(),
+            "balance_usd": l.balance_after_usd.to_string(),
+            "suspends_at": l.arrears_since.and_then(|t| t.checked_add(grace).ok()).map(rfc3339_millis),
+        }));
+    }
+    tracing::info!(%month, changed = lines.len(), "month settled");
+    Ok((
+        StatusCode::OK,
+        Json(json!({"month": month.to_string(), "settled": report})),
+    ))
+}

@@ -1,0 +1,294 @@
+//! One write, applied inside the writer's transaction.
+
+use rusqlite::{Connection, ErrorCode, params};
+
+use super::super::{Committed, StoreError, Write};
+use super::internal;
+use super::writer::Pending;
+
+fn map_write_error(e: rusqlite::Error, what: &str) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && f.code == ErrorCode::ConstraintViolation
+    {
+        return if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY {
+            StoreError::NotFound(what.to_string())
+        } else {
+            StoreError::Conflict(what.to_string())
+        };
+    }
+    internal(e)
+}
+
+/// Runs a statement that must change exactly one row.
+fn update_one(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    what: &str,
+) -> Result<(), StoreError> {
+    let n = conn
+        .prepare_cached(sql)
+        .and_then(|mut st| st.execute(params))
+        .map_err(internal)?;
+    if n == 0 {
+        return Err(StoreError::NotFound(what.to_string()));
+    }
+    Ok(())
+}
+
+fn insert(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    what: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.execute(params))
+        .map_err(|e| map_write_error(e, what))?;
+    Ok(())
+}
+
+fn opt_ts(t: &Option<jiff::Timestamp>) -> Option<String> {
+    t.map(|t| t.to_string())
+}
+
+pub(super) fn apply(
+    conn: &Connection,
+    write: &Write,
+) -> Result<(Committed, Option<Pending>), StoreError> {
+    match write {
+        Write::CreateAccount {
+            account: a,
+            free_package: p,
+        } => {
+            insert(
+                conn,
+                "INSERT INTO accounts(id, status, created_at, postpaid, balance_usd, arrears_since)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    a.id,
+                    a.status.as_str(),
+                    a.created_at.to_string(),
+                    a.postpaid,
+                    a.balance_usd.to_string(),
+                    opt_ts(&a.arrears_since)
+                ],
+                &format!("account {}", a.id),
+            )?;
+            insert_resource_package(conn, p)?;
+        }
+        Write::SetAccountStatus { id, status } => update_one(
+            conn,
+            "UPDATE accounts SET status = ?2 WHERE id = ?1",
+            params![id, status.as_str()],
+            &format!("account {id}"),
+        )?,
+        Write::CreateSubAccount(s) => insert(
+            conn,
+            "INSERT INTO sub_accounts(id, root, max_concurrency, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![s.id, s.root, s.max_concurrency, s.created_at.to_string()],
+            &format!("sub-account {}", s.id),
+        )?,
+        Write::CreateKey(k) => insert(
+            conn,
+            "INSERT INTO api_keys(key_id, hash, root, sub, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                k.key_id,
+                &k.hash[..],
+                k.root,
+                k.sub,
+                k.created_at.to_string()
+            ],
+            &format!("key {}", k.key_id),
+        )?,
+        Write::RevokeKey { key_id, at } => update_one(
+            conn,
+            "UPDATE api_keys SET revoked_at = ?2 WHERE key_id = ?1 AND revoked_at IS NULL",
+            params![key_id, at.to_string()],
+            &format!("key {key_id}"),
+        )?,
+        Write::AppendUsage { event, package } => {
+            let json = serde_json::to_string(event).map_err(internal)?;
+            insert(
+                conn,
+                "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    event.id,
+                    event.subject,
+                    event.time,
+                    event.data.charged_to,
+                    json
+                ],
+                &format!("usage event {}", event.id),
+            )?;
+            let seq = conn.last_insert_rowid() as u64;
+            if let Some(pkg) = package {
+                // The charge and the event stand or fall together.
+                update_one(
+                    conn,
+                    "UPDATE resource_packages SET used = used + 1 WHERE id = ?1 AND used < size",
+                    params![pkg],
+                    &format!("resource package {pkg} with a unit left"),
+                )?;
+            }
+            return Ok((
+                Committed::Usage { seq },
+                Some(Pending {
+                    seq,
+                    id: event.id.clone(),
+                    time: event.time.clone(),
+                    json,
+                }),
+            ));
+        }
+        Write::CreateConcurrencyPackage(p) => insert(
+            conn,
+            "INSERT INTO concurrency_packages
+             (id, account, units, period, start_date, starts_at, ends_at, price_usd, bought_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                p.id,
+                p.account,
+                p.units,
+                p.period.as_str(),
+                p.start.to_string(),
+                p.starts_at.to_string(),
+                p.ends_at.to_string(),
+                p.price_usd.to_string(),
+                p.bought_at.to_string()
+            ],
+            &format!("concurrency package {}", p.id),
+        )?,
+        Write::RefundConcurrencyPackage { id, at } => update_one(
+            conn,
+            "UPDATE concurrency_packages SET refunded_at = ?2 WHERE id = ?1 AND refunded_at IS NULL",
+            params![id, at.to_string()],
+            &format!("concurrency package {id}"),
+        )?,
+        Write::CreateResourcePackage(p) => insert_resource_package(conn, p)?,
+        Write::RefundResourcePackage { id, at } => update_one(
+            conn,
+            "UPDATE resource_packages SET refunded_at = ?2
+             WHERE id = ?1 AND refunded_at IS NULL AND used = 0 AND kind = 'prepaid'",
+            params![id, at.to_string()],
+            &format!("unused prepaid package {id}"),
+        )?,
+        Write::SetPostpaid { account, enabled } => update_one(
+            conn,
+            "UPDATE accounts SET postpaid = ?2 WHERE id = ?1",
+            params![account, enabled],
+            &format!("account {account}"),
+        )?,
+        Write::TopUp {
+            account,
+            amount_usd,
+            balance_after_usd,
+            arrears_since,
+            at,
+        } => {
+            set_balance(conn, account, balance_after_usd, arrears_since)?;
+            ledger(
+                conn,
+                account,
+                "top-up",
+                amount_usd,
+                balance_after_usd,
+                "",
+                at,
+            )?;
+        }
+        Write::Settle { month, lines, at } => {
+            for l in lines {
+                insert(
+                    conn,
+                    "INSERT OR REPLACE INTO settlements
+                     (account, month, calls, postpaid_units, unit_price_usd, amount_usd, settled_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        l.account,
+                        month,
+                        l.bill.calls as i64,
+                        l.bill.postpaid_units as i64,
+                        l.bill.tier.unit_price_usd.to_string(),
+                        l.bill.amount_usd.to_string(),
+                        at.to_string()
+                    ],
+                    &format!("settlement of {} for {month}", l.account),
+                )?;
+                set_balance(conn, &l.account, &l.balance_after_usd, &l.arrears_since)?;
+                ledger(
+                    conn,
+                    &l.account,
+                    "settlement",
+                    &(-l.delta_usd),
+                    &l.balance_after_usd,
+                    month,
+                    at,
+                )?;
+            }
+        }
+    }
+    Ok((Committed::Done, None))
+}
+
+fn insert_resource_package(
+    conn: &Connection,
+    p: &crate::billing::ResourcePackage,
+) -> Result<(), StoreError> {
+    insert(
+        conn,
+        "INSERT INTO resource_packages
+         (id, account, kind, size, used, effective_at, expires_at, price_usd, refunded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            p.id,
+            p.account,
+            p.kind.as_str(),
+            p.size as i64,
+            p.used as i64,
+            p.effective_at.to_string(),
+            p.expires_at.to_string(),
+            p.price_usd.to_string(),
+            opt_ts(&p.refunded_at)
+        ],
+        &format!("resource package {}", p.id),
+    )
+}
+
+fn set_balance(
+    conn: &Connection,
+    account: &str,
+    balance: &rust_decimal::Decimal,
+    arrears_since: &Option<jiff::Timestamp>,
+) -> Result<(), StoreError> {
+    update_one(
+        conn,
+        "UPDATE accounts SET balance_usd = ?2, arrears_since = ?3 WHERE id = ?1",
+        params![account, balance.to_string(), opt_ts(arrears_since)],
+        &format!("account {account}"),
+    )
+}
+
+fn ledger(
+    conn: &Connection,
+    account: &str,
+    kind: &str,
+    amount: &rust_decimal::Decimal,
+    balance_after: &rust_decimal::Decimal,
+    memo: &str,
+    at: &jiff::Timestamp,
+) -> Result<(), StoreError> {
+    insert(
+        conn,
+        "INSERT INTO ledger(account, kind, amount_usd, balance_after_usd, memo, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            account,
+            kind,
+            amount.to_string(),
+            balance_after.to_string(),
+            memo,
+            at.to_string()
+        ],
+        "ledger entry",
+    )
+}

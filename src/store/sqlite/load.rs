@@ -1,0 +1,196 @@
+//! Reads: the snapshot memory is rebuilt from at start, and the billing
+//! queries of the admin API.
+
+use jiff::Timestamp;
+use rusqlite::{Connection, Row, params};
+use rust_decimal::Decimal;
+
+use crate::accounts::AccountStatus;
+use crate::billing::{PackageKind, ResourcePackage};
+use crate::entitlements::{ConcurrencyPackage, Period};
+
+use super::super::{AccountRow, KeyRow, MonthUsage, Snapshot, StoreError, SubAccountRow};
+use super::{internal, parse_ts, parse_usd};
+
+/// Runs a query and maps each row, with storage errors as `StoreError`.
+fn rows<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl Fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut st = conn.prepare_cached(sql).map_err(internal)?;
+    let mut q = st.query(params).map_err(internal)?;
+    let mut out = Vec::new();
+    while let Some(row) = q.next().map_err(internal)? {
+        out.push(map(row)?);
+    }
+    Ok(out)
+}
+
+fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, i: usize) -> Result<T, StoreError> {
+    row.get(i).map_err(internal)
+}
+
+fn opt_ts(row: &Row<'_>, i: usize) -> Result<Option<Timestamp>, StoreError> {
+    col::<Option<String>>(row, i)?
+        .map(|s| parse_ts(&s))
+        .transpose()
+}
+
+pub(super) fn snapshot(conn: &Connection, now: Timestamp) -> Result<Snapshot, StoreError> {
+    let accounts = rows(
+        conn,
+        "SELECT id, status, created_at, postpaid, balance_usd, arrears_since FROM accounts ORDER BY id",
+        [],
+        |r| {
+            let id: String = col(r, 0)?;
+            let status: String = col(r, 1)?;
+            Ok(AccountRow {
+                status: AccountStatus::parse(&status)
+                    .ok_or_else(|| internal(format!("account {id}: bad status {status}")))?,
+                created_at: parse_ts(&col::<String>(r, 2)?)?,
+                postpaid: col(r, 3)?,
+                balance_usd: parse_usd(&col::<String>(r, 4)?)?,
+                arrears_since: opt_ts(r, 5)?,
+                id,
+            })
+        },
+    )?;
+    let sub_accounts = rows(
+        conn,
+        "SELECT id, root, max_concurrency, created_at FROM sub_accounts ORDER BY id",
+        [],
+        |r| {
+            Ok(SubAccountRow {
+                id: col(r, 0)?,
+                root: col(r, 1)?,
+                max_concurrency: col(r, 2)?,
+                created_at: parse_ts(&col::<String>(r, 3)?)?,
+            })
+        },
+    )?;
+    let keys = rows(
+        conn,
+        "SELECT key_id, hash, root, sub, created_at FROM api_keys WHERE revoked_at IS NULL ORDER BY key_id",
+        [],
+        |r| {
+            let key_id: String = col(r, 0)?;
+            let hash: Vec<u8> = col(r, 1)?;
+            Ok(KeyRow {
+                hash: hash
+                    .try_into()
+                    .map_err(|_| internal(format!("key {key_id}: hash is not 32 bytes")))?,
+                key_id,
+                root: col(r, 2)?,
+                sub: col(r, 3)?,
+                created_at: parse_ts(&col::<String>(r, 4)?)?,
+            })
+        },
+    )?;
+    let concurrency_packages = rows(
+        conn,
+        "SELECT id, account, units, period, start_date, starts_at, ends_at, price_usd, bought_at
+         FROM concurrency_packages WHERE refunded_at IS NULL ORDER BY starts_at, id",
+        [],
+        |r| {
+            let id: String = col(r, 0)?;
+            let period: String = col(r, 3)?;
+            Ok(ConcurrencyPackage {
+                account: col(r, 1)?,
+                units: col(r, 2)?,
+                period: Period::parse(&period)
+                    .ok_or_else(|| internal(format!("package {id}: bad period")))?,
+                start: col::<String>(r, 4)?
+                    .parse()
+                    .map_err(|e| internal(format!("package {id}: {e}")))?,
+                starts_at: parse_ts(&col::<String>(r, 5)?)?,
+                ends_at: parse_ts(&col::<String>(r, 6)?)?,
+                price_usd: parse_usd(&col::<String>(r, 7)?)?,
+                bought_at: parse_ts(&col::<String>(r, 8)?)?,
+                id,
+            })
+        },
+    )?
+    .into_iter()
+    .filter(|p| p.ends_at > now)
+    .collect();
+    let resource_packages = rows(
+        conn,
+        "SELECT id, account, kind, size, used, effective_at, expires_at, price_usd, refunded_at
+         FROM resource_packages ORDER BY effective_at, id",
+        [],
+        |r| {
+            let id: String = col(r, 0)?;
+            let kind: String = col(r, 2)?;
+            Ok(ResourcePackage {
+                account: col(r, 1)?,
+                kind: PackageKind::parse(&kind)
+                    .ok_or_else(|| internal(format!("package {id}: bad kind")))?,
+                size: col::<i64>(r, 3)? as u64,
+                used: col::<i64>(r, 4)? as u64,
+                reserved: 0,
+                effective_at: parse_ts(&col::<String>(r, 5)?)?,
+                expires_at: parse_ts(&col::<String>(r, 6)?)?,
+                price_usd: parse_usd(&col::<String>(r, 7)?)?,
+                refunded_at: opt_ts(r, 8)?,
+                id,
+            })
+        },
+    )?;
+    Ok(Snapshot {
+        accounts,
+        sub_accounts,
+        keys,
+        concurrency_packages,
+        resource_packages,
+    })
+}
+
+/// Event times are stored as fixed-width RFC 3339 UTC text
+/// (`2026-11-26T02:40:00.123Z`), so text order is time order.
+fn event_time(t: Timestamp) -> String {
+    crate::clock::rfc3339_millis(t)
+}
+
+pub(super) fn month_usage(
+    conn: &Connection,
+    from: Timestamp,
+    to: Timestamp,
+    account: Option<&str>,
+) -> Result<Vec<MonthUsage>, StoreError> {
+    let sql = "SELECT account,
+                      COUNT(*),
+                      SUM(charged_to = 'free'),
+                      SUM(charged_to LIKE 'prepaid:%'),
+                      SUM(charged_to = 'postpaid')
+               FROM usage_events
+               WHERE time >= ?1 AND time < ?2 AND (?3 IS NULL OR account = ?3)
+               GROUP BY account ORDER BY account";
+    rows(
+        conn,
+        sql,
+        params![event_time(from), event_time(to), account],
+        |r| {
+            Ok(MonthUsage {
+                account: col(r, 0)?,
+                calls: col::<i64>(r, 1)? as u64,
+                free: col::<i64>(r, 2)? as u64,
+                prepaid: col::<i64>(r, 3)? as u64,
+                postpaid: col::<i64>(r, 4)? as u64,
+            })
+        },
+    )
+}
+
+pub(super) fn settled(
+    conn: &Connection,
+    month: &str,
+) -> Result<Vec<(String, Decimal)>, StoreError> {
+    rows(
+        conn,
+        "SELECT account, amount_usd FROM settlements WHERE month = ?1 ORDER BY account",
+        params![month],
+        |r| Ok((col(r, 0)?, parse_usd(&col::<String>(r, 1)?)?)),
+    )
+}

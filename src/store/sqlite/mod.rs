@@ -1,0 +1,236 @@
+//! The embedded store: SQLite in WAL mode with `synchronous = FULL`.
+//!
+//! One writer thread owns the write connection and commits every queued
+//! write in one transaction (group commit): one fsync covers a whole batch,
+//! and each write is acknowledged only after that fsync. Each write runs in
+//! its own savepoint, so one failing write (a duplicate id) does not fail the
+//! others in its batch. Reads use a second connection, which WAL lets run
+//! beside the writer.
+
+mod apply;
+mod export;
+mod load;
+mod writer;
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, params};
+use rust_decimal::Decimal;
+use serde_json::value::RawValue;
+
+use super::{Ack, MonthUsage, Snapshot, Store, StoreError, StoredEvent, Write};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id            TEXT PRIMARY KEY,
+    status        TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    postpaid      INTEGER NOT NULL DEFAULT 0,
+    balance_usd   TEXT NOT NULL DEFAULT '0',
+    arrears_since TEXT
+);
+CREATE TABLE IF NOT EXISTS sub_accounts (
+    id              TEXT PRIMARY KEY,
+    root            TEXT NOT NULL REFERENCES accounts(id),
+    max_concurrency INTEGER,
+    created_at      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id     TEXT PRIMARY KEY,
+    hash       BLOB NOT NULL UNIQUE,
+    root       TEXT NOT NULL REFERENCES accounts(id),
+    sub        TEXT REFERENCES sub_accounts(id),
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS usage_events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    account    TEXT NOT NULL,
+    time       TEXT NOT NULL,
+    charged_to TEXT NOT NULL,
+    json       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_events_account_time ON usage_events(account, time);
+CREATE INDEX IF NOT EXISTS usage_events_time ON usage_events(time);
+CREATE TABLE IF NOT EXISTS concurrency_packages (
+    id          TEXT PRIMARY KEY,
+    account     TEXT NOT NULL REFERENCES accounts(id),
+    units       INTEGER NOT NULL,
+    period      TEXT NOT NULL,
+    start_date  TEXT NOT NULL,
+    starts_at   TEXT NOT NULL,
+    ends_at     TEXT NOT NULL,
+    price_usd   TEXT NOT NULL,
+    bought_at   TEXT NOT NULL,
+    refunded_at TEXT
+);
+CREATE TABLE IF NOT EXISTS resource_packages (
+    id           TEXT PRIMARY KEY,
+    account      TEXT NOT NULL REFERENCES accounts(id),
+    kind         TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    used         INTEGER NOT NULL DEFAULT 0,
+    effective_at TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    price_usd    TEXT NOT NULL,
+    refunded_at  TEXT
+);
+CREATE TABLE IF NOT EXISTS settlements (
+    account        TEXT NOT NULL REFERENCES accounts(id),
+    month          TEXT NOT NULL,
+    calls          INTEGER NOT NULL,
+    postpaid_units INTEGER NOT NULL,
+    unit_price_usd TEXT NOT NULL,
+    amount_usd     TEXT NOT NULL,
+    settled_at     TEXT NOT NULL,
+    PRIMARY KEY (account, month)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    account    TEXT NOT NULL REFERENCES accounts(id),
+    kind       TEXT NOT NULL,
+    amount_usd TEXT NOT NULL,
+    balance_after_usd TEXT NOT NULL,
+    memo       TEXT NOT NULL,
+    at         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+enum Job {
+    Write(Write, Ack),
+    Close,
+}
+
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    // Reads are rare (admin calls, start) and short; one connection behind a
+    // std mutex is enough and keeps them off the writer.
+    reader: Mutex<Connection>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn internal(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+fn parse_ts(s: &str) -> Result<Timestamp, StoreError> {
+    s.parse()
+        .map_err(|e| internal(format!("bad timestamp {s}: {e}")))
+}
+
+fn parse_usd(s: &str) -> Result<Decimal, StoreError> {
+    s.parse()
+        .map_err(|e| internal(format!("bad amount {s}: {e}")))
+}
+
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL in WAL mode: every commit fsyncs the log. This is what makes a
+    // success the client saw survive `kill -9` and power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) `<data_dir>/tollgate.db` and the usage export
+    /// under `<data_dir>/usage/`, repairs the export, and starts the writer.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| internal(format!("cannot create {}: {e}", data_dir.display())))?;
+        let db = data_dir.join("tollgate.db");
+        let mut conn = open_connection(&db).map_err(internal)?;
+        conn.execute_batch(SCHEMA).map_err(internal)?;
+        let sink = export::recover(&mut conn, &data_dir.join("usage"))?;
+        let reader = open_connection(&db).map_err(internal)?;
+        let (jobs, rx) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("tollgate-store".into())
+            .spawn(move || writer::run(conn, rx, sink))
+            .map_err(internal)?;
+        Ok(Self {
+            jobs,
+            reader: Mutex::new(reader),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&self, now: Timestamp) -> Result<Snapshot, StoreError> {
+        load::snapshot(&self.reader(), now)
+    }
+
+    fn submit(&self, write: Write, ack: Ack) {
+        if let Err(mpsc::SendError(Job::Write(_, ack))) = self.jobs.send(Job::Write(write, ack)) {
+            let _ = ack.send(Err(StoreError::Closed));
+        }
+    }
+
+    fn usage_events(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let conn = self.reader();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT seq, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(internal)?;
+        let rows = st
+            .query_map(params![after as i64, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(internal)?;
+        rows.map(|row| {
+            let (seq, json) = row.map_err(internal)?;
+            Ok(StoredEvent {
+                seq: seq as u64,
+                event: RawValue::from_string(json).map_err(internal)?,
+            })
+        })
+        .collect()
+    }
+
+    fn month_usage(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+        account: Option<&str>,
+    ) -> Result<Vec<MonthUsage>, StoreError> {
+        load::month_usage(&self.reader(), from, to, account)
+    }
+
+    fn settled(&self, month: &str) -> Result<Vec<(String, Decimal)>, StoreError> {
+        load::settled(&self.reader(), month)
+    }
+
+    fn close(&self) {
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = self.jobs.send(Job::Close);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests;

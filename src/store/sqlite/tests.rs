@@ -1,0 +1,213 @@
+//! The SQLite store against a temp directory.
+
+use jiff::Timestamp;
+use rust_decimal::Decimal;
+
+use super::SqliteStore;
+use crate::accounts::AccountStatus;
+use crate::billing::{self, PackageKind, ResourcePackage};
+use crate::store::{
+    AccountRow, Committed, SettlementLine, Store, StoreError, SubAccountRow, Write, commit,
+};
+use crate::usage::{UsageData, UsageEvent};
+
+fn event(account: &str, charged_to: &str) -> UsageEvent {
+    UsageEvent::new(
+        "t",
+        Timestamp::now(),
+        UsageData {
+            account: account.into(),
+            sub_account: None,
+            api: "ImageStyleTransfer".into(),
+            units: 1,
+            request_id: "r".into(),
+            status: 200,
+            queue_wait_ms: 0,
+            upstream_ms: 1,
+            charged_to: charged_to.into(),
+            client_gone: false,
+        },
+    )
+}
+
+fn usage(account: &str, package: Option<&str>) -> Write {
+    let charged_to = match package {
+        Some(p) if p.starts_with("free") => "free".to_string(),
+        Some(p) => format!("prepaid:{p}"),
+        None => "postpaid".into(),
+    };
+    Write::AppendUsage {
+        event: Box::new(event(account, &charged_to)),
+        package: package.map(String::from),
+    }
+}
+
+fn account(id: &str) -> Write {
+    let now = Timestamp::now();
+    Write::CreateAccount {
+        account: AccountRow {
+            id: id.into(),
+            status: AccountStatus::Active,
+            created_at: now,
+            postpaid: false,
+            balance_usd: Decimal::ZERO,
+            arrears_since: None,
+        },
+        free_package: Box::new(ResourcePackage::new(
+            format!("free-{id}"),
+            id,
+            PackageKind::Free,
+            2,
+            Decimal::ZERO,
+            now,
+        )),
+    }
+}
+
+#[tokio::test]
+async fn writes_persist_and_conflicts_are_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    commit(&store, account("acme")).await.unwrap();
+    let dup = commit(&store, account("acme")).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let orphan = commit(
+        &store,
+        Write::CreateSubAccount(SubAccountRow {
+            id: "x".into(),
+            root: "nobody".into(),
+            max_concurrency: None,
+            created_at: Timestamp::now(),
+        }),
+    )
+    .await;
+    assert!(matches!(orphan, Err(StoreError::NotFound(_))), "{orphan:?}");
+    let Committed::Usage { seq: s1 } = commit(&store, usage("acme", None)).await.unwrap() else {
+        panic!()
+    };
+    let Committed::Usage { seq: s2 } = commit(&store, usage("acme", None)).await.unwrap() else {
+        panic!()
+    };
+    assert!(s2 > s1);
+    store.close();
+    drop(store);
+
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let snap = store.load(Timestamp::now()).unwrap();
+    assert_eq!(snap.accounts.len(), 1);
+    assert_eq!(
+        snap.resource_packages.len(),
+        1,
+        "the free package came with the account"
+    );
+    assert_eq!(store.usage_events(0, 10).unwrap().len(), 2);
+    assert_eq!(store.usage_events(s1, 10).unwrap().len(), 1);
+    let lines = std::fs::read_dir(dir.path().join("usage"))
+        .unwrap()
+        .map(|e| {
+            std::fs::read_to_string(e.unwrap().path())
+                .unwrap()
+                .lines()
+                .count()
+        })
+        .sum::<usize>();
+    assert_eq!(lines, 2, "each event exported exactly once");
+}
+
+#[tokio::test]
+async fn a_charge_and_its_event_stand_or_fall_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    commit(&store, account("acme")).await.unwrap();
+    commit(&store, usage("acme", Some("free-acme")))
+        .await
+        .unwrap();
+    commit(&store, usage("acme", Some("free-acme")))
+        .await
+        .unwrap();
+    // The free package (size 2) is used up: a third charge fails, and its
+    // event is not stored either.
+    let third = commit(&store, usage("acme", Some("free-acme"))).await;
+    assert!(matches!(third, Err(StoreError::NotFound(_))), "{third:?}");
+    assert_eq!(store.usage_events(0, 10).unwrap().len(), 2);
+    let snap = store.load(Timestamp::now()).unwrap();
+    assert_eq!(snap.resource_packages[0].used, 2);
+    let now = Timestamp::now();
+    let m = store
+        .month_usage(
+            now - jiff::SignedDuration::from_hours(1),
+            now + jiff::SignedDuration::from_hours(1),
+            None,
+        )
+        .unwrap();
+    assert_eq!(m[0].calls, 2);
+    assert_eq!(m[0].free, 2);
+    // A used package cannot be refunded, whatever the caller believed.
+    let r = commit(
+        &store,
+        Write::RefundResourcePackage {
+            id: "free-acme".into(),
+            at: now,
+        },
+    )
+    .await;
+    assert!(matches!(r, Err(StoreError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn settlements_replace_the_month_line_and_keep_a_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    commit(&store, account("acme")).await.unwrap();
+    let line = |amount: &str, balance: &str| SettlementLine {
+        account: "acme".into(),
+        bill: billing::bill(100, 100),
+        delta_usd: amount.parse().unwrap(),
+        balance_after_usd: balance.parse().unwrap(),
+        arrears_since: Some(Timestamp::now()),
+    };
+    let settle = |l: SettlementLine| Write::Settle {
+        month: "2026-11".into(),
+        lines: vec![l],
+        at: Timestamp::now(),
+    };
+    commit(&store, settle(line("8", "-8"))).await.unwrap();
+    commit(&store, settle(line("0", "-8"))).await.unwrap();
+    assert_eq!(
+        store.settled("2026-11").unwrap(),
+        vec![("acme".to_string(), "8".parse().unwrap())]
+    );
+    let snap = store.load(Timestamp::now()).unwrap();
+    assert_eq!(
+        snap.accounts[0].balance_usd,
+        "-8".parse::<Decimal>().unwrap()
+    );
+    assert!(snap.accounts[0].arrears_since.is_some());
+}
+
+#[tokio::test]
+async fn a_lost_export_is_rebuilt_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    commit(&store, account("acme")).await.unwrap();
+    for _ in 0..3 {
+        commit(&store, usage("acme", None)).await.unwrap();
+    }
+    store.close();
+    drop(store);
+    // Simulate a power cut that lost unsynced export lines.
+    let usage_dir = dir.path().join("usage");
+    let file = std::fs::read_dir(&usage_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let kept: Vec<&str> = text.lines().take(1).collect();
+    std::fs::write(&file, format!("{}\n", kept.join("\n"))).unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    store.close();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 3);
+}
