@@ -42,6 +42,7 @@ ADMIN=$(grep 'admin' "$work/gw.out" | grep -o 'http://[0-9.:]*')
 
 for i in $(seq 1 "$ACCOUNTS"); do
   curl -sf -H "Authorization: Bearer $TOKEN" -X POST "$ADMIN/v1/accounts" -d "{\"id\":\"bench-$i\"}" >/dev/null
+  curl -sf -H "Authorization: Bearer $TOKEN" -X PUT "$ADMIN/v1/accounts/bench-$i/postpaid" -d "{\"enabled\":true}" >/dev/null
   { curl -sf -H "Authorization: Bearer $TOKEN" -X POST "$ADMIN/v1/accounts/bench-$i/keys" -d '{}' \
     | sed 's/.*"api_key":"\([^"]*\)".*/\1/'; echo; } >>"$work/keys.txt"
 done
