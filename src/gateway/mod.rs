@@ -6,6 +6,7 @@ pub mod client_gone;
 pub mod error;
 mod pipeline;
 pub mod proxy;
+mod shared_stream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use client_gone::ConnWatch;
+use shared_stream::SharedStream;
 
 /// Serves until `stop` is cancelled, then lets open connections finish
 /// their current request within `grace`.
@@ -45,14 +47,16 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken
             }
         };
         let _ = stream.set_nodelay(true);
-        let watch = Arc::new(ConnWatch::new(&stream));
+        let stream = Arc::new(stream);
+        let watch = Arc::new(ConnWatch::new(stream.clone()));
         let app = app.clone();
         let service = service_fn(move |req| {
             let app = app.clone();
             let watch = watch.clone();
             async move { Ok::<_, Infallible>(pipeline::handle(app, watch, req).await) }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(SharedStream(stream));
+        let conn = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
