@@ -48,15 +48,22 @@ for i in $(seq 1 "$ACCOUNTS"); do
 done
 
 echo "work dir: $work" >&2
+source "$(dirname "$0")/proxies.sh"
+start_proxies
 run() { $BIN loadgen --json --duration "${SECS}s" --keys-file "$work/keys.txt" "$@"; }
 field() { python3 -c "import json,sys; r=json.load(sys.stdin); print($1)"; }
 
 echo "## machine: $(nproc) cores, $(uname -r); $ACCOUNTS accounts, ${SECS}s per run"
 direct=$(run --url "$SIM/v1/style-transfer" --connections 64)
 gateway=$(run --url "$GW/v1/style-transfer" --connections 64)
+nginx=$(run --url "$NGINX/v1/style-transfer" --connections 64)
+haproxy=$(run --url "$HAPROXY/v1/style-transfer" --connections 64)
 d_rps=$(echo "$direct" | field 'round(r["throughput_rps"])')
 g_rps=$(echo "$gateway" | field 'round(r["throughput_rps"])')
-echo "max throughput, 64 connections: simulator direct $d_rps req/s; through tollgate $g_rps req/s"
+n_rps=$(echo "$nginx" | field 'round(r["throughput_rps"])')
+h_rps=$(echo "$haproxy" | field 'round(r["throughput_rps"])')
+echo "max throughput, 64 connections: simulator direct $d_rps req/s; through tollgate $g_rps; nginx $n_rps; haproxy $h_rps"
+echo "tollgate / nginx = $(python3 -c "print(round($g_rps/$n_rps, 2))")"
 echo "$gateway" | field "'  through tollgate: statuses %s, errors %s' % (r['statuses'], r['error_codes'])"
 
 RATE=${RATE:-$(( g_rps / 2 ))}

@@ -88,7 +88,11 @@ fn recorder(c: &mut Criterion) {
                             n += 1;
                             let rec = rec.clone();
                             let ev = event(n);
-                            tokio::spawn(async move { rec.record(ev, None).await.expect("stored") })
+                            tokio::spawn(async move {
+                                rec.record(ev, None, "2026-11".into())
+                                    .await
+                                    .expect("stored")
+                            })
                         })
                         .collect();
                     for h in handles {

@@ -278,14 +278,11 @@ pub async fn usage(
 ) -> Reply {
     ensure_account(&app, &id)?;
     let month = parse_month(q.get("month").map(String::as_str))?;
-    let (from, to) = month
-        .bounds(&app.tz)
-        .map_err(|e| ApiError::bad_request(format!("month: {e}")))?;
     let store = app.store.clone();
     let (account, label) = (id.clone(), month.to_string());
     let (usage, settled) = blocking(move || {
         let usage = store
-            .month_usage(from, to, Some(&account))?
+            .month_usage(&label, Some(&account))?
             .pop()
             .unwrap_or_default();
         let settled = store
@@ -333,14 +330,11 @@ pub async fn settle(State(app): State<Arc<App>>, body: Bytes) -> Reply {
             "month: {month} has not started"
         )));
     }
-    let (from, to) = month
-        .bounds(&app.tz)
-        .map_err(|e| ApiError::bad_request(format!("month: {e}")))?;
     let _serial = app.billing_admin.lock().await;
     let store = app.store.clone();
     let label = month.to_string();
     let (usage, settled) =
-        blocking(move || Ok((store.month_usage(from, to, None)?, store.settled(&label)?))).await?;
+        blocking(move || Ok((store.month_usage(&label, None)?, store.settled(&label)?))).await?;
     let settled: HashMap<String, Decimal> = settled.into_iter().collect();
     let mut lines = Vec::new();
     for u in usage {

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::accounts::Principal;
 use crate::app::App;
-use crate::billing::Reservation;
+use crate::billing::{Month, Reservation};
 use crate::limiter::{Admission, LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
 use crate::usage::{UsageData, UsageEvent};
@@ -186,9 +186,11 @@ impl Task {
         if !answer.is_success(app.config.backend.success) {
             return Ok((answer, Outcome::Failure));
         }
+        let now = app.clock.now();
+        let month = Month::of(now, &app.tz).to_string();
         let event = UsageEvent::new(
             &app.config.server.instance,
-            app.clock.now(),
+            now,
             UsageData {
                 account: self.principal.root.id.to_string(),
                 sub_account: self.principal.sub.as_ref().map(|s| s.id.to_string()),
@@ -203,7 +205,7 @@ impl Task {
             },
         );
         let package = reservation.source().package_id().map(String::from);
-        match app.recorder.record(event, package).await {
+        match app.recorder.record(event, package, month).await {
             Ok(_) => {
                 reservation.commit();
                 Ok((answer, Outcome::Success))

@@ -91,6 +91,9 @@ pub enum Write {
     AppendUsage {
         event: Box<UsageEvent>,
         package: Option<String>,
+        /// The billing month (`YYYY-MM` in the billing time zone) whose
+        /// counters the success adds to.
+        month: String,
     },
     CreateConcurrencyPackage(Box<ConcurrencyPackage>),
     RefundConcurrencyPackage {
@@ -175,12 +178,11 @@ pub trait Store: Send + Sync + 'static {
     /// Blocking: call from a blocking context.
     fn usage_events(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Successful calls in `[from, to)` by account and charge source (all
+    /// A billing month's successful calls by account and charge source (all
     /// accounts, or one). Blocking.
     fn month_usage(
         &self,
-        from: Timestamp,
-        to: Timestamp,
+        month: &str,
         account: Option<&str>,
     ) -> Result<Vec<MonthUsage>, StoreError>;
 

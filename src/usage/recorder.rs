@@ -20,15 +20,18 @@ impl UsageRecorder {
     }
 
     /// Durably stores the event together with its charge to `package` (if
-    /// any); returns its sequence number (its cursor).
+    /// any) and the billing `month`'s counters; returns its sequence number
+    /// (its cursor).
     pub async fn record(
         &self,
         event: UsageEvent,
         package: Option<String>,
+        month: String,
     ) -> Result<u64, StoreError> {
         let write = Write::AppendUsage {
             event: Box::new(event),
             package,
+            month,
         };
         match commit(&*self.store, write).await? {
             Committed::Usage { seq } => {

@@ -107,7 +107,11 @@ pub(super) fn apply(
             params![key_id, at.to_string()],
             &format!("key {key_id}"),
         )?,
-        Write::AppendUsage { event, package } => {
+        Write::AppendUsage {
+            event,
+            package,
+            month,
+        } => {
             let json = serde_json::to_string(event).map_err(internal)?;
             insert(
                 conn,
@@ -122,6 +126,19 @@ pub(super) fn apply(
                 &format!("usage event {}", event.id),
             )?;
             let seq = conn.last_insert_rowid() as u64;
+            let source = event
+                .data
+                .charged_to
+                .split(':')
+                .next()
+                .unwrap_or("postpaid");
+            insert(
+                conn,
+                "INSERT INTO usage_counters(account, month, source, calls) VALUES (?1, ?2, ?3, 1)
+                 ON CONFLICT(account, month, source) DO UPDATE SET calls = calls + 1",
+                params![event.subject, month, source],
+                "usage counter",
+            )?;
             if let Some(pkg) = package {
                 // The charge and the event stand or fall together.
                 update_one(

@@ -147,40 +147,41 @@ pub(super) fn snapshot(conn: &Connection, now: Timestamp) -> Result<Snapshot, St
     })
 }
 
-/// Event times are stored as fixed-width RFC 3339 UTC text
-/// (`2026-11-26T02:40:00.123Z`), so text order is time order.
-fn event_time(t: Timestamp) -> String {
-    crate::clock::rfc3339_millis(t)
-}
-
 pub(super) fn month_usage(
     conn: &Connection,
-    from: Timestamp,
-    to: Timestamp,
+    month: &str,
     account: Option<&str>,
 ) -> Result<Vec<MonthUsage>, StoreError> {
-    let sql = "SELECT account,
-                      COUNT(*),
-                      SUM(charged_to = 'free'),
-                      SUM(charged_to LIKE 'prepaid:%'),
-                      SUM(charged_to = 'postpaid')
-               FROM usage_events
-               WHERE time >= ?1 AND time < ?2 AND (?3 IS NULL OR account = ?3)
-               GROUP BY account ORDER BY account";
-    rows(
+    let counters = rows(
         conn,
-        sql,
-        params![event_time(from), event_time(to), account],
+        "SELECT account, source, calls FROM usage_counters
+         WHERE month = ?1 AND (?2 IS NULL OR account = ?2) ORDER BY account",
+        params![month, account],
         |r| {
-            Ok(MonthUsage {
-                account: col(r, 0)?,
-                calls: col::<i64>(r, 1)? as u64,
-                free: col::<i64>(r, 2)? as u64,
-                prepaid: col::<i64>(r, 3)? as u64,
-                postpaid: col::<i64>(r, 4)? as u64,
-            })
+            Ok((
+                col::<String>(r, 0)?,
+                col::<String>(r, 1)?,
+                col::<i64>(r, 2)? as u64,
+            ))
         },
-    )
+    )?;
+    let mut out: Vec<MonthUsage> = Vec::new();
+    for (account, source, calls) in counters {
+        if out.last().is_none_or(|u| u.account != account) {
+            out.push(MonthUsage {
+                account,
+                ..MonthUsage::default()
+            });
+        }
+        let u = out.last_mut().expect("just pushed");
+        u.calls += calls;
+        match source.as_str() {
+            "free" => u.free += calls,
+            "prepaid" => u.prepaid += calls,
+            _ => u.postpaid += calls,
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn settled(
