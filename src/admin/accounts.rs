@@ -52,7 +52,7 @@ fn account_view(app: &App, id: &str) -> Result<Value, ApiError> {
         .registry
         .root(id)
         .ok_or_else(|| ApiError::not_found(format!("account {id}")))?;
-    let stats = app.limiter.stats(id).unwrap_or_default();
+    let stats = app.limiter.stats(id);
     let subs: Vec<Value> = app
         .registry
         .subs_of(id)
@@ -116,7 +116,7 @@ pub async fn create_sub_account(
         .ok_or_else(|| ApiError::not_found(format!("account {root_id}")))?;
     validate_id(&req.id).map_err(|r| ApiError::bad_request(format!("id: {r}")))?;
     if let Some(cap) = req.max_concurrency {
-        let limit = app.limiter.stats(&root_id).unwrap_or_default().limit;
+        let limit = app.limiter.stats(&root_id).limit;
         if cap == 0 || cap > limit {
             return Err(ApiError::bad_request(format!(
                 "max_concurrency: must be between 1 and the account's limit ({limit})"

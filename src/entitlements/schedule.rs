@@ -212,7 +212,7 @@ mod tests {
         let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(3, 10));
         let schedule = Schedule::new(3, clock.clone(), limiter.clone());
         schedule.add(daily("today", 2, date(2026, 11, 26)));
-        assert_eq!(limiter.stats("acme").unwrap().limit, 5);
+        assert_eq!(limiter.stats("acme").limit, 5);
         let t = Ticket {
             account: "acme".into(),
             sub_cap: None,
@@ -226,7 +226,7 @@ mod tests {
         // Midnight: the package ends, the limit drops back to 3.
         clock.advance(SignedDuration::from_hours(12));
         schedule.apply("acme");
-        let s = limiter.stats("acme").unwrap();
+        let s = limiter.stats("acme");
         assert_eq!(
             (s.limit, s.in_flight),
             (3, 5),
@@ -263,12 +263,12 @@ mod tests {
         let stop = CancellationToken::new();
         let task = tokio::spawn(schedule.clone().run(stop.clone()));
         tokio::task::yield_now().await;
-        assert_eq!(limiter.stats("acme").unwrap().limit, 3);
+        assert_eq!(limiter.stats("acme").limit, 3);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while limiter.stats("acme").unwrap().limit != 7 && std::time::Instant::now() < deadline {
+        while limiter.stats("acme").limit != 7 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(limiter.stats("acme").unwrap().limit, 7);
+        assert_eq!(limiter.stats("acme").limit, 7);
         stop.cancel();
         task.await.unwrap();
     }

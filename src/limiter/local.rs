@@ -81,6 +81,9 @@ impl Limiter for LocalLimiter {
     }
 
     fn set_limit(&self, account: &str, limit: u32) {
+        if limit == self.default_limit && !self.gates.contains_key(account) {
+            return;
+        }
         let gate = self.gate(account);
         let grants = {
             let mut st = gate.lock();
@@ -90,8 +93,15 @@ impl Limiter for LocalLimiter {
         send_grants(grants);
     }
 
-    fn stats(&self, account: &str) -> Option<GateStats> {
-        self.gates.get(account).map(|g| g.stats())
+    fn stats(&self, account: &str) -> GateStats {
+        self.gates.get(account).map_or(
+            GateStats {
+                limit: self.default_limit,
+                in_flight: 0,
+                queued: 0,
+            },
+            |g| g.stats(),
+        )
     }
 
     fn for_each_gate(&self, f: &mut dyn FnMut(&str, GateStats)) {

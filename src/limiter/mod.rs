@@ -64,12 +64,15 @@ pub trait Limiter: Send + Sync + 'static {
     /// queue (or fails if the queue is full or the limiter is shut down).
     fn acquire(&self, ticket: &Ticket) -> Result<Admission, LimitError>;
 
-    /// Sets an account's limit (creating its gate if needed). Growing starts
-    /// queued tasks at once; shrinking cancels nothing: new tasks wait until
-    /// in-flight is below the new limit.
+    /// Sets an account's limit. Growing starts queued tasks at once;
+    /// shrinking cancels nothing: new tasks wait until in-flight is below the
+    /// new limit. A gate is made on first use, or here for a limit other
+    /// than the default, so idle accounts cost no gate.
     fn set_limit(&self, account: &str, limit: u32);
 
-    fn stats(&self, account: &str) -> Option<GateStats>;
+    /// The account's gate; an account that has never been used and has
+    /// the default limit has no gate yet and reports the default limit.
+    fn stats(&self, account: &str) -> GateStats;
 
     /// Calls `f` for every account's gate (for metrics).
     fn for_each_gate(&self, f: &mut dyn FnMut(&str, GateStats));
