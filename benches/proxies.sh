@@ -48,7 +48,7 @@ CONF
   cat >"$work/haproxy.cfg" <<CONF
 global
   nbthread $(nproc)
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s

@@ -5,7 +5,9 @@
 //! and each write is acknowledged only after that fsync. Each write runs in
 //! its own savepoint, so one failing write (a duplicate id) does not fail the
 //! others in its batch. Reads use a second connection, which WAL lets run
-//! beside the writer.
+//! beside the writer. Checkpoints (copying the WAL into the database file,
+//! with an fsync of its own) run on a third connection in their own thread,
+//! so they never stall a group commit.
 
 mod apply;
 mod export;
@@ -119,8 +121,12 @@ enum Job {
     Close,
 }
 
+/// How often the checkpointer copies the WAL into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
+    checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     // Reads are rare (admin calls, start) and short; one connection behind a
     // std mutex is enough and keeps them off the writer.
     reader: Mutex<Connection>,
@@ -161,6 +167,9 @@ impl SqliteStore {
         let db = data_dir.join("tollgate.db");
         let mut conn = open_connection(&db).map_err(internal)?;
         conn.execute_batch(SCHEMA).map_err(internal)?;
+        // The writer never checkpoints; the checkpointer thread does.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(internal)?;
         let sink = export::recover(&mut conn, &data_dir.join("usage"))?;
         let reader = open_connection(&db).map_err(internal)?;
         let (jobs, rx) = mpsc::channel();
@@ -168,8 +177,27 @@ impl SqliteStore {
             .name("tollgate-store".into())
             .spawn(move || writer::run(conn, rx, sink))
             .map_err(internal)?;
+        let checkpoint_conn = open_connection(&db).map_err(internal)?;
+        let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        let checkpointer = std::thread::Builder::new()
+            .name("tollgate-checkpoint".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    // PASSIVE: copies what it can without waiting for, or
+                    // blocking, the writer.
+                    if let Err(e) =
+                        checkpoint_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                    }
+                }
+            })
+            .map_err(internal)?;
         Ok(Self {
             jobs,
+            checkpointer: Mutex::new(Some((stop_checkpoints, checkpointer))),
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(writer)),
         })
@@ -229,6 +257,15 @@ impl Store for SqliteStore {
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = handle {
             let _ = self.jobs.send(Job::Close);
+            let _ = handle.join();
+        }
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((stop, handle)) = checkpointer {
+            let _ = stop.send(());
             let _ = handle.join();
         }
     }
