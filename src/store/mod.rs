@@ -90,6 +90,9 @@ pub enum Write {
     /// is charged to (if any) gets one more unit used.
     AppendUsage {
         event: Box<UsageEvent>,
+        /// The event as JSON, serialized by the caller so the single
+        /// writer thread does not have to.
+        json: String,
         package: Option<String>,
         /// The billing month (`YYYY-MM` in the billing time zone) whose
         /// counters the success adds to.

@@ -28,8 +28,11 @@ impl UsageRecorder {
         package: Option<String>,
         month: String,
     ) -> Result<u64, StoreError> {
+        let json =
+            serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?;
         let write = Write::AppendUsage {
             event: Box::new(event),
+            json,
             package,
             month,
         };

@@ -109,10 +109,10 @@ pub(super) fn apply(
         )?,
         Write::AppendUsage {
             event,
+            json,
             package,
             month,
         } => {
-            let json = serde_json::to_string(event).map_err(internal)?;
             insert(
                 conn,
                 "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -154,7 +154,7 @@ pub(super) fn apply(
                     seq,
                     id: event.id.clone(),
                     time: event.time.clone(),
-                    json,
+                    json: json.clone(),
                 }),
             ));
         }

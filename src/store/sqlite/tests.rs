@@ -36,8 +36,10 @@ fn usage(account: &str, package: Option<&str>) -> Write {
         Some(p) => format!("prepaid:{p}"),
         None => "postpaid".into(),
     };
+    let event = event(account, &charged_to);
     Write::AppendUsage {
-        event: Box::new(event(account, &charged_to)),
+        json: serde_json::to_string(&event).unwrap(),
+        event: Box::new(event),
         package: package.map(String::from),
         month: "2026-11".into(),
     }

@@ -7,7 +7,7 @@ use rusqlite::{Connection, params};
 
 use crate::usage::jsonl::{ExportedEvent, JsonlSink};
 
-use super::super::{Ack, Write};
+use super::super::{Ack, Committed, StoreError, Write};
 use super::{Job, apply, internal};
 
 /// The most writes one transaction takes; more wait for the next.
@@ -47,18 +47,22 @@ pub(super) struct Pending {
     pub json: String,
 }
 
-fn commit_batch(
+/// Runs the batch in one transaction. With `isolate`, each write gets its
+/// own savepoint so a failing one fails alone; without, the first failure
+/// abandons the whole transaction (returns `None`) so the caller can redo
+/// the batch isolated. Savepoints cost a statement each way and a copy of
+/// every page they touch, so the common all-good batch goes without.
+fn run_batch(
     conn: &mut Connection,
-    sink: &mut JsonlSink,
-    recorded_watermark: &mut u64,
-    batch: Vec<(Write, Ack)>,
-) {
+    batch: &[(Write, Ack)],
+    watermark: Option<u64>,
+    isolate: bool,
+) -> rusqlite::Result<Option<(Vec<Result<Committed, StoreError>>, Vec<Pending>)>> {
     let mut results = Vec::with_capacity(batch.len());
     let mut exported = Vec::new();
-    let watermark = sink.exported_up_to();
-    let outcome = (|| -> rusqlite::Result<()> {
-        let mut tx = conn.transaction()?;
-        for (write, _) in &batch {
+    let mut tx = conn.transaction()?;
+    for (write, _) in batch {
+        if isolate {
             let mut sp = tx.savepoint()?;
             match apply::apply(&sp, write) {
                 Ok((committed, pending)) => {
@@ -71,17 +75,43 @@ fn commit_batch(
                     results.push(Err(e));
                 }
             }
+        } else {
+            match apply::apply(&tx, write) {
+                Ok((committed, pending)) => {
+                    results.push(Ok(committed));
+                    exported.extend(pending);
+                }
+                // Dropping `tx` rolls the whole batch back.
+                Err(_) => return Ok(None),
+            }
         }
-        if watermark != *recorded_watermark {
-            tx.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('jsonl_exported_seq', ?1)",
-                params![watermark as i64],
-            )?;
-        }
-        tx.commit()
-    })();
+    }
+    if let Some(w) = watermark {
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('jsonl_exported_seq', ?1)",
+            params![w as i64],
+        )?;
+    }
+    tx.commit()?;
+    Ok(Some((results, exported)))
+}
+
+fn commit_batch(
+    conn: &mut Connection,
+    sink: &mut JsonlSink,
+    recorded_watermark: &mut u64,
+    batch: Vec<(Write, Ack)>,
+) {
+    let watermark = sink.exported_up_to();
+    let changed = (watermark != *recorded_watermark).then_some(watermark);
+    let outcome = match run_batch(conn, &batch, changed, false) {
+        Ok(None) => run_batch(conn, &batch, changed, true)
+            .map(|r| r.expect("isolated batches always finish")),
+        Ok(Some(done)) => Ok(done),
+        Err(e) => Err(e),
+    };
     match outcome {
-        Ok(()) => {
+        Ok((results, exported)) => {
             *recorded_watermark = watermark;
             for ((_, ack), result) in batch.into_iter().zip(results) {
                 let _ = ack.send(result);
