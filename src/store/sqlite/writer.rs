@@ -47,6 +47,9 @@ pub(super) struct Pending {
     pub json: String,
 }
 
+/// Each write's result, and the committed events to export.
+type BatchOutcome = (Vec<Result<Committed, StoreError>>, Vec<Pending>);
+
 /// Runs the batch in one transaction. With `isolate`, each write gets its
 /// own savepoint so a failing one fails alone; without, the first failure
 /// abandons the whole transaction (returns `None`) so the caller can redo
@@ -57,7 +60,7 @@ fn run_batch(
     batch: &[(Write, Ack)],
     watermark: Option<u64>,
     isolate: bool,
-) -> rusqlite::Result<Option<(Vec<Result<Committed, StoreError>>, Vec<Pending>)>> {
+) -> rusqlite::Result<Option<BatchOutcome>> {
     let mut results = Vec::with_capacity(batch.len());
     let mut exported = Vec::new();
     let mut tx = conn.transaction()?;
