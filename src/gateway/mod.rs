@@ -3,6 +3,7 @@
 
 mod account_gate;
 pub mod client_gone;
+mod detach;
 pub mod error;
 mod pipeline;
 pub mod proxy;

@@ -1,12 +1,12 @@
 //! The path of one task: authenticate, gate the account, take a slot (or
 //! queue for one), forward, classify, record, answer.
 //!
-//! Once forwarded, a task runs in its own tokio task, detached from the
-//! client's connection: the backend is working on it, so its slot stays held
-//! until the backend answers and a success is recorded even if the client
-//! has gone.
+//! Once forwarded, a task runs to its end even if the client's connection
+//! goes away (see `detach`): the backend is working on it, so its slot stays
+//! held until the backend answers and a success is recorded.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +14,6 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::accounts::Principal;
@@ -26,6 +25,7 @@ use crate::usage::{UsageData, UsageEvent};
 
 use super::account_gate;
 use super::client_gone::ConnWatch;
+use super::detach::DetachOnDrop;
 use super::error::GatewayError;
 use super::proxy::{Answer, X_API_KEY, X_QUEUE_TIMEOUT_MS, X_REQUEST_ID};
 
@@ -121,23 +121,18 @@ async fn run(
         .queue_wait_seconds
         .observe(queue_wait.as_secs_f64());
 
-    let (done_tx, done_rx) = oneshot::channel();
     let task = Task {
         app: app.clone(),
         principal,
         request_id: request_id.clone(),
         queue_wait: *queue_wait,
     };
-    app.tasks.spawn(
-        async move {
-            let result = task.run(req, permit, reservation, &done_tx).await;
-            let _ = done_tx.send(result);
-        }
-        .in_current_span(),
-    );
-    // A dropped sender means the task panicked; its permit was released by
-    // the unwind.
-    done_rx.await.unwrap_or(Err(GatewayError::Internal))
+    DetachOnDrop::new(
+        app.tasks.clone(),
+        || Err(GatewayError::Internal),
+        move |client_gone| task.run(req, permit, reservation, client_gone),
+    )
+    .await
 }
 
 fn limit_error(app: &App, ticket: &Ticket, e: LimitError) -> GatewayError {
@@ -163,7 +158,7 @@ impl Task {
         req: Request<Incoming>,
         permit: Permit,
         reservation: Reservation,
-        client: &oneshot::Sender<TaskResult>,
+        client_gone: Arc<AtomicBool>,
     ) -> TaskResult {
         let app = &self.app;
         let started = Instant::now();
@@ -201,7 +196,7 @@ impl Task {
                 queue_wait_ms: self.queue_wait.as_millis() as u64,
                 upstream_ms: upstream.as_millis() as u64,
                 charged_to: reservation.source().label(),
-                client_gone: client.is_closed(),
+                client_gone: client_gone.load(Ordering::Acquire),
             },
         );
         let package = reservation.source().package_id().map(String::from);
