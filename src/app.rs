@@ -291,8 +291,8 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         println!("tollgate: admin listening on http://{a}");
     }
     tracing::info!(
-        data = ?data_addr,
-        admin = ?admin_addr,
+        data = %data_addr.map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
         accounts = app.registry.root_count(),
         "tollgate serving"
     );
