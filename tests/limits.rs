@@ -133,10 +133,7 @@ async fn a_full_queue_answers_job_num_exceed_with_retry_after() {
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
-    let mut handles: Vec<_> = (0..3)
-        .map(|i| client.spawn(&key, 600, &format!("h{i}")))
-        .collect();
-    wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
+    let mut handles = stack.hold_slots("acme", &key, 3, 600).await;
     handles.push(client.spawn(&key, 10, "w0"));
     handles.push(client.spawn(&key, 10, "w1"));
     wait_for(&admin, "acme", "2 queued", queued(2)).await;
@@ -162,11 +159,7 @@ async fn queue_timeout_header_gives_queue_timeout() {
     let stack = Stack::start(Opts::default());
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
-    let client = stack.client();
-    let holders: Vec<_> = (0..3)
-        .map(|i| client.spawn(&key, 1500, &format!("h{i}")))
-        .collect();
-    wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
+    let holders = stack.hold_slots("acme", &key, 3, 1500).await;
     let r = stack.task(&key, &[("x-queue-timeout-ms", "150")]).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.error_code(), "RequestLimitExceeded.QueueTimeout");
@@ -192,11 +185,7 @@ async fn a_client_that_hangs_up_while_queued_leaves_at_once_and_never_reaches_th
     let stack = Stack::start(Opts::default());
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
-    let client = stack.client();
-    let holders: Vec<_> = (0..3)
-        .map(|i| client.spawn(&key, 1500, &format!("h{i}")))
-        .collect();
-    wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
+    let holders = stack.hold_slots("acme", &key, 3, 1500).await;
     // One client sent its whole (small) body; the other is still uploading
     // a large one when it hangs up, so the gateway has unread bytes on the
     // socket and must notice the hang-up without reading them.

@@ -498,17 +498,27 @@ impl Stack {
 
     /// A task through the gateway with the given key and extra headers.
     pub async fn task(&self, key: &str, headers: &[(&str, &str)]) -> Resp {
-        let auth = format!("Bearer {key}");
-        let mut all = vec![("authorization", auth.as_str())];
-        all.extend_from_slice(headers);
-        self.http
-            .send(
-                Method::POST,
-                &format!("{}/v1/style-transfer", self.gw.url),
-                &all,
-                r#"{"InputImage":"x"}"#,
-            )
-            .await
+        self.client().task(key, headers).await
+    }
+
+    /// Starts `n` tasks of `delay_ms` at the backend (request ids `h0`, `h1`,
+    /// …) and waits until the gateway reports them in flight.
+    pub async fn hold_slots(
+        &self,
+        account: &str,
+        key: &str,
+        n: u64,
+        delay_ms: u64,
+    ) -> Vec<tokio::task::JoinHandle<Resp>> {
+        let client = self.client();
+        let held = (0..n)
+            .map(|i| client.spawn(key, delay_ms, &format!("h{i}")))
+            .collect();
+        wait_for(&self.admin(), account, "slots held", |a| {
+            a["concurrency"]["in_flight"] == n
+        })
+        .await;
+        held
     }
 }
 
