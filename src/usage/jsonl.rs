@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 /// One committed event, as the store hands it to the export.
 pub struct ExportedEvent<'a> {
     pub seq: u64,
-    pub id: &'a str,
     /// `YYYY-MM-DD...`, the event's UTC time.
     pub time: &'a str,
     pub json: &'a str,
@@ -135,10 +134,9 @@ fn last_complete_id(path: &Path) -> io::Result<Option<String>> {
 mod tests {
     use super::*;
 
-    fn ev<'a>(seq: u64, id: &'a str, json: &'a str) -> ExportedEvent<'a> {
+    fn ev(seq: u64, json: &str) -> ExportedEvent<'_> {
         ExportedEvent {
             seq,
-            id,
             time: "2026-11-26T00:00:00.000Z",
             json,
         }
@@ -149,9 +147,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut sink, last) = JsonlSink::open(dir.path()).unwrap();
         assert_eq!(last, None);
-        sink.append([ev(1, "a", r#"{"id":"a"}"#), ev(2, "b", r#"{"id":"b"}"#)])
+        sink.append([ev(1, r#"{"id":"a"}"#), ev(2, r#"{"id":"b"}"#)])
             .unwrap();
-        sink.append([ev(2, "b", r#"{"id":"b"}"#)]).unwrap(); // already exported
+        sink.append([ev(2, r#"{"id":"b"}"#)]).unwrap(); // already exported
         let path = dir.path().join("events-2026-11-26.jsonl");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(br#"{"id":"c","#).unwrap(); // a crash mid-line

@@ -152,7 +152,6 @@ pub(super) fn apply(
                 Committed::Usage { seq },
                 Some(Pending {
                     seq,
-                    id: event.id.clone(),
                     time: event.time.clone(),
                     json: json.clone(),
                 }),

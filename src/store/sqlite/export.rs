@@ -44,11 +44,13 @@ pub(super) fn recover(conn: &mut Connection, dir: &Path) -> Result<JsonlSink, St
     sink.set_exported_up_to(start);
     loop {
         let after = sink.exported_up_to();
-        let rows: Vec<(u64, String, String, String)> = conn
-            .prepare("SELECT seq, id, time, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT 10000")
+        let rows: Vec<(u64, String, String)> = conn
+            .prepare(
+                "SELECT seq, time, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT 10000",
+            )
             .and_then(|mut st| {
                 st.query_map([after as i64], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
                 })?
                 .collect()
             })
@@ -56,9 +58,8 @@ pub(super) fn recover(conn: &mut Connection, dir: &Path) -> Result<JsonlSink, St
         if rows.is_empty() {
             break;
         }
-        sink.append(rows.iter().map(|(seq, id, time, json)| ExportedEvent {
+        sink.append(rows.iter().map(|(seq, time, json)| ExportedEvent {
             seq: *seq,
-            id,
             time,
             json,
         }))

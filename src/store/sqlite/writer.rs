@@ -42,7 +42,6 @@ pub(super) fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, mut sink: Jso
 /// A committed usage event, for the export.
 pub(super) struct Pending {
     pub seq: u64,
-    pub id: String,
     pub time: String,
     pub json: String,
 }
@@ -121,7 +120,6 @@ fn commit_batch(
             }
             let events = exported.iter().map(|p| ExportedEvent {
                 seq: p.seq,
-                id: &p.id,
                 time: &p.time,
                 json: &p.json,
             });
