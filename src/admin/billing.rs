@@ -227,11 +227,7 @@ pub async fn top_up(State(app): State<Arc<App>>, Path(id): Path<String>, body: B
     let now = app.clock.now();
     let (balance, arrears_since) = app
         .billing
-        .with(&id, |b| {
-            let mut next = b.clone();
-            next.top_up(amount);
-            (next.balance, next.arrears_since)
-        })
+        .with(&id, |b| b.after_top_up(amount))
         .ok_or_else(|| ApiError::not_found(format!("account {id}")))?;
     commit(
         &*app.store,
@@ -244,10 +240,8 @@ pub async fn top_up(State(app): State<Arc<App>>, Path(id): Path<String>, body: B
         },
     )
     .await?;
-    app.billing.with(&id, |b| {
-        b.balance = balance;
-        b.arrears_since = arrears_since;
-    });
+    app.billing
+        .with(&id, |b| b.set_balance((balance, arrears_since)));
     tracing::info!(account = %id, %amount, "balance topped up");
     Ok((
         StatusCode::OK,
@@ -341,14 +335,15 @@ pub async fn settle(State(app): State<Arc<App>>, body: Bytes) -> Reply {
         let bill = billing::bill(u.calls, u.postpaid);
         let before = settled.get(&u.account).copied().unwrap_or(Decimal::ZERO);
         let delta = bill.amount_usd - before;
-        if delta.is_zero() && (settled.contains_key(&u.account) || bill.amount_usd.is_zero()) {
+        // Unchanged since the last settlement of the month (or nothing to
+        // bill and never settled): nothing to write.
+        if delta.is_zero() {
             continue;
         }
-        let Some((balance, arrears_since)) = app.billing.with(&u.account, |b| {
-            let mut next = b.clone();
-            next.settle(delta, now);
-            (next.balance, next.arrears_since)
-        }) else {
+        let Some((balance, arrears_since)) = app
+            .billing
+            .with(&u.account, |b| b.after_settlement(delta, now))
+        else {
             continue;
         };
         lines.push(SettlementLine {
@@ -374,8 +369,7 @@ pub async fn settle(State(app): State<Arc<App>>, body: Bytes) -> Reply {
     let mut report = Vec::new();
     for l in &lines {
         app.billing.with(&l.account, |b| {
-            b.balance = l.balance_after_usd;
-            b.arrears_since = l.arrears_since;
+            b.set_balance((l.balance_after_usd, l.arrears_since))
         });
         report.push(json!({
             "account": l.account,

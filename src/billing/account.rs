@@ -108,21 +108,40 @@ impl AccountBilling {
             .sum()
     }
 
-    /// The balance after a top-up, and whether the arrears are cleared.
-    pub fn top_up(&mut self, amount: Decimal) {
-        self.balance += amount;
-        if self.balance >= Decimal::ZERO {
-            self.arrears_since = None;
-        }
+    /// The balance and arrears clock a top-up would leave, without changing
+    /// anything (the caller stores them first, then [`Self::set_balance`]).
+    pub fn after_top_up(&self, amount: Decimal) -> (Decimal, Option<Timestamp>) {
+        let balance = self.balance + amount;
+        let arrears = if balance >= Decimal::ZERO {
+            None
+        } else {
+            self.arrears_since
+        };
+        (balance, arrears)
     }
 
-    /// Charges (or, if the bill fell, credits) a settlement's difference.
-    pub fn settle(&mut self, delta: Decimal, now: Timestamp) {
-        self.balance -= delta;
-        if self.balance < Decimal::ZERO {
-            self.arrears_since.get_or_insert(now);
+    /// The balance and arrears clock after charging (or, if the bill fell,
+    /// crediting) a settlement's difference, without changing anything.
+    pub fn after_settlement(&self, delta: Decimal, now: Timestamp) -> (Decimal, Option<Timestamp>) {
+        let balance = self.balance - delta;
+        let arrears = if balance < Decimal::ZERO {
+            Some(self.arrears_since.unwrap_or(now))
         } else {
-            self.arrears_since = None;
-        }
+            None
+        };
+        (balance, arrears)
+    }
+
+    pub fn set_balance(&mut self, (balance, arrears_since): (Decimal, Option<Timestamp>)) {
+        self.balance = balance;
+        self.arrears_since = arrears_since;
+    }
+
+    pub fn top_up(&mut self, amount: Decimal) {
+        self.set_balance(self.after_top_up(amount));
+    }
+
+    pub fn settle(&mut self, delta: Decimal, now: Timestamp) {
+        self.set_balance(self.after_settlement(delta, now));
     }
 }
