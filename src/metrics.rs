@@ -54,6 +54,14 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     c
 }
 
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+            .expect("valid"),
+    )
+}
+
 impl Metrics {
     pub fn new(per_account_labels: bool) -> Self {
         let registry = Registry::new();
@@ -78,33 +86,21 @@ impl Metrics {
             )
             .expect("valid"),
         );
-        let queue_wait_seconds = register(
+        let queue_wait_seconds = histogram(
             &registry,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "tollgate_queue_wait_seconds",
-                    "Time admitted tasks waited in their account's queue.",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    60.0,
-                ]),
-            )
-            .expect("valid"),
+            "tollgate_queue_wait_seconds",
+            "Time admitted tasks waited in their account's queue.",
+            &[
+                0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ],
         );
-        let upstream_seconds = register(
+        let upstream_seconds = histogram(
             &registry,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "tollgate_upstream_seconds",
-                    "Time from forwarding a task to the backend's complete answer.",
-                )
-                .buckets(vec![
-                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                    120.0,
-                ]),
-            )
-            .expect("valid"),
+            "tollgate_upstream_seconds",
+            "Time from forwarding a task to the backend's complete answer.",
+            &[
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ],
         );
         let usage_events_total = register(
             &registry,

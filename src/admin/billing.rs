@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::billing::{self, Month, PackageKind, ResourcePackage, Standing};
 use crate::clock::rfc3339_millis;
-use crate::store::{SettlementLine, StoreError, Write, commit};
+use crate::store::{SettlementLine, Write, commit};
 
-use super::error::{ApiError, parse_json};
+use super::error::{ApiError, blocking, parse_json};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -254,15 +254,6 @@ pub async fn top_up(State(app): State<Arc<App>>, Path(id): Path<String>, body: B
 fn parse_month(s: Option<&str>) -> Result<Month, ApiError> {
     s.and_then(Month::parse)
         .ok_or_else(|| ApiError::bad_request("month: must be YYYY-MM"))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::from(StoreError::Internal("reader task failed".into())))?
-        .map_err(ApiError::from)
 }
 
 pub async fn usage(

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 
 use crate::app::App;
 
-use super::error::ApiError;
+use super::error::{ApiError, blocking};
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
@@ -48,13 +48,7 @@ pub async fn list(
             })?,
     };
     let store = app.store.clone();
-    let events = tokio::task::spawn_blocking(move || store.usage_events(after, limit))
-        .await
-        .map_err(|_| {
-            ApiError::from(crate::store::StoreError::Internal(
-                "reader task failed".into(),
-            ))
-        })??;
+    let events = blocking(move || store.usage_events(after, limit)).await?;
     let next = events.last().map_or(after, |e| e.seq).to_string();
     let page = Page {
         events: events.iter().map(|e| &*e.event).collect(),
