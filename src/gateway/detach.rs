@@ -145,4 +145,57 @@ mod tests {
             DetachOnDrop::new(tracker, || "internal error", |_| async { panic!("bug") }).await;
         assert_eq!(out, "internal error");
     }
+
+    #[tokio::test]
+    async fn a_panicking_task_releases_its_slot_and_its_unit() {
+        use std::time::Duration as StdDuration;
+
+        use jiff::Timestamp;
+        use rust_decimal::Decimal;
+
+        use crate::billing::{AccountBilling, Accounts, PackageKind, ResourcePackage};
+        use crate::limiter::{Admission, Limiter, LocalLimiter, Ticket};
+
+        let limiter = LocalLimiter::new(1, 10);
+        let ticket = Ticket {
+            account: Arc::from("acme"),
+            sub_cap: None,
+        };
+        let Ok(Admission::Now(permit)) = limiter.acquire(&ticket) else {
+            panic!("a free slot")
+        };
+        let billing = Accounts::new(StdDuration::from_secs(60));
+        let now = Timestamp::now();
+        billing.insert(
+            "acme",
+            AccountBilling {
+                packages: vec![ResourcePackage::new(
+                    "free".into(),
+                    "acme",
+                    PackageKind::Free,
+                    1,
+                    Decimal::ZERO,
+                    now,
+                )],
+                ..AccountBilling::default()
+            },
+        );
+        let reservation = billing.reserve("acme", now).expect("one unit");
+        let out = DetachOnDrop::new(
+            TaskTracker::new(),
+            || "internal error",
+            move |_| async move {
+                let _held = (permit, reservation);
+                panic!("bug while forwarding");
+            },
+        )
+        .await;
+        assert_eq!(out, "internal error");
+        assert_eq!(limiter.stats("acme").in_flight, 0, "the slot came back");
+        assert_eq!(
+            billing.with("acme", |b| b.remaining_units(now)),
+            Some(1),
+            "the unit came back"
+        );
+    }
 }
