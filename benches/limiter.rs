@@ -8,7 +8,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate::limiter::{Admission, Limiter, LocalLimiter, SubCap, Ticket};
+use tollgate::limiter::{Limiter, LocalLimiter, SubCap, Ticket};
+
+/// A deadline no bench reaches (the queue wait is not what is measured).
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(3600)
+}
 
 fn ticket(account: &str) -> Ticket {
     Ticket {
@@ -21,10 +26,12 @@ fn uncontended(c: &mut Criterion) {
     let limiter = LocalLimiter::new(3, 100);
     let t = ticket("acme");
     c.bench_function("limiter/acquire+release uncontended", |b| {
-        b.iter(|| match limiter.acquire(black_box(&t)) {
-            Ok(Admission::Now(permit)) => drop(permit),
-            _ => unreachable!("a slot is always free"),
-        })
+        b.iter(
+            || match limiter.acquire(black_box(&t), far()).take_ready() {
+                Some(Ok(permit)) => drop(permit),
+                _ => unreachable!("a slot is always free"),
+            },
+        )
     });
 
     // 100,000 accounts registered: the lookup is a hash map probe.
@@ -34,8 +41,8 @@ fn uncontended(c: &mut Criterion) {
     }
     let t = ticket("acct-77777");
     c.bench_function("limiter/acquire+release with 100k accounts", |b| {
-        b.iter(|| match many.acquire(black_box(&t)) {
-            Ok(Admission::Now(permit)) => drop(permit),
+        b.iter(|| match many.acquire(black_box(&t), far()).take_ready() {
+            Some(Ok(permit)) => drop(permit),
             _ => unreachable!("a slot is always free"),
         })
     });
@@ -53,22 +60,25 @@ fn with_queue(c: &mut Criterion) {
             max_concurrency: 1,
         }),
     };
-    let _holder = match limiter.acquire(&capped) {
-        Ok(Admission::Now(p)) => p,
+    let _holder = match limiter.acquire(&capped, far()).take_ready() {
+        Some(Ok(p)) => p,
         _ => unreachable!(),
     };
     let _waiters: Vec<_> = (0..1_000)
-        .map(|_| match limiter.acquire(&capped) {
-            Ok(Admission::Queued(w)) => w,
-            _ => unreachable!(),
+        .map(|_| {
+            let mut w = limiter.acquire(&capped, far());
+            assert!(w.take_ready().is_none(), "queued");
+            w
         })
         .collect();
     let root = ticket("acme");
     c.bench_function("limiter/acquire+release with 1000 queued", |b| {
-        b.iter(|| match limiter.acquire(black_box(&root)) {
-            Ok(Admission::Now(permit)) => drop(permit),
-            _ => unreachable!("root slots are free"),
-        })
+        b.iter(
+            || match limiter.acquire(black_box(&root), far()).take_ready() {
+                Some(Ok(permit)) => drop(permit),
+                _ => unreachable!("root slots are free"),
+            },
+        )
     });
 }
 

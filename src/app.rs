@@ -19,7 +19,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEMO_API_KEY};
 use crate::entitlements::schedule::Schedule;
 use crate::gateway::proxy::Backend;
-use crate::limiter::{Limiter, LocalLimiter};
+use crate::limiter::{GateReport, Limiter, LocalLimiter};
 use crate::metrics::Metrics;
 use crate::store::{AccountRow, KeyRow, SqliteStore, Store, StoreError, Write, commit};
 use crate::usage::UsageRecorder;
@@ -30,6 +30,8 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     pub registry: Registry,
     pub limiter: Arc<dyn Limiter>,
+    /// The same limiter, seen by the metrics scrape.
+    pub gates: Arc<dyn GateReport>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub recorder: UsageRecorder,
@@ -75,10 +77,12 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics.per_account_labels));
-        let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(
+        let local = Arc::new(LocalLimiter::new(
             config.limits.default_concurrency,
             config.limits.max_queue_per_account,
         ));
+        let gates: Arc<dyn GateReport> = local.clone();
+        let limiter: Arc<dyn Limiter> = local;
         let backend = Backend::new(&config.backend, backend_url, config.limits.max_body_bytes)
             .map_err(StartError::Backend)?;
         let tz = TimeZone::get(&config.billing.timezone).map_err(|e| {
@@ -102,6 +106,7 @@ impl App {
             config,
             clock,
             limiter,
+            gates,
             store,
             metrics,
             backend,

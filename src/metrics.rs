@@ -10,7 +10,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::limiter::Limiter;
+use crate::limiter::GateReport;
 
 /// How a request ended, for `tollgate_requests_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +168,7 @@ impl Metrics {
     }
 
     /// Renders the text exposition, first reading the gauges off the limiter.
-    pub fn render(&self, limiter: &dyn Limiter) -> String {
+    pub fn render(&self, limiter: &dyn GateReport) -> String {
         match &self.gauges {
             AccountGauges::PerAccount {
                 in_flight,
@@ -210,7 +210,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::LocalLimiter;
+    use crate::limiter::{Limiter, LocalLimiter};
 
     #[test]
     fn per_account_gauges_can_be_turned_into_totals() {

@@ -97,7 +97,7 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let text = app.metrics.render(&*app.limiter);
+    let text = app.metrics.render(&*app.gates);
     let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

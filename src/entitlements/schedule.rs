@@ -174,7 +174,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::entitlements::{Period, price, validity};
-    use crate::limiter::{Admission, LocalLimiter, Ticket};
+    use crate::limiter::{LocalLimiter, Ticket};
 
     fn daily(id: &str, units: u32, start: jiff::civil::Date) -> ConcurrencyPackage {
         let (starts_at, ends_at) = validity(start, Period::Daily, &TimeZone::UTC).unwrap();
@@ -206,8 +206,8 @@ mod tests {
         assert!(book.packages("acme").is_empty());
     }
 
-    #[test]
-    fn a_shrinking_limit_cancels_nothing_and_admits_only_below_it() {
+    #[tokio::test]
+    async fn a_shrinking_limit_cancels_nothing_and_admits_only_below_it() {
         let clock = Arc::new(ManualClock::new("2026-11-26T12:00:00Z".parse().unwrap()));
         let limiter: Arc<dyn Limiter> = Arc::new(LocalLimiter::new(3, 10));
         let schedule = Schedule::new(3, clock.clone(), limiter.clone());
@@ -217,10 +217,11 @@ mod tests {
             account: "acme".into(),
             sub_cap: None,
         };
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
         let mut held: Vec<_> = (0..5)
-            .map(|_| match limiter.acquire(&t).unwrap() {
-                Admission::Now(p) => p,
-                Admission::Queued(_) => panic!("5 slots today"),
+            .map(|_| match limiter.acquire(&t, far).take_ready() {
+                Some(Ok(p)) => p,
+                _ => panic!("5 slots today"),
             })
             .collect();
         // Midnight: the package ends, the limit drops back to 3.
@@ -232,9 +233,11 @@ mod tests {
             (3, 5),
             "running tasks are not cancelled"
         );
-        let Admission::Queued(mut w) = limiter.acquire(&t).unwrap() else {
-            panic!("no new task while in-flight is over the new limit")
-        };
+        let mut w = limiter.acquire(&t, far);
+        assert!(
+            w.take_ready().is_none(),
+            "no new task while in-flight is over the new limit"
+        );
         let mut cx = Context::from_waker(Waker::noop());
         held.truncate(3);
         assert!(

@@ -154,14 +154,15 @@ mod tests {
         use rust_decimal::Decimal;
 
         use crate::billing::{AccountBilling, Accounts, PackageKind, ResourcePackage};
-        use crate::limiter::{Admission, Limiter, LocalLimiter, Ticket};
+        use crate::limiter::{Limiter, LocalLimiter, Ticket};
 
         let limiter = LocalLimiter::new(1, 10);
         let ticket = Ticket {
             account: Arc::from("acme"),
             sub_cap: None,
         };
-        let Ok(Admission::Now(permit)) = limiter.acquire(&ticket) else {
+        let far = tokio::time::Instant::now() + StdDuration::from_secs(60);
+        let Some(Ok(permit)) = limiter.acquire(&ticket, far).take_ready() else {
             panic!("a free slot")
         };
         let billing = Accounts::new(StdDuration::from_secs(60));

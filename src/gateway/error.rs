@@ -39,6 +39,10 @@ pub enum GatewayError {
     UsageRecordFailed,
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// The shared limiter (Redis) is unreachable and the outage policy is
+    /// `reject`.
+    #[error("the gateway cannot reach its coordination service; try again shortly")]
+    CoordinationUnavailable,
     /// The client hung up while queued; nobody reads this answer, it only
     /// counts in the metrics.
     #[error("the client closed the connection while queued")]
@@ -57,7 +61,9 @@ impl GatewayError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BackendUnavailable => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::UsageRecordFailed | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UsageRecordFailed | Self::ShuttingDown | Self::CoordinationUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::ClientGone => StatusCode::from_u16(499).expect("in range"),
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -78,6 +84,7 @@ impl GatewayError {
             Self::BackendTimeout => "FailedOperation.RequestTimeout",
             Self::UsageRecordFailed => "FailedOperation.UsageRecordFailed",
             Self::ShuttingDown => "FailedOperation.ServiceShuttingDown",
+            Self::CoordinationUnavailable => "FailedOperation.CoordinationUnavailable",
             Self::ClientGone => "FailedOperation.ClientGone",
             Self::Internal => "InternalError",
         }
@@ -153,6 +160,7 @@ mod tests {
             GatewayError::BackendTimeout,
             GatewayError::UsageRecordFailed,
             GatewayError::ShuttingDown,
+            GatewayError::CoordinationUnavailable,
         ];
         for e in all {
             assert!(e.code().contains('.'), "{e:?}");

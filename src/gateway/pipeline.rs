@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::accounts::Principal;
 use crate::app::App;
 use crate::billing::{Month, Reservation};
-use crate::limiter::{Admission, LimitError, Permit, SubCap, Ticket};
+use crate::limiter::{LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
 use crate::usage::{UsageData, UsageEvent};
 
@@ -94,29 +94,22 @@ async fn run(
             })
         }),
     };
-    let queued_at = Instant::now();
-    let permit = match app.limiter.acquire(&ticket) {
-        Ok(Admission::Now(permit)) => permit,
-        Ok(Admission::Queued(waiter)) => {
+    let queued_at = tokio::time::Instant::now();
+    let mut acquire = app.limiter.acquire(&ticket, queued_at + wait_limit);
+    let granted = match acquire.take_ready() {
+        Some(decided) => decided,
+        None => {
             let waited = tokio::select! {
-                r = tokio::time::timeout(wait_limit, waiter) => r,
+                r = &mut acquire => r,
                 // The response will never be read; leaving here drops the
-                // waiter, which takes the task out of the queue.
+                // acquire, which takes the task out of the queue.
                 () = conn.closed() => return Err(GatewayError::ClientGone),
             };
             *queue_wait = queued_at.elapsed();
-            match waited {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(e)) => return Err(limit_error(app, &ticket, e)),
-                Err(_elapsed) => {
-                    return Err(GatewayError::QueueTimeout {
-                        retry_after: app.limiter.retry_after(&ticket.account),
-                    });
-                }
-            }
+            waited
         }
-        Err(e) => return Err(limit_error(app, &ticket, e)),
     };
+    let permit = granted.map_err(limit_error)?;
     app.metrics
         .queue_wait_seconds
         .observe(queue_wait.as_secs_f64());
@@ -135,13 +128,13 @@ async fn run(
     .await
 }
 
-fn limit_error(app: &App, ticket: &Ticket, e: LimitError) -> GatewayError {
+fn limit_error(e: LimitError) -> GatewayError {
     match e {
-        LimitError::QueueFull => GatewayError::QueueFull {
-            retry_after: app.limiter.retry_after(&ticket.account),
-        },
+        LimitError::QueueFull { retry_after } => GatewayError::QueueFull { retry_after },
+        LimitError::QueueTimeout { retry_after } => GatewayError::QueueTimeout { retry_after },
         LimitError::Refused => GatewayError::StopUsing,
         LimitError::ShuttingDown => GatewayError::ShuttingDown,
+        LimitError::Unavailable => GatewayError::CoordinationUnavailable,
     }
 }
 

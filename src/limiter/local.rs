@@ -11,9 +11,12 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 
-use super::{Admission, GateStats, LimitError, Limiter, Permit, Ticket, Waiter};
+use tokio::time::Instant;
 
-type Grant = Result<Permit, LimitError>;
+use super::acquire::Grant;
+use super::{
+    Acquire, GateReport, GateStats, LimitError, Limiter, Permit, Ticket, retry_after_estimate,
+};
 
 pub struct LocalLimiter {
     gates: DashMap<Arc<str>, Arc<Gate>>,
@@ -44,9 +47,9 @@ impl LocalLimiter {
 }
 
 impl Limiter for LocalLimiter {
-    fn acquire(&self, ticket: &Ticket) -> Result<Admission, LimitError> {
+    fn acquire(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
         if self.shutting_down.load(Ordering::Acquire) {
-            return Err(LimitError::ShuttingDown);
+            return Acquire::ready(Err(LimitError::ShuttingDown));
         }
         let gate = self.gate(&ticket.account);
         let sub = ticket
@@ -58,26 +61,29 @@ impl Limiter for LocalLimiter {
             st.take_slot(sub.as_ref().map(|(id, _)| id));
             drop(st);
             let sub_id = sub.map(|(id, _)| id);
-            return Ok(Admission::Now(Permit {
-                inner: LocalPermit { gate, sub: sub_id },
-            }));
+            return Acquire::ready(Ok(Permit::local(LocalPermit { gate, sub: sub_id })));
         }
         if st.queue.len() >= self.max_queue {
-            return Err(LimitError::QueueFull);
+            let stats = st.stats();
+            drop(st);
+            return Acquire::ready(Err(LimitError::QueueFull {
+                retry_after: gate.retry_after(stats),
+            }));
         }
         let id = st.next_waiter_id;
         st.next_waiter_id += 1;
         let (tx, rx) = oneshot::channel();
         st.queue.push_back(Entry { id, sub, tx });
         drop(st);
-        Ok(Admission::Queued(Waiter {
-            inner: LocalWaiter {
+        Acquire::local(
+            LocalWaiter {
                 gate,
                 id,
                 rx,
                 done: false,
             },
-        }))
+            deadline,
+        )
     }
 
     fn set_limit(&self, account: &str, limit: u32) {
@@ -104,25 +110,6 @@ impl Limiter for LocalLimiter {
         )
     }
 
-    fn for_each_gate(&self, f: &mut dyn FnMut(&str, GateStats)) {
-        for entry in self.gates.iter() {
-            f(entry.key(), entry.value().stats());
-        }
-    }
-
-    fn retry_after(&self, account: &str) -> Duration {
-        let Some(gate) = self.gates.get(account).map(|g| g.clone()) else {
-            return Duration::from_secs(1);
-        };
-        let stats = gate.stats();
-        let task = Duration::from_micros(gate.service_ewma_micros.load(Ordering::Relaxed));
-        // Tasks ahead of a newcomer drain `limit` at a time, one task
-        // duration per round.
-        let rounds = u64::from(stats.queued) / u64::from(stats.limit.max(1)) + 1;
-        let secs = (task.as_secs_f64() * rounds as f64).ceil() as u64;
-        Duration::from_secs(secs.clamp(1, 3600))
-    }
-
     fn refuse_queued(&self, account: &str) {
         if let Some(gate) = self.gates.get(account).map(|g| g.clone()) {
             gate.refuse_all(LimitError::Refused);
@@ -135,6 +122,24 @@ impl Limiter for LocalLimiter {
         for gate in gates {
             gate.refuse_all(LimitError::ShuttingDown);
         }
+    }
+}
+
+impl GateReport for LocalLimiter {
+    fn for_each_gate(&self, f: &mut dyn FnMut(&str, GateStats)) {
+        for entry in self.gates.iter() {
+            f(entry.key(), entry.value().stats());
+        }
+    }
+}
+
+impl LocalLimiter {
+    /// The `Retry-After` hint for a newcomer to the account's queue.
+    pub fn retry_after(&self, account: &str) -> Duration {
+        self.gates
+            .get(account)
+            .map(|g| g.clone())
+            .map_or(Duration::from_secs(1), |g| g.retry_after(g.stats()))
     }
 }
 
@@ -165,6 +170,14 @@ struct Entry {
 }
 
 impl GateState {
+    fn stats(&self) -> GateStats {
+        GateStats {
+            limit: self.limit,
+            in_flight: self.in_flight,
+            queued: self.queue.len() as u32,
+        }
+    }
+
     fn sub_has_room(&self, sub: Option<&(Arc<str>, u32)>) -> bool {
         match sub {
             None => true,
@@ -213,12 +226,12 @@ impl Gate {
     }
 
     fn stats(&self) -> GateStats {
-        let st = self.lock();
-        GateStats {
-            limit: st.limit,
-            in_flight: st.in_flight,
-            queued: st.queue.len() as u32,
-        }
+        self.lock().stats()
+    }
+
+    fn retry_after(&self, stats: GateStats) -> Duration {
+        let task = Duration::from_micros(self.service_ewma_micros.load(Ordering::Relaxed));
+        retry_after_estimate(task, stats)
     }
 
     /// Hands free slots to waiters, first come first served among those
@@ -254,12 +267,10 @@ impl Gate {
             st.take_slot(sub.as_ref());
             grants.push((
                 entry.tx,
-                Permit {
-                    inner: LocalPermit {
-                        gate: self.clone(),
-                        sub,
-                    },
-                },
+                Permit::local(LocalPermit {
+                    gate: self.clone(),
+                    sub,
+                }),
             ));
         }
         grants
@@ -330,6 +341,12 @@ pub(super) struct LocalWaiter {
     id: u64,
     rx: oneshot::Receiver<Grant>,
     done: bool,
+}
+
+impl LocalWaiter {
+    pub(super) fn retry_after(&self) -> Duration {
+        self.gate.retry_after(self.gate.stats())
+    }
 }
 
 impl Future for LocalWaiter {

@@ -1,21 +1,25 @@
 //! Per-root-account concurrency gates: the limit, the tasks in flight, and
 //! the FIFO queue of tasks waiting for a slot.
 //!
-//! A slot is a [`Permit`]: a value acquired once and released by `Drop` on
-//! every path (success, error, panic, cancellation). Waiting is a [`Waiter`]
-//! future; dropping it (timeout, client gone) leaves the queue at once.
-//!
-//! [`Limiter`] is the seam for other implementations (a shared limit in Redis
-//! with leases, later); [`LocalLimiter`] is the in-process one.
+//! [`Limiter`] is the seam every implementation fills: [`LocalLimiter`]
+//! (in-process, the single-node default) and the shared one in
+//! `cluster` (Redis, leases). A slot is a [`Permit`]: acquired once and
+//! released by `Drop` on every path (success, error, panic, cancellation).
+//! Asking for one is an [`Acquire`] future that queues until the deadline;
+//! dropping it (client gone) leaves the queue at once.
 
+mod acquire;
 mod local;
 
-use std::future::Future;
-use std::pin::Pin;
+#[cfg(test)]
+pub(crate) mod conformance;
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+pub use acquire::Acquire;
 pub use local::LocalLimiter;
 
 /// Who asks for a slot: the root account whose limit applies, and the
@@ -33,22 +37,22 @@ pub struct SubCap {
     pub max_concurrency: u32,
 }
 
+/// Why no slot was given. Each case carries what the gateway needs to
+/// answer the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
     #[error("the account's queue is full")]
-    QueueFull,
+    QueueFull { retry_after: Duration },
+    #[error("no slot became free before the task's queue deadline")]
+    QueueTimeout { retry_after: Duration },
     #[error("the account stopped accepting tasks while this one was queued")]
     Refused,
     #[error("the gateway is shutting down")]
     ShuttingDown,
-}
-
-/// The outcome of asking for a slot.
-pub enum Admission {
-    /// A slot was free.
-    Now(Permit),
-    /// Queued: await the waiter for the slot.
-    Queued(Waiter),
+    /// The shared limiter cannot be reached and the outage policy is to
+    /// refuse rather than guess.
+    #[error("the coordination service is unavailable")]
+    Unavailable,
 }
 
 /// What an operator sees of one gate.
@@ -60,26 +64,20 @@ pub struct GateStats {
 }
 
 pub trait Limiter: Send + Sync + 'static {
-    /// Takes a slot if one is free for the ticket, else joins the account's
-    /// queue (or fails if the queue is full or the limiter is shut down).
-    fn acquire(&self, ticket: &Ticket) -> Result<Admission, LimitError>;
+    /// Takes a slot for the ticket if one is free, else waits in the
+    /// account's FIFO queue until `deadline`. Fails at once if the queue is
+    /// full or the limiter is shutting down. Dropping the future leaves the
+    /// queue (and gives back a slot granted but not yet taken).
+    fn acquire(&self, ticket: &Ticket, deadline: Instant) -> Acquire;
 
     /// Sets an account's limit. Growing starts queued tasks at once;
     /// shrinking cancels nothing: new tasks wait until in-flight is below the
-    /// new limit. A gate is made on first use, or here for a limit other
-    /// than the default, so idle accounts cost no gate.
+    /// new limit.
     fn set_limit(&self, account: &str, limit: u32);
 
-    /// The account's gate; an account that has never been used and has
-    /// the default limit has no gate yet and reports the default limit.
+    /// The account's gate as this replica knows it (cluster-wide for a
+    /// shared limiter, as of its last exchange with the coordinator).
     fn stats(&self, account: &str) -> GateStats;
-
-    /// Calls `f` for every account's gate (for metrics).
-    fn for_each_gate(&self, f: &mut dyn FnMut(&str, GateStats));
-
-    /// A hint for `Retry-After`: how long until a slot is likely free,
-    /// from the account's recent task durations and its queue.
-    fn retry_after(&self, account: &str) -> Duration;
 
     /// Refuses every task queued for the account (e.g. it was deactivated).
     fn refuse_queued(&self, account: &str);
@@ -88,35 +86,71 @@ pub trait Limiter: Send + Sync + 'static {
     fn shut_down(&self);
 }
 
+/// Every gate a limiter holds on this replica, for the metrics scrape.
+/// Kept off [`Limiter`]: a scan is a reporting concern, not a limiting one.
+pub trait GateReport: Send + Sync + 'static {
+    fn for_each_gate(&self, f: &mut dyn FnMut(&str, GateStats));
+}
+
+/// A slot held by a shared limiter: releasing it is the lease's `Drop`.
+pub trait Lease: Send + Sync + 'static {
+    /// Feeds the implementation's task-duration estimate (`Retry-After`).
+    fn record_service_time(&self, _took: Duration) {}
+}
+
 /// A held slot. Dropping it frees the slot and starts the next waiter.
 pub struct Permit {
-    inner: local::LocalPermit,
+    inner: PermitInner,
+}
+
+enum PermitInner {
+    // No allocation on the local path: the permit is the gate and the
+    // sub-account.
+    Local(local::LocalPermit),
+    Shared(Box<dyn Lease>),
 }
 
 impl Permit {
+    /// A slot granted by a shared limiter.
+    pub fn shared(lease: Box<dyn Lease>) -> Self {
+        Self {
+            inner: PermitInner::Shared(lease),
+        }
+    }
+
+    fn local(p: local::LocalPermit) -> Self {
+        Self {
+            inner: PermitInner::Local(p),
+        }
+    }
+
     /// Feeds the account's task-duration estimate used for `Retry-After`.
     pub fn record_service_time(&self, took: Duration) {
-        self.inner.record_service_time(took);
+        match &self.inner {
+            PermitInner::Local(p) => p.record_service_time(took),
+            PermitInner::Shared(l) => l.record_service_time(took),
+        }
     }
 }
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Permit")
+        f.write_str(match self.inner {
+            PermitInner::Local(_) => "Permit(local)",
+            PermitInner::Shared(_) => "Permit(shared)",
+        })
     }
 }
 
-/// A queued task. Resolves to a permit; dropping it leaves the queue.
-pub struct Waiter {
-    inner: local::LocalWaiter,
-}
-
-impl Future for Waiter {
-    type Output = Result<Permit, LimitError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.inner).poll(cx)
+/// `Retry-After` from a task-duration estimate and the queue ahead: tasks
+/// ahead of a newcomer drain `limit` at a time, one task duration per round.
+pub fn retry_after_estimate(task: Duration, stats: GateStats) -> Duration {
+    if task.is_zero() {
+        return Duration::from_secs(1);
     }
+    let rounds = u64::from(stats.queued) / u64::from(stats.limit.max(1)) + 1;
+    let secs = (task.as_secs_f64() * rounds as f64).ceil() as u64;
+    Duration::from_secs(secs.clamp(1, 3600))
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
+use std::future::Future;
+
 use super::*;
 
 fn ticket(account: &str) -> Ticket {
@@ -27,21 +29,33 @@ fn capped(account: &str, sub: &str, cap: u32) -> Ticket {
     }
 }
 
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(3600)
+}
+
 fn now(l: &LocalLimiter, t: &Ticket) -> Permit {
-    match l.acquire(t).expect("acquire") {
-        Admission::Now(p) => p,
-        Admission::Queued(_) => panic!("expected a free slot"),
+    match l.acquire(t, far()).take_ready() {
+        Some(Ok(p)) => p,
+        other => panic!("expected a free slot, got {other:?}"),
     }
 }
 
-fn queued(l: &LocalLimiter, t: &Ticket) -> Waiter {
-    match l.acquire(t).expect("acquire") {
-        Admission::Now(_) => panic!("expected to queue"),
-        Admission::Queued(w) => w,
+fn queued(l: &LocalLimiter, t: &Ticket) -> Acquire {
+    let mut a = l.acquire(t, far());
+    if let Some(r) = a.take_ready() {
+        panic!("expected to queue, got {r:?}");
+    }
+    a
+}
+
+fn refused(l: &LocalLimiter, t: &Ticket) -> LimitError {
+    match l.acquire(t, far()).take_ready() {
+        Some(Err(e)) => e,
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
-fn poll_once(w: &mut Waiter) -> Poll<Result<Permit, LimitError>> {
+fn poll_once(w: &mut Acquire) -> Poll<Result<Permit, LimitError>> {
     Pin::new(w).poll(&mut Context::from_waker(Waker::noop()))
 }
 
@@ -49,8 +63,8 @@ fn stats(l: &LocalLimiter, a: &str) -> GateStats {
     l.stats(a)
 }
 
-#[test]
-fn permits_up_to_the_limit_then_queue() {
+#[tokio::test]
+async fn permits_up_to_the_limit_then_queue() {
     let l = LocalLimiter::new(3, 10);
     let t = ticket("acme");
     let held: Vec<_> = (0..3).map(|_| now(&l, &t)).collect();
@@ -75,8 +89,8 @@ fn permits_up_to_the_limit_then_queue() {
     );
 }
 
-#[test]
-fn accounts_are_isolated() {
+#[tokio::test]
+async fn accounts_are_isolated() {
     let l = LocalLimiter::new(1, 10);
     let _a = now(&l, &ticket("a"));
     let _b = now(&l, &ticket("b"));
@@ -84,22 +98,22 @@ fn accounts_are_isolated() {
     assert_eq!(stats(&l, "b").in_flight, 1);
 }
 
-#[test]
-fn queue_bound_is_a_typed_error() {
+#[tokio::test]
+async fn queue_bound_is_a_typed_error() {
     let l = LocalLimiter::new(1, 2);
     let t = ticket("acme");
     let _p = now(&l, &t);
     let _w1 = queued(&l, &t);
     let _w2 = queued(&l, &t);
-    assert!(matches!(l.acquire(&t), Err(LimitError::QueueFull)));
+    assert!(matches!(refused(&l, &t), LimitError::QueueFull { .. }));
 }
 
-#[test]
-fn zero_queue_refuses_at_once() {
+#[tokio::test]
+async fn zero_queue_refuses_at_once() {
     let l = LocalLimiter::new(1, 0);
     let t = ticket("acme");
     let _p = now(&l, &t);
-    assert!(matches!(l.acquire(&t), Err(LimitError::QueueFull)));
+    assert!(matches!(refused(&l, &t), LimitError::QueueFull { .. }));
 }
 
 #[tokio::test(start_paused = true)]
@@ -140,17 +154,19 @@ async fn a_timed_out_waiter_leaves_the_queue() {
     let l = LocalLimiter::new(1, 10);
     let t = ticket("acme");
     let p = now(&l, &t);
-    let w = queued(&l, &t);
+    let w = l.acquire(&t, tokio::time::Instant::now() + Duration::from_millis(50));
     assert_eq!(stats(&l, "acme").queued, 1);
-    let r = tokio::time::timeout(Duration::from_millis(50), w).await;
-    assert!(r.is_err(), "should time out");
+    assert!(
+        matches!(w.await, Err(LimitError::QueueTimeout { .. })),
+        "should time out"
+    );
     assert_eq!(stats(&l, "acme").queued, 0);
     drop(p);
     assert_eq!(stats(&l, "acme").in_flight, 0);
 }
 
-#[test]
-fn a_dropped_waiter_that_was_already_granted_frees_the_slot() {
+#[tokio::test]
+async fn a_dropped_waiter_that_was_already_granted_frees_the_slot() {
     let l = LocalLimiter::new(1, 10);
     let t = ticket("acme");
     let p = now(&l, &t);
@@ -168,8 +184,8 @@ fn a_dropped_waiter_that_was_already_granted_frees_the_slot() {
     );
 }
 
-#[test]
-fn a_panicking_task_releases_its_slot() {
+#[tokio::test]
+async fn a_panicking_task_releases_its_slot() {
     let l = Arc::new(LocalLimiter::new(1, 10));
     let t = ticket("acme");
     let l2 = l.clone();
@@ -182,8 +198,8 @@ fn a_panicking_task_releases_its_slot() {
     assert_eq!(stats(&l, "acme").in_flight, 0);
 }
 
-#[test]
-fn growing_the_limit_starts_waiters_at_once() {
+#[tokio::test]
+async fn growing_the_limit_starts_waiters_at_once() {
     let l = LocalLimiter::new(1, 10);
     let t = ticket("acme");
     let _p = now(&l, &t);
@@ -203,8 +219,8 @@ fn growing_the_limit_starts_waiters_at_once() {
     );
 }
 
-#[test]
-fn shrinking_cancels_nothing_and_admits_only_below_the_new_limit() {
+#[tokio::test]
+async fn shrinking_cancels_nothing_and_admits_only_below_the_new_limit() {
     let l = LocalLimiter::new(3, 10);
     let t = ticket("acme");
     let mut held: Vec<_> = (0..3).map(|_| now(&l, &t)).collect();
@@ -223,8 +239,8 @@ fn shrinking_cancels_nothing_and_admits_only_below_the_new_limit() {
     drop(p);
 }
 
-#[test]
-fn sub_account_cap_holds_inside_the_root_limit() {
+#[tokio::test]
+async fn sub_account_cap_holds_inside_the_root_limit() {
     let l = LocalLimiter::new(3, 10);
     let dev = capped("acme", "acme-dev", 1);
     let root = ticket("acme");
@@ -236,8 +252,8 @@ fn sub_account_cap_holds_inside_the_root_limit() {
     assert_eq!(stats(&l, "acme").in_flight, 2);
 }
 
-#[test]
-fn a_capped_head_of_queue_does_not_block_others() {
+#[tokio::test]
+async fn a_capped_head_of_queue_does_not_block_others() {
     let l = LocalLimiter::new(2, 10);
     let dev = capped("acme", "acme-dev", 1);
     let root = ticket("acme");
@@ -252,8 +268,8 @@ fn a_capped_head_of_queue_does_not_block_others() {
     assert!(matches!(poll_once(&mut dev_w), Poll::Ready(Ok(_))));
 }
 
-#[test]
-fn refusing_queued_tasks_empties_the_queue() {
+#[tokio::test]
+async fn refusing_queued_tasks_empties_the_queue() {
     let l = LocalLimiter::new(1, 10);
     let t = ticket("acme");
     let _p = now(&l, &t);
@@ -266,8 +282,8 @@ fn refusing_queued_tasks_empties_the_queue() {
     assert_eq!(stats(&l, "acme").queued, 0);
 }
 
-#[test]
-fn shutdown_refuses_queued_and_new_tasks() {
+#[tokio::test]
+async fn shutdown_refuses_queued_and_new_tasks() {
     let l = LocalLimiter::new(1, 10);
     let t = ticket("acme");
     let _p = now(&l, &t);
@@ -277,11 +293,11 @@ fn shutdown_refuses_queued_and_new_tasks() {
         poll_once(&mut w),
         Poll::Ready(Err(LimitError::ShuttingDown))
     ));
-    assert!(matches!(l.acquire(&t), Err(LimitError::ShuttingDown)));
+    assert!(matches!(refused(&l, &t), LimitError::ShuttingDown));
 }
 
-#[test]
-fn retry_after_follows_task_durations_and_queue_depth() {
+#[tokio::test]
+async fn retry_after_follows_task_durations_and_queue_depth() {
     let l = LocalLimiter::new(2, 100);
     let t = ticket("acme");
     assert_eq!(l.retry_after("nobody"), Duration::from_secs(1));
@@ -320,10 +336,14 @@ proptest! {
     /// cap), and leave nothing behind once everything is dropped.
     #[test]
     fn never_exceeds_the_limit_and_never_leaks(ops in proptest::collection::vec(op(), 1..200)) {
+        // Queued acquires make their deadline timer on first poll, which
+        // needs a runtime context.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let _in_runtime = rt.enter();
         let l = LocalLimiter::new(2, 5);
         let caps = [1u32, 2, 3];
         let mut held: Vec<(Permit, Option<u8>)> = Vec::new();
-        let mut waiting: Vec<(Waiter, Option<u8>)> = Vec::new();
+        let mut waiting: Vec<(Acquire, Option<u8>)> = Vec::new();
         let mut limit = 2u32;
         let sub_count = |held: &Vec<(Permit, Option<u8>)>, s: u8| {
             held.iter().filter(|(_, x)| *x == Some(s)).count() as u32
@@ -337,8 +357,9 @@ proptest! {
                         Some(s) => capped("acme", &format!("sub{s}"), caps[s as usize]),
                         None => ticket("acme"),
                     };
-                    match l.acquire(&t) {
-                        Ok(Admission::Now(p)) => {
+                    let mut a = l.acquire(&t, far());
+                    match a.take_ready() {
+                        Some(Ok(p)) => {
                             prop_assert!(before < limit, "admitted at the limit");
                             if let Some(s) = sub {
                                 prop_assert!(sub_count(&held, s) < caps[s as usize]);
@@ -346,9 +367,9 @@ proptest! {
                             held.push((p, sub));
                             admitted_now += 1;
                         }
-                        Ok(Admission::Queued(w)) => waiting.push((w, sub)),
-                        Err(LimitError::QueueFull) => prop_assert_eq!(waiting.len(), 5),
-                        Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                        None => waiting.push((a, sub)),
+                        Some(Err(LimitError::QueueFull { .. })) => prop_assert_eq!(waiting.len(), 5),
+                        Some(Err(e)) => prop_assert!(false, "unexpected {e:?}"),
                     }
                 }
                 Op::ReleaseHeld(i) if !held.is_empty() => {
@@ -390,5 +411,26 @@ proptest! {
         drop(held);
         let s = l.stats("acme");
         prop_assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
+}
+
+mod conformance_local {
+    use std::sync::Arc;
+
+    use crate::limiter::conformance;
+    use crate::limiter::{Limiter, LocalLimiter};
+
+    async fn make(limit: u32, max_queue: usize) -> Arc<dyn Limiter> {
+        Arc::new(LocalLimiter::new(limit, max_queue))
+    }
+
+    #[tokio::test]
+    async fn local_limiter_passes_the_suite() {
+        conformance::run_all(&make, "t-").await;
+    }
+
+    #[tokio::test]
+    async fn local_limiter_passes_the_interleavings() {
+        conformance::interleavings(&make, "t-", 64, 60).await;
     }
 }
