@@ -42,7 +42,10 @@ pub struct App {
     pub tz: TimeZone,
     /// Billing state per account (packages, postpaid, balance, arrears);
     /// admission reserves here without touching the store.
-    pub billing: billing::Accounts,
+    pub billing: Arc<billing::Accounts>,
+    /// Where admission reserves a unit: `billing` itself on one node, the
+    /// shared quota in cluster mode.
+    pub quota: Arc<dyn billing::Quota>,
     /// Serializes admin changes to balances (top-ups, settlements), which
     /// compute the new balance first and store it second.
     pub billing_admin: tokio::sync::Mutex<()>,
@@ -96,10 +99,12 @@ impl App {
             clock.clone(),
             limiter.clone(),
         ));
+        let billing = Arc::new(billing::Accounts::new(config.billing.arrears_grace));
         let app = Self {
             schedule,
+            quota: billing.clone(),
+            billing,
             tz,
-            billing: billing::Accounts::new(config.billing.arrears_grace),
             billing_admin: tokio::sync::Mutex::new(()),
             recorder: UsageRecorder::new(store.clone(), metrics.clone()),
             registry: Registry::new(),

@@ -28,6 +28,7 @@ const SECTIONS: &[&str] = &[
     "log",
     "simulator",
     "demo",
+    "cluster",
 ];
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -43,6 +44,7 @@ pub struct Config {
     pub log: LogConfig,
     pub simulator: SimulatorConfig,
     pub demo: DemoConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +276,74 @@ impl Default for DemoConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisOutagePolicy {
+    /// Keep serving: each replica limits every account on its own to
+    /// `max(1, floor(limit / live replicas))`.
+    Local,
+    /// Refuse new tasks with `503 FailedOperation.CoordinationUnavailable`.
+    Reject,
+}
+
+/// Cluster mode (SPEC §8): replicas share slots, queues and quota
+/// reservations through Redis.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`. Empty: single node, nothing shared.
+    pub redis_url: String,
+    /// Prefix of every Redis key, so several clusters can share one Redis.
+    pub key_prefix: String,
+    /// A dead replica's slots, tickets and reservations return within this.
+    pub lease_ms: u64,
+    pub on_redis_outage: RedisOutagePolicy,
+}
+
+// Hand-written so a password in the Redis URL never reaches a log line.
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("lease_ms", &self.lease_ms)
+            .field("on_redis_outage", &self.on_redis_outage)
+            .finish()
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            key_prefix: "tollgate".into(),
+            lease_ms: 10_000,
+            on_redis_outage: RedisOutagePolicy::Local,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+}
+
+/// A URL with any password replaced, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    // scheme://user:password@host... → scheme://user:***@host...
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
 /// A config that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -396,6 +466,22 @@ impl Config {
                 "must not exceed simulator.latency_ms",
             ));
         }
+        if self.cluster.enabled() {
+            if !self.cluster.redis_url.starts_with("redis://") {
+                return Err(invalid("cluster.redis_url", "must start with redis://"));
+            }
+            if self.cluster.key_prefix.is_empty()
+                || self.cluster.key_prefix.contains(['{', '}', ' '])
+            {
+                return Err(invalid(
+                    "cluster.key_prefix",
+                    "must be non-empty, without braces or spaces",
+                ));
+            }
+            if self.cluster.lease_ms < 1_000 {
+                return Err(invalid("cluster.lease_ms", "must be at least 1000"));
+            }
+        }
         if self.demo_enabled() && crate::accounts::validate_id(&self.demo.account).is_err() {
             return Err(invalid("demo.account", "is not a valid account id"));
         }
@@ -455,7 +541,7 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
     let value = match (key, &parsed) {
         (
             "token" | "instance" | "url" | "account" | "timezone" | "level" | "data_dir"
-            | "arrears_grace" | "listen",
+            | "arrears_grace" | "listen" | "redis_url" | "key_prefix" | "postgres_url",
             v,
         ) if !v.is_str() => toml::Value::String(value.to_string()),
         _ => parsed,

@@ -21,6 +21,19 @@ pub struct AccountBilling {
 pub enum Refusal {
     InArrears,
     LowBalance,
+    /// A shared quota could not be reached (cluster mode): nobody can
+    /// tell whether a unit is left.
+    Unavailable,
+}
+
+/// A package that could pay for a call, as a shared quota needs it: the
+/// durable count of units used is only where counting starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payer {
+    pub id: String,
+    pub kind: PackageKind,
+    pub size: u64,
+    pub used: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +91,40 @@ impl AccountBilling {
             None if self.postpaid => Ok(Source::Postpaid),
             None => Err(Refusal::LowBalance),
         }
+    }
+
+    /// The packages that could pay for a call made now, in deduction order
+    /// (free, then prepaid by earliest expiry), ignoring this replica's
+    /// reservations: a shared quota counts those itself.
+    pub fn payers(&self, now: Timestamp, grace: SignedDuration) -> Result<Vec<Payer>, Refusal> {
+        if let Standing::Suspended { .. } = self.standing(now, grace) {
+            return Err(Refusal::InArrears);
+        }
+        let mut v: Vec<&ResourcePackage> = self
+            .packages
+            .iter()
+            .filter(|p| {
+                p.refunded_at.is_none()
+                    && p.effective_at <= now
+                    && now < p.expires_at
+                    && p.used < p.size
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            (a.kind == PackageKind::Prepaid, a.expires_at, &a.id).cmp(&(
+                b.kind == PackageKind::Prepaid,
+                b.expires_at,
+                &b.id,
+            ))
+        });
+        Ok(v.into_iter()
+            .map(|p| Payer {
+                id: p.id.clone(),
+                kind: p.kind,
+                size: p.size,
+                used: p.used,
+            })
+            .collect())
     }
 
     fn package_mut(&mut self, id: &str) -> Option<&mut ResourcePackage> {

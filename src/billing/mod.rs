@@ -16,8 +16,8 @@ use jiff::{Timestamp, ToSpan};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-pub use account::{AccountBilling, Refusal, Standing};
-pub use reservation::{Accounts, Reservation};
+pub use account::{AccountBilling, Payer, Refusal, Standing};
+pub use reservation::{Accounts, HeldUnit, Quota, Reservation, Reserve};
 
 /// Pictures in the free package granted at the first activation.
 pub const FREE_PACKAGE_SIZE: u64 = 50;
@@ -302,3 +302,6 @@ pub fn parse_amount(s: &str) -> Option<Decimal> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+pub(crate) mod conformance;

@@ -365,3 +365,19 @@ proptest! {
         }
     }
 }
+
+mod conformance_local {
+    use std::sync::Arc;
+
+    use crate::billing::conformance;
+    use crate::billing::{Accounts, Quota};
+
+    async fn make(billing: Arc<Accounts>) -> Arc<dyn Quota> {
+        billing
+    }
+
+    #[tokio::test]
+    async fn the_in_process_quota_passes_the_suite() {
+        conformance::run_all(&make, "t-").await;
+    }
+}

@@ -10,14 +10,16 @@ use crate::billing::{Refusal, Reservation};
 
 use super::error::GatewayError;
 
-pub fn check(app: &App, principal: &Principal) -> Result<Reservation, GatewayError> {
+pub async fn check(app: &App, principal: &Principal) -> Result<Reservation, GatewayError> {
     if principal.root.status() == AccountStatus::Deactivated {
         return Err(GatewayError::StopUsing);
     }
-    app.billing
+    app.quota
         .reserve(&principal.root.id, app.clock.now())
+        .await
         .map_err(|r| match r {
             Refusal::InArrears => GatewayError::InArrears,
             Refusal::LowBalance => GatewayError::LowBalance,
+            Refusal::Unavailable => GatewayError::CoordinationUnavailable,
         })
 }

@@ -83,7 +83,7 @@ async fn run(
     let wait_limit = queue_wait_limit(app, &req)?;
     // Held until the task ends: dropped (unit given back) on every path but
     // a recorded success.
-    let reservation = account_gate::check(app, &principal)?;
+    let reservation = account_gate::check(app, &principal).await?;
 
     let ticket = Ticket {
         account: principal.root.id.clone(),
