@@ -21,7 +21,7 @@ use crate::entitlements::schedule::Schedule;
 use crate::gateway::proxy::Backend;
 use crate::limiter::{GateReport, Limiter, LocalLimiter};
 use crate::metrics::Metrics;
-use crate::store::{AccountRow, KeyRow, SqliteStore, Store, StoreError, Write, commit};
+use crate::store::{AccountRow, KeyRow, Store, StoreError, Write, commit};
 use crate::usage::UsageRecorder;
 
 /// Everything a request or an admin call needs, shared behind one `Arc`.
@@ -73,7 +73,7 @@ pub enum StartError {
 
 impl App {
     /// Builds the state and loads accounts and keys from the store.
-    pub fn build(
+    pub async fn build(
         config: Config,
         backend_url: &str,
         store: Arc<dyn Store>,
@@ -118,12 +118,12 @@ impl App {
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
         };
-        app.load()?;
+        app.load().await?;
         Ok(Arc::new(app))
     }
 
-    fn load(&self) -> Result<(), StoreError> {
-        let snap = self.store.load(self.clock.now())?;
+    async fn load(&self) -> Result<(), StoreError> {
+        let snap = self.store.load(self.clock.now()).await?;
         let mut packages: HashMap<String, Vec<ResourcePackage>> = HashMap::new();
         for p in snap.resource_packages {
             packages.entry(p.account.clone()).or_default().push(p);
@@ -280,13 +280,25 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     } else {
         config.backend.url.clone()
     };
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.data_dir)?);
+    let store = crate::store::open(&config.storage, &config.server.instance).await?;
     let app = App::build(
         config.clone(),
         &backend_url,
         store.clone(),
         Arc::new(SystemClock),
-    )?;
+    )
+    .await?;
+    let (export_dir, export_stop) = (
+        config.storage.data_dir.join("usage"),
+        CancellationToken::new(),
+    );
+    let export = crate::usage::export::run(
+        store.clone(),
+        export_dir,
+        app.recorder.committed(),
+        export_stop.clone(),
+    );
+    let export = tokio::spawn(export);
     if config.demo_enabled() {
         app.seed_demo().await?;
     }
@@ -328,6 +340,8 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         tracing::warn!("shutdown: tasks still running after the grace period");
     }
     let _ = admin_task.await;
+    export_stop.cancel();
+    let _ = export.await;
     let store_for_close = app.store.clone();
     let _ = tokio::task::spawn_blocking(move || store_for_close.close()).await;
     tracing::info!("shutdown complete");

@@ -166,13 +166,31 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
+    /// Local files: the SQLite database, the JSON Lines export, and (with
+    /// PostgreSQL) the spool of usage events awaiting an outage's end.
     pub data_dir: PathBuf,
+    pub kind: StorageKind,
+    /// `postgres://user[:password]@host[:port]/db`; required by `kind =
+    /// "postgres"`. Never logged with its password.
+    pub postgres_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// One node, embedded.
+    #[default]
+    Sqlite,
+    /// Many replicas sharing one database (SPEC §8).
+    Postgres,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            kind: StorageKind::Sqlite,
+            postgres_url: String::new(),
         }
     }
 }
@@ -448,6 +466,20 @@ impl Config {
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "must not be empty"));
         }
+        if self.storage.kind == StorageKind::Postgres {
+            if self.storage.postgres_url.is_empty() {
+                return Err(invalid(
+                    "storage.postgres_url",
+                    "is required when storage.kind = \"postgres\"",
+                ));
+            }
+            if let Err(e) = self.storage.postgres_url.parse::<tokio_postgres::Config>() {
+                return Err(invalid(
+                    "storage.postgres_url",
+                    format!("is not a PostgreSQL URL: {e}"),
+                ));
+            }
+        }
         if jiff::tz::TimeZone::get(&self.billing.timezone).is_err() {
             return Err(invalid(
                 "billing.timezone",
@@ -541,7 +573,8 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
     let value = match (key, &parsed) {
         (
             "token" | "instance" | "url" | "account" | "timezone" | "level" | "data_dir"
-            | "arrears_grace" | "listen" | "redis_url" | "key_prefix" | "postgres_url",
+            | "arrears_grace" | "listen" | "kind" | "redis_url" | "key_prefix"
+            | "postgres_url",
             v,
         ) if !v.is_str() => toml::Value::String(value.to_string()),
         _ => parsed,
@@ -621,6 +654,31 @@ mod tests {
         assert_eq!(c.limits.max_queue_per_account, 9);
         assert_eq!(c.admin.token, "1234567890123456");
         assert_eq!(c.billing.arrears_grace, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn storage_kind_and_url_come_from_the_environment() {
+        let c = Config::from_toml_and_env(
+            "",
+            vec![
+                ("TOLLGATE_STORAGE_KIND".into(), "postgres".into()),
+                (
+                    "TOLLGATE_STORAGE_POSTGRES_URL".into(),
+                    "postgres://u:secret@127.0.0.1:5432/db".into(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.storage.kind, StorageKind::Postgres);
+        assert_eq!(
+            c.storage.postgres_url,
+            "postgres://u:secret@127.0.0.1:5432/db"
+        );
+        let err = Config::from_toml_and_env("[storage]\nkind = \"postgres\"\n", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.postgres_url"), "{err}");
+        assert_eq!(Config::default().storage.kind, StorageKind::Sqlite);
     }
 
     #[test]

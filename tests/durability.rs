@@ -10,23 +10,16 @@ use std::time::Duration;
 
 use common::{Opts, Stack, wait_for};
 use http::{Method, StatusCode};
-use serde_json::Value;
 use tokio::sync::Mutex;
 
-fn jsonl_ids(stack: &Stack) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(stack.gw.data_dir.join("usage"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    for f in files {
-        for line in std::fs::read_to_string(f).unwrap().lines() {
-            let v: Value = serde_json::from_str(line).expect("every line is a whole event");
-            ids.push(v["id"].as_str().unwrap().to_string());
-        }
-    }
-    ids
+/// The export's event ids once it holds `n` events (it tails the store and
+/// may lag a commit briefly).
+async fn jsonl_ids(stack: &Stack, n: usize) -> Vec<String> {
+    common::wait_for_jsonl(&stack.gw.data_dir, n)
+        .await
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +102,7 @@ async fn kill_9_under_load_loses_no_success_and_duplicates_nothing() {
     // had in flight.
     assert!(events.len() - succeeded.len() <= 16);
     // The JSON Lines export was repaired at restart: every event, once.
-    let lines = jsonl_ids(&stack);
+    let lines = jsonl_ids(&stack, events.len()).await;
     assert_eq!(lines.len(), events.len());
     assert_eq!(lines.iter().collect::<HashSet<_>>().len(), lines.len());
 }

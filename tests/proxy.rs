@@ -112,16 +112,11 @@ async fn every_success_has_exactly_one_event_and_failures_none() {
         assert_eq!(e["data"]["sub_account"], expected_sub);
     }
     // The JSON Lines export holds the same events, once each.
-    let mut lines = 0;
-    for entry in std::fs::read_dir(stack.gw.data_dir.join("usage")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        for line in text.lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
-            assert!(ids.contains(v["id"].as_str().unwrap()));
-            lines += 1;
-        }
+    let exported = common::wait_for_jsonl(&stack.gw.data_dir, 60).await;
+    for v in &exported {
+        assert!(ids.contains(v["id"].as_str().unwrap()));
     }
-    assert_eq!(lines, 60);
+    assert_eq!(exported.len(), 60);
     // The cursor pages without gaps or repeats.
     let first = admin
         .call(Method::GET, "/v1/usage-events?limit=25", None)

@@ -20,7 +20,7 @@ use crate::billing::{self, Month, PackageKind, ResourcePackage, Standing};
 use crate::clock::rfc3339_millis;
 use crate::store::{SettlementLine, Write, commit};
 
-use super::error::{ApiError, blocking, parse_json};
+use super::error::{ApiError, parse_json};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -263,21 +263,20 @@ pub async fn usage(
 ) -> Reply {
     ensure_account(&app, &id)?;
     let month = parse_month(q.get("month").map(String::as_str))?;
-    let store = app.store.clone();
-    let (account, label) = (id.clone(), month.to_string());
-    let (usage, settled) = blocking(move || {
-        let usage = store
-            .month_usage(&label, Some(&account))?
-            .pop()
-            .unwrap_or_default();
-        let settled = store
-            .settled(&label)?
-            .into_iter()
-            .find(|(a, _)| *a == account)
-            .map(|(_, d)| d);
-        Ok((usage, settled))
-    })
-    .await?;
+    let label = month.to_string();
+    let usage = app
+        .store
+        .month_usage(&label, Some(&id))
+        .await?
+        .pop()
+        .unwrap_or_default();
+    let settled = app
+        .store
+        .settled(&label)
+        .await?
+        .into_iter()
+        .find(|(a, _)| *a == id)
+        .map(|(_, d)| d);
     let bill = billing::bill(usage.calls, usage.postpaid);
     Ok((
         StatusCode::OK,
@@ -316,10 +315,9 @@ pub async fn settle(State(app): State<Arc<App>>, body: Bytes) -> Reply {
         )));
     }
     let _serial = app.billing_admin.lock().await;
-    let store = app.store.clone();
     let label = month.to_string();
-    let (usage, settled) =
-        blocking(move || Ok((store.month_usage(&label, None)?, store.settled(&label)?))).await?;
+    let usage = app.store.month_usage(&label, None).await?;
+    let settled = app.store.settled(&label).await?;
     let settled: HashMap<String, Decimal> = settled.into_iter().collect();
     let mut lines = Vec::new();
     for u in usage {

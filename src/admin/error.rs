@@ -59,6 +59,14 @@ impl From<StoreError> for ApiError {
                 "FailedOperation.ServiceShuttingDown",
                 "the gateway is shutting down",
             ),
+            StoreError::Unavailable { reason, .. } => {
+                tracing::warn!(error = %reason, "admin call failed: the store is unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "FailedOperation.StoreUnavailable",
+                    "the store is unavailable; nothing was changed",
+                )
+            }
             StoreError::Internal(detail) => {
                 // The detail is for the operator's log, not the caller.
                 tracing::error!(error = %detail, "admin call failed in the store");
@@ -97,14 +105,4 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
-/// Runs a blocking store read off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::from(StoreError::Internal("reader task failed".into())))?
-        .map_err(ApiError::from)
 }

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 
 use crate::app::App;
 
-use super::error::{ApiError, blocking};
+use super::error::ApiError;
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
@@ -47,8 +47,7 @@ pub async fn list(
                 ApiError::bad_request(format!("limit: must be between 1 and {MAX_PAGE}"))
             })?,
     };
-    let store = app.store.clone();
-    let events = blocking(move || store.usage_events(after, limit)).await?;
+    let events = app.store.usage_events(after, limit).await?;
     let next = events.last().map_or(after, |e| e.seq).to_string();
     let page = Page {
         events: events.iter().map(|e| &*e.event).collect(),

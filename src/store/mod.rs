@@ -2,22 +2,32 @@
 //! No business rules live here.
 //!
 //! Every write goes through [`Store::submit`] and is acknowledged only once
-//! it is durable. Implementations are free to batch writes (the SQLite one
-//! commits groups of them with one fsync).
+//! it is durable. Implementations are free to batch writes (both commit
+//! groups of them in one transaction). Two implementations: the embedded
+//! SQLite one (one node) and PostgreSQL (many replicas sharing one
+//! database, SPEC §8); [`open`] picks one from the config.
 
+mod postgres;
 mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use crate::accounts::{AccountStatus, KeyHash};
 use crate::billing::{Bill, ResourcePackage};
 use crate::entitlements::ConcurrencyPackage;
 use crate::usage::UsageEvent;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+use crate::config::{StorageConfig, StorageKind};
 
 #[derive(Debug, Clone)]
 pub struct AccountRow {
@@ -130,8 +140,11 @@ pub enum Write {
 pub enum Committed {
     Done,
     /// The usage event's sequence number: its position in commit order.
+    /// `None` when the shared store was unreachable and the event waits in
+    /// the local spool (durable there; it gets its sequence number once
+    /// delivered).
     Usage {
-        seq: u64,
+        seq: Option<u64>,
     },
 }
 
@@ -141,10 +154,27 @@ pub enum StoreError {
     Conflict(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The storage cannot be reached (or answered that it cannot serve).
+    /// `retryable`: the same call may succeed later unchanged.
+    #[error("storage unavailable: {reason}")]
+    Unavailable { reason: String, retryable: bool },
     #[error("the store is closed")]
     Closed,
     #[error("storage failure: {0}")]
     Internal(String),
+}
+
+impl StoreError {
+    /// Whether repeating the same call later may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable {
+                retryable: true,
+                ..
+            }
+        )
+    }
 }
 
 /// Everything the gateway rebuilds its memory from at start.
@@ -160,6 +190,20 @@ pub struct Snapshot {
     pub resource_packages: Vec<ResourcePackage>,
 }
 
+/// One root account's whole durable state, as [`Snapshot`] holds it for
+/// every account: what a replica refreshes its memory of that account from.
+#[derive(Debug)]
+pub struct AccountSnapshot {
+    pub account: AccountRow,
+    pub sub_accounts: Vec<SubAccountRow>,
+    /// Unrevoked keys only (of the root and of its sub-accounts).
+    pub keys: Vec<KeyRow>,
+    /// Unrefunded packages that have not ended.
+    pub concurrency_packages: Vec<ConcurrencyPackage>,
+    /// Every resource package, refunded ones included, with durable `used`.
+    pub resource_packages: Vec<ResourcePackage>,
+}
+
 /// A stored usage event with its cursor.
 #[derive(Debug)]
 pub struct StoredEvent {
@@ -167,32 +211,112 @@ pub struct StoredEvent {
     pub event: Box<RawValue>,
 }
 
+/// What the change feed announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This root account's durable state (anything but usage counts and
+    /// packages' `used`) changed: reload it with [`Store::load_account`].
+    Account(String),
+    /// Changes may have been missed (the feed was cut off, or the receiver
+    /// lagged): reload everything.
+    All,
+}
+
+/// The store's state, cheap to read, for `/readyz` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreHealth {
+    Ok,
+    /// Tasks are still recorded, but usage events wait in the local spool
+    /// for the shared store to come back; admin writes fail meanwhile.
+    Degraded {
+        spooled: u64,
+    },
+    /// Nothing can be recorded (closed, or neither the store nor the spool
+    /// accepts writes).
+    Unavailable,
+}
+
 pub type Ack = oneshot::Sender<Result<Committed, StoreError>>;
 
+/// A boxed, sendable future: what the trait's async methods return, so the
+/// trait stays usable as `dyn Store`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The durable store.
+///
+/// Contract, for every implementation (the conformance suite in
+/// `tests/store_conformance.rs` checks it):
+///
+/// - A write is acknowledged once it is durable, never before. Writes are
+///   applied in submission order per caller; one failing write (a duplicate
+///   id: [`StoreError::Conflict`]; a missing row: [`StoreError::NotFound`])
+///   never fails another.
+/// - A usage append and its package charge stand or fall together; the
+///   charge only succeeds while the package has a unit left (`used < size`).
+///   A duplicate event id is a `Conflict`.
+/// - Usage events are numbered in commit order: a consumer paging
+///   [`Store::usage_events`] with the last `seq` it saw never misses nor
+///   repeats an event, however many writers commit at once.
+/// - Every committed change of an account's durable state (all but usage
+///   counts and `used`), by any process sharing the store, is announced on
+///   [`Store::changes`] — within 1 s for another process, and also for the
+///   caller's own writes (applying a change twice must be harmless).
+/// - Reads see every acknowledged write of this process.
+/// - [`StoreError::Unavailable`] means the storage cannot be reached; a
+///   shared store then still takes usage appends into a local fsync'd spool
+///   (`Committed::Usage { seq: None }`) and delivers them exactly once later.
 pub trait Store: Send + Sync + 'static {
     /// Everything to rebuild memory from; packages that ended before `now`
     /// are left out.
-    fn load(&self, now: Timestamp) -> Result<Snapshot, StoreError>;
+    fn load(&self, now: Timestamp) -> BoxFuture<'_, Result<Snapshot, StoreError>>;
+
+    /// One root account's whole durable state (`None`: no such account);
+    /// packages that ended before `now` are left out.
+    fn load_account<'a>(
+        &'a self,
+        id: &'a str,
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<Option<AccountSnapshot>, StoreError>>;
 
     /// Queues a write; `ack` is answered once it is durable (or failed).
     fn submit(&self, write: Write, ack: Ack);
 
     /// Usage events with `seq > after`, in commit order, at most `limit`.
-    /// Blocking: call from a blocking context.
-    fn usage_events(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    fn usage_events(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>>;
 
     /// A billing month's successful calls by account and charge source (all
-    /// accounts, or one). Blocking.
-    fn month_usage(
-        &self,
-        month: &str,
-        account: Option<&str>,
-    ) -> Result<Vec<MonthUsage>, StoreError>;
+    /// accounts, or one).
+    fn month_usage<'a>(
+        &'a self,
+        month: &'a str,
+        account: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<MonthUsage>, StoreError>>;
 
-    /// What earlier settlements of `month` charged each account. Blocking.
-    fn settled(&self, month: &str) -> Result<Vec<(String, Decimal)>, StoreError>;
+    /// What earlier settlements of `month` charged each account.
+    fn settled<'a>(
+        &'a self,
+        month: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, Decimal)>, StoreError>>;
 
-    /// Commits what is queued, stops the writer and waits for it.
+    /// A new subscription to the change feed (see the contract above). A
+    /// receiver that lags gets `RecvError::Lagged`: treat it as
+    /// [`Change::All`].
+    fn changes(&self) -> broadcast::Receiver<Change>;
+
+    /// Cheap, synchronous: for `/readyz` and metrics.
+    fn health(&self) -> StoreHealth;
+
+    /// Usage events waiting in the local spool (`tollgate_spooled_events`).
+    fn spooled(&self) -> u64 {
+        0
+    }
+
+    /// Commits what is queued, stops the writer and waits for it. May
+    /// block: call from a blocking context.
     fn close(&self);
 }
 
@@ -201,4 +325,37 @@ pub async fn commit(store: &dyn Store, write: Write) -> Result<Committed, StoreE
     let (tx, rx) = oneshot::channel();
     store.submit(write, tx);
     rx.await.unwrap_or(Err(StoreError::Closed))
+}
+
+/// Opens the store `storage.kind` names. `instance` names this process to
+/// a shared store (PostgreSQL's `application_name`).
+pub async fn open(storage: &StorageConfig, instance: &str) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match storage.kind {
+        StorageKind::Sqlite => Arc::new(SqliteStore::open(&storage.data_dir)?),
+        StorageKind::Postgres => {
+            PostgresStore::open(&storage.postgres_url, &storage.data_dir, instance).await?
+        }
+    })
+}
+
+/// The root accounts a write changes the durable state of (usage appends
+/// change none: counts are not announced). Writes that name only a key or
+/// package id get their account from the row they update.
+pub(crate) fn changed_accounts(write: &Write) -> Vec<String> {
+    match write {
+        Write::CreateAccount { account, .. } => vec![account.id.clone()],
+        Write::SetAccountStatus { id, .. } => vec![id.clone()],
+        Write::CreateSubAccount(s) => vec![s.root.clone()],
+        Write::CreateKey(k) => vec![k.root.clone()],
+        Write::CreateConcurrencyPackage(p) => vec![p.account.clone()],
+        Write::CreateResourcePackage(p) => vec![p.account.clone()],
+        Write::SetPostpaid { account, .. } | Write::TopUp { account, .. } => {
+            vec![account.clone()]
+        }
+        Write::Settle { lines, .. } => lines.iter().map(|l| l.account.clone()).collect(),
+        Write::RevokeKey { .. }
+        | Write::RefundConcurrencyPackage { .. }
+        | Write::RefundResourcePackage { .. }
+        | Write::AppendUsage { .. } => Vec::new(),
+    }
 }

@@ -1,10 +1,10 @@
 //! The JSON Lines export: one file per UTC day, `usage/events-YYYY-MM-DD.jsonl`,
 //! one event per line in commit order.
 //!
-//! The export is written after each commit without its own fsync: it is
-//! derived from the store, and [`JsonlSink::open`] repairs it after a crash
-//! (cuts a torn last line, re-exports what the files miss, writes nothing
-//! twice).
+//! The files are derived from the store's event feed (see
+//! [`super::export`], which tails it). [`JsonlSink::open`] repairs them
+//! after a crash (cuts a torn last line); the tail then re-exports what the
+//! files miss and writes nothing twice.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 /// One committed event, as the store hands it to the export.
 pub struct ExportedEvent<'a> {
     pub seq: u64,
+    pub id: &'a str,
     /// `YYYY-MM-DD...`, the event's UTC time.
     pub time: &'a str,
     pub json: &'a str,
@@ -22,6 +23,9 @@ pub struct JsonlSink {
     dir: PathBuf,
     current: Option<(String, File)>,
     exported_up_to: u64,
+    last_id: Option<String>,
+    /// Lines written to `current` since its last fsync.
+    unsynced: bool,
 }
 
 impl JsonlSink {
@@ -50,6 +54,8 @@ impl JsonlSink {
             dir: dir.to_path_buf(),
             current: None,
             exported_up_to: 0,
+            last_id: last_id.clone(),
+            unsynced: false,
         };
         Ok((sink, last_id))
     }
@@ -60,6 +66,22 @@ impl JsonlSink {
 
     pub fn set_exported_up_to(&mut self, seq: u64) {
         self.exported_up_to = seq;
+    }
+
+    /// The id of the last event written.
+    pub fn last_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
+    }
+
+    /// Makes every line written so far durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if let Some((_, f)) = &self.current
+            && self.unsynced
+        {
+            f.sync_data()?;
+        }
+        self.unsynced = false;
+        Ok(())
     }
 
     /// Appends events (in commit order); skips any already exported.
@@ -77,7 +99,9 @@ impl JsonlSink {
             line.extend_from_slice(ev.json.as_bytes());
             line.push(b'\n');
             file.write_all(&line)?;
+            self.unsynced = true;
             self.exported_up_to = ev.seq;
+            self.last_id = Some(ev.id.to_string());
         }
         Ok(())
     }
@@ -85,6 +109,8 @@ impl JsonlSink {
     fn file_for(&mut self, day: &str) -> io::Result<&mut File> {
         let stale = !matches!(&self.current, Some((d, _)) if d == day);
         if stale {
+            // A day's file is left for good: make its lines durable first.
+            self.sync()?;
             let path = self.dir.join(format!("events-{day}.jsonl"));
             let file = OpenOptions::new().create(true).append(true).open(path)?;
             self.current = Some((day.to_string(), file));
@@ -137,6 +163,7 @@ mod tests {
     fn ev(seq: u64, json: &str) -> ExportedEvent<'_> {
         ExportedEvent {
             seq,
+            id: "",
             time: "2026-11-26T00:00:00.000Z",
             json,
         }

@@ -2,11 +2,12 @@
 //! the recorder the data plane calls before releasing a success, and the JSON
 //! Lines export under `<data_dir>/usage/`.
 //!
-//! The events' durable home is the store (one writer thread, group commits,
-//! fsync); the JSON Lines files are an export derived from it and rebuilt
-//! from it after a crash.
+//! The events' durable home is the store (group commits, fsync); the JSON
+//! Lines files are an export that tails the store's event feed and is
+//! repaired from it after a crash.
 
 mod event;
+pub mod export;
 pub mod jsonl;
 mod recorder;
 

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store, StoreError, Write, commit};
 
@@ -12,22 +14,35 @@ use super::UsageEvent;
 pub struct UsageRecorder {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    committed: Arc<Notify>,
 }
 
 impl UsageRecorder {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics }
+        Self {
+            store,
+            metrics,
+            committed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Notified after each committed event: what the sinks tailing the
+    /// event feed wait on (besides their timer).
+    pub fn committed(&self) -> Arc<Notify> {
+        self.committed.clone()
     }
 
     /// Durably stores the event together with its charge to `package` (if
     /// any) and the billing `month`'s counters; returns its sequence number
-    /// (its cursor).
+    /// (its cursor), `None` when it waits in the local spool of a shared
+    /// store that is unreachable (it is durable either way). Pokes the
+    /// event sinks (the JSON Lines export) after each commit.
     pub async fn record(
         &self,
         event: UsageEvent,
         package: Option<String>,
         month: String,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let json =
             serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?;
         let write = Write::AppendUsage {
@@ -39,6 +54,7 @@ impl UsageRecorder {
         match commit(&*self.store, write).await? {
             Committed::Usage { seq } => {
                 self.metrics.usage_events_total.inc();
+                self.committed.notify_one();
                 Ok(seq)
             }
             Committed::Done => Err(StoreError::Internal(

@@ -629,3 +629,33 @@ pub async fn raw_partial_task(
     s.write_all(&vec![b'x'; sent]).await.unwrap();
     s
 }
+
+/// The events in the JSON Lines export under `data_dir/usage/`, in file
+/// order.
+pub fn jsonl_events(data_dir: &Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(data_dir.join("usage"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    files.retain(|p: &PathBuf| p.extension().is_some_and(|e| e == "jsonl"));
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            out.push(serde_json::from_str(line).expect("every line is a whole event"));
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until the export, which tails the store's event feed,
+/// holds at least `n` events; returns what it holds then.
+pub async fn wait_for_jsonl(data_dir: &Path, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = jsonl_events(data_dir);
+        if events.len() >= n || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

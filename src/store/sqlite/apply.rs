@@ -2,9 +2,8 @@
 
 use rusqlite::{Connection, ErrorCode, params};
 
-use super::super::{Committed, StoreError, Write};
+use super::super::{Committed, StoreError, Write, changed_accounts};
 use super::internal;
-use super::writer::Pending;
 
 fn map_write_error(e: rusqlite::Error, what: &str) -> StoreError {
     if let rusqlite::Error::SqliteFailure(f, _) = &e
@@ -36,6 +35,21 @@ fn update_one(
     Ok(())
 }
 
+/// Runs an update that must change exactly one row and returns the row's
+/// account (its first `RETURNING` column).
+fn update_returning(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    what: &str,
+) -> Result<String, StoreError> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.query_row(params, |r| r.get::<_, String>(0)).optional())
+        .map_err(internal)?
+        .ok_or_else(|| StoreError::NotFound(what.to_string()))
+}
+
 fn insert(
     conn: &Connection,
     sql: &str,
@@ -52,10 +66,13 @@ fn opt_ts(t: &Option<jiff::Timestamp>) -> Option<String> {
     t.map(|t| t.to_string())
 }
 
+/// Applies one write; returns its result and the root accounts whose
+/// durable state it changed (for the change feed).
 pub(super) fn apply(
     conn: &Connection,
     write: &Write,
-) -> Result<(Committed, Option<Pending>), StoreError> {
+) -> Result<(Committed, Vec<String>), StoreError> {
+    let mut changed = changed_accounts(write);
     match write {
         Write::CreateAccount {
             account: a,
@@ -101,12 +118,13 @@ pub(super) fn apply(
             ],
             &format!("key {}", k.key_id),
         )?,
-        Write::RevokeKey { key_id, at } => update_one(
+        Write::RevokeKey { key_id, at } => changed.push(update_returning(
             conn,
-            "UPDATE api_keys SET revoked_at = ?2 WHERE key_id = ?1 AND revoked_at IS NULL",
+            "UPDATE api_keys SET revoked_at = ?2 WHERE key_id = ?1 AND revoked_at IS NULL
+             RETURNING root",
             params![key_id, at.to_string()],
             &format!("key {key_id}"),
-        )?,
+        )?),
         Write::AppendUsage {
             event,
             json,
@@ -148,14 +166,7 @@ pub(super) fn apply(
                     &format!("resource package {pkg} with a unit left"),
                 )?;
             }
-            return Ok((
-                Committed::Usage { seq },
-                Some(Pending {
-                    seq,
-                    time: event.time.clone(),
-                    json: json.clone(),
-                }),
-            ));
+            return Ok((Committed::Usage { seq: Some(seq) }, changed));
         }
         Write::CreateConcurrencyPackage(p) => insert(
             conn,
@@ -175,20 +186,22 @@ pub(super) fn apply(
             ],
             &format!("concurrency package {}", p.id),
         )?,
-        Write::RefundConcurrencyPackage { id, at } => update_one(
+        Write::RefundConcurrencyPackage { id, at } => changed.push(update_returning(
             conn,
-            "UPDATE concurrency_packages SET refunded_at = ?2 WHERE id = ?1 AND refunded_at IS NULL",
+            "UPDATE concurrency_packages SET refunded_at = ?2 WHERE id = ?1 AND refunded_at IS NULL
+             RETURNING account",
             params![id, at.to_string()],
             &format!("concurrency package {id}"),
-        )?,
+        )?),
         Write::CreateResourcePackage(p) => insert_resource_package(conn, p)?,
-        Write::RefundResourcePackage { id, at } => update_one(
+        Write::RefundResourcePackage { id, at } => changed.push(update_returning(
             conn,
             "UPDATE resource_packages SET refunded_at = ?2
-             WHERE id = ?1 AND refunded_at IS NULL AND used = 0 AND kind = 'prepaid'",
+             WHERE id = ?1 AND refunded_at IS NULL AND used = 0 AND kind = 'prepaid'
+             RETURNING account",
             params![id, at.to_string()],
             &format!("unused prepaid package {id}"),
-        )?,
+        )?),
         Write::SetPostpaid { account, enabled } => update_one(
             conn,
             "UPDATE accounts SET postpaid = ?2 WHERE id = ?1",
@@ -244,7 +257,7 @@ pub(super) fn apply(
             }
         }
     }
-    Ok((Committed::Done, None))
+    Ok((Committed::Done, changed))
 }
 
 fn insert_resource_package(

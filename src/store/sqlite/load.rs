@@ -38,11 +38,17 @@ fn opt_ts(row: &Row<'_>, i: usize) -> Result<Option<Timestamp>, StoreError> {
         .transpose()
 }
 
-pub(super) fn snapshot(conn: &Connection, now: Timestamp) -> Result<Snapshot, StoreError> {
+/// Every account's state, or (with `account`) one root account's.
+pub(super) fn snapshot(
+    conn: &Connection,
+    now: Timestamp,
+    account: Option<&str>,
+) -> Result<Snapshot, StoreError> {
     let accounts = rows(
         conn,
-        "SELECT id, status, created_at, postpaid, balance_usd, arrears_since FROM accounts ORDER BY id",
-        [],
+        "SELECT id, status, created_at, postpaid, balance_usd, arrears_since FROM accounts
+         WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+        params![account],
         |r| {
             let id: String = col(r, 0)?;
             let status: String = col(r, 1)?;
@@ -59,8 +65,9 @@ pub(super) fn snapshot(conn: &Connection, now: Timestamp) -> Result<Snapshot, St
     )?;
     let sub_accounts = rows(
         conn,
-        "SELECT id, root, max_concurrency, created_at FROM sub_accounts ORDER BY id",
-        [],
+        "SELECT id, root, max_concurrency, created_at FROM sub_accounts
+         WHERE ?1 IS NULL OR root = ?1 ORDER BY id",
+        params![account],
         |r| {
             Ok(SubAccountRow {
                 id: col(r, 0)?,
@@ -72,8 +79,9 @@ pub(super) fn snapshot(conn: &Connection, now: Timestamp) -> Result<Snapshot, St
     )?;
     let keys = rows(
         conn,
-        "SELECT key_id, hash, root, sub, created_at FROM api_keys WHERE revoked_at IS NULL ORDER BY key_id",
-        [],
+        "SELECT key_id, hash, root, sub, created_at FROM api_keys
+         WHERE revoked_at IS NULL AND (?1 IS NULL OR root = ?1) ORDER BY key_id",
+        params![account],
         |r| {
             let key_id: String = col(r, 0)?;
             let hash: Vec<u8> = col(r, 1)?;
@@ -91,8 +99,9 @@ pub(super) fn snapshot(conn: &Connection, now: Timestamp) -> Result<Snapshot, St
     let concurrency_packages = rows(
         conn,
         "SELECT id, account, units, period, start_date, starts_at, ends_at, price_usd, bought_at
-         FROM concurrency_packages WHERE refunded_at IS NULL ORDER BY starts_at, id",
-        [],
+         FROM concurrency_packages WHERE refunded_at IS NULL AND (?1 IS NULL OR account = ?1)
+         ORDER BY starts_at, id",
+        params![account],
         |r| {
             let id: String = col(r, 0)?;
             let period: String = col(r, 3)?;
@@ -118,8 +127,8 @@ pub(super) fn snapshot(conn: &Connection, now: Timestamp) -> Result<Snapshot, St
     let resource_packages = rows(
         conn,
         "SELECT id, account, kind, size, used, effective_at, expires_at, price_usd, refunded_at
-         FROM resource_packages ORDER BY effective_at, id",
-        [],
+         FROM resource_packages WHERE ?1 IS NULL OR account = ?1 ORDER BY effective_at, id",
+        params![account],
         |r| {
             let id: String = col(r, 0)?;
             let kind: String = col(r, 2)?;

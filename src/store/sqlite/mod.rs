@@ -7,16 +7,15 @@
 //! others in its batch. Reads use a second connection, which WAL lets run
 //! beside the writer. Checkpoints (copying the WAL into the database file,
 //! with an fsync of its own) run on a third connection in their own thread,
-//! so they never stall a group commit.
+//! so they never stall a group commit. Reads run on the blocking pool.
 
 mod apply;
-mod export;
 mod load;
 mod writer;
 
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use jiff::Timestamp;
@@ -24,7 +23,12 @@ use rusqlite::{Connection, params};
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 
-use super::{Ack, MonthUsage, Snapshot, Store, StoreError, StoredEvent, Write};
+use tokio::sync::broadcast;
+
+use super::{
+    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, Snapshot, Store, StoreError, StoreHealth,
+    StoredEvent, Write,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
@@ -129,8 +133,9 @@ pub struct SqliteStore {
     checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     // Reads are rare (admin calls, start) and short; one connection behind a
     // std mutex is enough and keeps them off the writer.
-    reader: Mutex<Connection>,
+    reader: Arc<Mutex<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    changes: broadcast::Sender<Change>,
 }
 
 fn internal(e: impl std::fmt::Display) -> StoreError {
@@ -159,23 +164,23 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 impl SqliteStore {
-    /// Opens (or creates) `<data_dir>/tollgate.db` and the usage export
-    /// under `<data_dir>/usage/`, repairs the export, and starts the writer.
+    /// Opens (or creates) `<data_dir>/tollgate.db` and starts the writer.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| internal(format!("cannot create {}: {e}", data_dir.display())))?;
         let db = data_dir.join("tollgate.db");
-        let mut conn = open_connection(&db).map_err(internal)?;
+        let conn = open_connection(&db).map_err(internal)?;
         conn.execute_batch(SCHEMA).map_err(internal)?;
         // The writer never checkpoints; the checkpointer thread does.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(internal)?;
-        let sink = export::recover(&mut conn, &data_dir.join("usage"))?;
         let reader = open_connection(&db).map_err(internal)?;
         let (jobs, rx) = mpsc::channel();
+        let (changes, _) = broadcast::channel(1024);
+        let feed = changes.clone();
         let writer = std::thread::Builder::new()
             .name("tollgate-store".into())
-            .spawn(move || writer::run(conn, rx, sink))
+            .spawn(move || writer::run(conn, rx, feed))
             .map_err(internal)?;
         let checkpoint_conn = open_connection(&db).map_err(internal)?;
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
@@ -198,19 +203,54 @@ impl SqliteStore {
         Ok(Self {
             jobs,
             checkpointer: Mutex::new(Some((stop_checkpoints, checkpointer))),
-            reader: Mutex::new(reader),
+            reader: Arc::new(Mutex::new(reader)),
             writer: Mutex::new(Some(writer)),
+            changes,
         })
     }
 
-    fn reader(&self) -> MutexGuard<'_, Connection> {
-        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on the read connection in the blocking pool.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, StoreError>> {
+        let reader = self.reader.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+                f(&conn)
+            })
+            .await
+            .map_err(|_| internal("reader task failed"))?
+        })
     }
 }
 
 impl Store for SqliteStore {
-    fn load(&self, now: Timestamp) -> Result<Snapshot, StoreError> {
-        load::snapshot(&self.reader(), now)
+    fn load(&self, now: Timestamp) -> BoxFuture<'_, Result<Snapshot, StoreError>> {
+        self.read(move |c| load::snapshot(c, now, None))
+    }
+
+    fn load_account<'a>(
+        &'a self,
+        id: &'a str,
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<Option<AccountSnapshot>, StoreError>> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let snap = load::snapshot(c, now, Some(&id))?;
+            Ok(snap
+                .accounts
+                .into_iter()
+                .next()
+                .map(|account| AccountSnapshot {
+                    account,
+                    sub_accounts: snap.sub_accounts,
+                    keys: snap.keys,
+                    concurrency_packages: snap.concurrency_packages,
+                    resource_packages: snap.resource_packages,
+                }))
+        })
     }
 
     fn submit(&self, write: Write, ack: Ack) {
@@ -219,38 +259,66 @@ impl Store for SqliteStore {
         }
     }
 
-    fn usage_events(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let conn = self.reader();
-        let mut st = conn
-            .prepare_cached(
-                "SELECT seq, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(internal)?;
-        let rows = st
-            .query_map(params![after as i64, limit as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-            })
-            .map_err(internal)?;
-        rows.map(|row| {
-            let (seq, json) = row.map_err(internal)?;
-            Ok(StoredEvent {
-                seq: seq as u64,
-                event: RawValue::from_string(json).map_err(internal)?,
-            })
-        })
-        .collect()
-    }
-
-    fn month_usage(
+    fn usage_events(
         &self,
-        month: &str,
-        account: Option<&str>,
-    ) -> Result<Vec<MonthUsage>, StoreError> {
-        load::month_usage(&self.reader(), month, account)
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>> {
+        self.read(move |conn| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT seq, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .map_err(internal)?;
+            let rows = st
+                .query_map(params![after as i64, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(internal)?;
+            rows.map(|row| {
+                let (seq, json) = row.map_err(internal)?;
+                Ok(StoredEvent {
+                    seq: seq as u64,
+                    event: RawValue::from_string(json).map_err(internal)?,
+                })
+            })
+            .collect()
+        })
     }
 
-    fn settled(&self, month: &str) -> Result<Vec<(String, Decimal)>, StoreError> {
-        load::settled(&self.reader(), month)
+    fn month_usage<'a>(
+        &'a self,
+        month: &'a str,
+        account: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<MonthUsage>, StoreError>> {
+        let (month, account) = (month.to_string(), account.map(String::from));
+        self.read(move |c| load::month_usage(c, &month, account.as_deref()))
+    }
+
+    fn settled<'a>(
+        &'a self,
+        month: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, Decimal)>, StoreError>> {
+        let month = month.to_string();
+        self.read(move |c| load::settled(c, &month))
+    }
+
+    fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    fn health(&self) -> StoreHealth {
+        let running = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        if running {
+            StoreHealth::Ok
+        } else {
+            StoreHealth::Unavailable
+        }
     }
 
     fn close(&self) {

@@ -1,20 +1,22 @@
-//! The writer thread: group commits, acknowledgements after the fsync, and
-//! the JSON Lines export of what was committed.
+//! The writer thread: group commits, and acknowledgements (and change-feed
+//! announcements) after the fsync.
 
 use std::sync::mpsc;
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
+use tokio::sync::broadcast;
 
-use crate::usage::jsonl::{ExportedEvent, JsonlSink};
-
-use super::super::{Ack, Committed, StoreError, Write};
+use super::super::{Ack, Change, Committed, StoreError, Write};
 use super::{Job, apply, internal};
 
 /// The most writes one transaction takes; more wait for the next.
 const MAX_BATCH: usize = 4096;
 
-pub(super) fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, mut sink: JsonlSink) {
-    let mut recorded_watermark = sink.exported_up_to();
+pub(super) fn run(
+    mut conn: Connection,
+    jobs: mpsc::Receiver<Job>,
+    changes: broadcast::Sender<Change>,
+) {
     while let Ok(first) = jobs.recv() {
         let mut closing = false;
         let mut batch = Vec::new();
@@ -31,7 +33,7 @@ pub(super) fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, mut sink: Jso
             };
         }
         if !batch.is_empty() {
-            commit_batch(&mut conn, &mut sink, &mut recorded_watermark, batch);
+            commit_batch(&mut conn, &changes, batch);
         }
         if closing {
             return;
@@ -39,15 +41,8 @@ pub(super) fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, mut sink: Jso
     }
 }
 
-/// A committed usage event, for the export.
-pub(super) struct Pending {
-    pub seq: u64,
-    pub time: String,
-    pub json: String,
-}
-
-/// Each write's result, and the committed events to export.
-type BatchOutcome = (Vec<Result<Committed, StoreError>>, Vec<Pending>);
+/// Each write's result, and the accounts the batch changed.
+type BatchOutcome = (Vec<Result<Committed, StoreError>>, Vec<String>);
 
 /// Runs the batch in one transaction. With `isolate`, each write gets its
 /// own savepoint so a failing one fails alone; without, the first failure
@@ -57,20 +52,19 @@ type BatchOutcome = (Vec<Result<Committed, StoreError>>, Vec<Pending>);
 fn run_batch(
     conn: &mut Connection,
     batch: &[(Write, Ack)],
-    watermark: Option<u64>,
     isolate: bool,
 ) -> rusqlite::Result<Option<BatchOutcome>> {
     let mut results = Vec::with_capacity(batch.len());
-    let mut exported = Vec::new();
+    let mut changed = Vec::new();
     let mut tx = conn.transaction()?;
     for (write, _) in batch {
         if isolate {
             let mut sp = tx.savepoint()?;
             match apply::apply(&sp, write) {
-                Ok((committed, pending)) => {
+                Ok((committed, accounts)) => {
                     sp.commit()?;
                     results.push(Ok(committed));
-                    exported.extend(pending);
+                    changed.extend(accounts);
                 }
                 Err(e) => {
                     sp.rollback()?;
@@ -79,54 +73,39 @@ fn run_batch(
             }
         } else {
             match apply::apply(&tx, write) {
-                Ok((committed, pending)) => {
+                Ok((committed, accounts)) => {
                     results.push(Ok(committed));
-                    exported.extend(pending);
+                    changed.extend(accounts);
                 }
                 // Dropping `tx` rolls the whole batch back.
                 Err(_) => return Ok(None),
             }
         }
     }
-    if let Some(w) = watermark {
-        tx.execute(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES ('jsonl_exported_seq', ?1)",
-            params![w as i64],
-        )?;
-    }
     tx.commit()?;
-    Ok(Some((results, exported)))
+    Ok(Some((results, changed)))
 }
 
 fn commit_batch(
     conn: &mut Connection,
-    sink: &mut JsonlSink,
-    recorded_watermark: &mut u64,
+    changes: &broadcast::Sender<Change>,
     batch: Vec<(Write, Ack)>,
 ) {
-    let watermark = sink.exported_up_to();
-    let changed = (watermark != *recorded_watermark).then_some(watermark);
-    let outcome = match run_batch(conn, &batch, changed, false) {
-        Ok(None) => run_batch(conn, &batch, changed, true)
-            .map(|r| r.expect("isolated batches always finish")),
+    let outcome = match run_batch(conn, &batch, false) {
+        Ok(None) => {
+            run_batch(conn, &batch, true).map(|r| r.expect("isolated batches always finish"))
+        }
         Ok(Some(done)) => Ok(done),
         Err(e) => Err(e),
     };
     match outcome {
-        Ok((results, exported)) => {
-            *recorded_watermark = watermark;
+        Ok((results, changed)) => {
             for ((_, ack), result) in batch.into_iter().zip(results) {
                 let _ = ack.send(result);
             }
-            let events = exported.iter().map(|p| ExportedEvent {
-                seq: p.seq,
-                time: &p.time,
-                json: &p.json,
-            });
-            if let Err(e) = sink.append(events) {
-                // The events are durable in the database; the export is
-                // repaired from it at the next start.
-                tracing::error!(error = %e, "usage JSON Lines export failed");
+            for account in changed {
+                // No subscriber is fine: one node applies its own changes.
+                let _ = changes.send(Change::Account(account));
             }
         }
         Err(e) => {
