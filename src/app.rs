@@ -1,7 +1,6 @@
 //! Wiring: builds the shared state from the config and the store, runs the
 //! listeners, and shuts down in order on SIGTERM/SIGINT.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,24 +10,24 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accounts::{
-    AccountStatus, KeyEntry, Principal, Registry, RootAccount, SubAccount, hash_key,
-};
-use crate::billing::{self, AccountBilling, PackageKind, ResourcePackage};
+use crate::accounts::{AccountService, ChangeError, Registry, hash_key};
+use crate::billing;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DEMO_API_KEY};
 use crate::entitlements::schedule::Schedule;
 use crate::gateway::proxy::Backend;
 use crate::limiter::{GateReport, Limiter, LocalLimiter};
 use crate::metrics::Metrics;
-use crate::store::{AccountRow, KeyRow, Store, StoreError, Write, commit};
+use crate::store::{KeyRow, Store, StoreError};
 use crate::usage::UsageRecorder;
 
 /// Everything a request or an admin call needs, shared behind one `Arc`.
 pub struct App {
     pub config: Config,
     pub clock: Arc<dyn Clock>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// Account changes (check → commit → apply) and the change feed.
+    pub accounts: Arc<AccountService>,
     pub limiter: Arc<dyn Limiter>,
     /// The same limiter, seen by the metrics scrape.
     pub gates: Arc<dyn GateReport>,
@@ -99,15 +98,25 @@ impl App {
             clock.clone(),
             limiter.clone(),
         ));
+        let registry = Arc::new(Registry::new());
         let billing = Arc::new(billing::Accounts::new(config.billing.arrears_grace));
+        let accounts = Arc::new(AccountService::new(
+            store.clone(),
+            registry.clone(),
+            billing.clone(),
+            schedule.clone(),
+            limiter.clone(),
+            clock.clone(),
+        ));
         let app = Self {
             schedule,
+            tz,
             quota: billing.clone(),
             billing,
-            tz,
             billing_admin: tokio::sync::Mutex::new(()),
             recorder: UsageRecorder::new(store.clone(), metrics.clone()),
-            registry: Registry::new(),
+            registry,
+            accounts,
             config,
             clock,
             limiter,
@@ -118,116 +127,8 @@ impl App {
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
         };
-        app.load().await?;
+        app.accounts.refresh_all().await?;
         Ok(Arc::new(app))
-    }
-
-    async fn load(&self) -> Result<(), StoreError> {
-        let snap = self.store.load(self.clock.now()).await?;
-        let mut packages: HashMap<String, Vec<ResourcePackage>> = HashMap::new();
-        for p in snap.resource_packages {
-            packages.entry(p.account.clone()).or_default().push(p);
-        }
-        for a in snap.accounts {
-            self.billing.insert(
-                &a.id,
-                AccountBilling {
-                    postpaid: a.postpaid,
-                    balance: a.balance_usd,
-                    arrears_since: a.arrears_since,
-                    packages: packages.remove(&a.id).unwrap_or_default(),
-                },
-            );
-            self.add_root(RootAccount::new(&a.id, a.status, a.created_at));
-        }
-        for s in snap.sub_accounts {
-            self.registry.insert_sub(SubAccount {
-                id: s.id.as_str().into(),
-                root: s.root.as_str().into(),
-                max_concurrency: s.max_concurrency,
-                created_at: s.created_at,
-            });
-        }
-        for k in snap.keys {
-            self.add_key(k);
-        }
-        for p in snap.concurrency_packages {
-            self.schedule.add(p);
-        }
-        Ok(())
-    }
-
-    /// Creates and activates a root account with the free package of its
-    /// first activation, durably, then makes it usable.
-    pub async fn create_account(
-        &self,
-        id: &str,
-        postpaid: bool,
-    ) -> Result<Arc<RootAccount>, StoreError> {
-        let now = self.clock.now();
-        let free = ResourcePackage::new(
-            format!("free_{}", uuid::Uuid::now_v7().simple()),
-            id,
-            PackageKind::Free,
-            billing::FREE_PACKAGE_SIZE,
-            rust_decimal::Decimal::ZERO,
-            now,
-        );
-        let account = AccountRow {
-            id: id.to_string(),
-            status: AccountStatus::Active,
-            created_at: now,
-            postpaid,
-            balance_usd: rust_decimal::Decimal::ZERO,
-            arrears_since: None,
-        };
-        commit(
-            &*self.store,
-            Write::CreateAccount {
-                account,
-                free_package: Box::new(free.clone()),
-            },
-        )
-        .await?;
-        self.billing.insert(
-            id,
-            AccountBilling {
-                postpaid,
-                packages: vec![free],
-                ..AccountBilling::default()
-            },
-        );
-        Ok(self.add_root(RootAccount::new(id, AccountStatus::Active, now)))
-    }
-
-    pub fn add_root(&self, root: RootAccount) -> Arc<RootAccount> {
-        let root = self.registry.insert_root(root);
-        self.schedule.apply(&root.id);
-        root
-    }
-
-    /// Makes a stored key usable. Keys of unknown accounts are skipped (the
-    /// store's foreign keys make that impossible short of manual edits).
-    pub fn add_key(&self, k: KeyRow) {
-        let Some(root) = self.registry.root(&k.root) else {
-            tracing::warn!(key_id = %k.key_id, "key of an unknown account skipped");
-            return;
-        };
-        let sub = match &k.sub {
-            Some(id) => match self.registry.sub(id) {
-                Some(s) => Some(s),
-                None => {
-                    tracing::warn!(key_id = %k.key_id, "key of an unknown sub-account skipped");
-                    return;
-                }
-            },
-            None => None,
-        };
-        self.registry.insert_key(KeyEntry {
-            key_id: k.key_id,
-            hash: k.hash,
-            principal: Principal { root, sub },
-        });
     }
 
     /// Creates the demo account and its public key if they are missing.
@@ -235,7 +136,12 @@ impl App {
         let id = self.config.demo.account.clone();
         if self.registry.root(&id).is_none() {
             // Postpaid, so the demo keeps answering past the free package.
-            self.create_account(&id, true).await?;
+            match self.accounts.create_account(&id, true).await {
+                Ok(_) => {}
+                Err(ChangeError::Store(e)) => return Err(e),
+                // Made meanwhile by another replica.
+                Err(_) => {}
+            }
         }
         if self.registry.authenticate(DEMO_API_KEY).is_none() {
             let row = KeyRow {
@@ -245,10 +151,9 @@ impl App {
                 sub: None,
                 created_at: self.clock.now(),
             };
-            match commit(&*self.store, Write::CreateKey(row.clone())).await {
-                Ok(_) => self.add_key(row),
+            match self.accounts.add_known_key(row).await {
                 // Revoked earlier by an operator: stay revoked.
-                Err(StoreError::Conflict(_)) => {}
+                Ok(()) | Err(StoreError::Conflict(_)) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -262,10 +167,22 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Runs `tollgate serve` until SIGTERM or SIGINT, then shuts down in order:
-/// stop accepting, refuse queued tasks, let in-flight ones finish within the
-/// grace period, flush the store.
+/// Runs `tollgate serve` until SIGTERM or SIGINT (see [`run`]).
 pub async fn serve(config: Config) -> Result<(), StartError> {
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    run(config, shutdown).await
+}
+
+/// Runs a whole gateway until `shutdown` is cancelled, then shuts down in
+/// order: stop accepting, refuse queued tasks, let in-flight ones finish
+/// within the grace period, flush the store. Tests run gateways in process
+/// through this.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     let stop = CancellationToken::new();
     let backend_url = if config.uses_embedded_simulator() {
         let listener = bind(config.simulator.listen).await?;
@@ -322,6 +239,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.clone(), admin, stop.clone()));
     tokio::spawn(app.schedule.clone().run(stop.clone()));
+    tokio::spawn(app.accounts.clone().follow_changes(stop.clone()));
     let data_task = tokio::spawn(crate::gateway::serve(
         app.clone(),
         data,
@@ -329,7 +247,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         grace,
     ));
 
-    shutdown_signal().await;
+    shutdown.cancelled().await;
     tracing::info!("shutdown: refusing queued tasks, draining in-flight ones");
     app.stopping.cancel();
     app.limiter.shut_down();

@@ -573,8 +573,7 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
     let value = match (key, &parsed) {
         (
             "token" | "instance" | "url" | "account" | "timezone" | "level" | "data_dir"
-            | "arrears_grace" | "listen" | "kind" | "redis_url" | "key_prefix"
-            | "postgres_url",
+            | "arrears_grace" | "listen" | "kind" | "redis_url" | "key_prefix" | "postgres_url",
             v,
         ) if !v.is_str() => toml::Value::String(value.to_string()),
         _ => parsed,

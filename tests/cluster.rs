@@ -14,19 +14,16 @@ mod common;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{Admin, Gateway, Http, Opts, Resp, Simulator, TaskClient};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
+use tokio::sync::Mutex;
 
-/// One cluster test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// One cluster test at a time (each test has its own runtime; this lock
+/// does not care which).
+static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn unique(tag: &str) -> String {
     format!(
@@ -384,8 +381,8 @@ impl Cluster {
             extra: o.extra_toml,
             env: o.env,
         };
-        for i in 0..o.replicas {
-            let gw = c.start_replica(NAMES[i]);
+        for name in NAMES.iter().take(o.replicas) {
+            let gw = c.start_replica(name);
             c.replicas.push(Some(gw));
         }
         c
@@ -572,7 +569,7 @@ fn event_ids(events: &[Value]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn one_limit_summed_over_replicas() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
     let key = c.account_with_key("acme").await;
     c.reset_sim().await;
@@ -616,7 +613,7 @@ async fn one_limit_summed_over_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn sub_account_caps_hold_across_replicas() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
     c.admin(0).create_account("acme").await;
     c.admin(1).create_sub("acme", "acme-dev", Some(1)).await;
@@ -638,7 +635,7 @@ async fn sub_account_caps_hold_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn one_fifo_queue_and_one_queue_bound_across_replicas() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
     let key = c.account_with_key("acme").await;
     c.reset_sim().await;
@@ -685,7 +682,7 @@ async fn one_fifo_queue_and_one_queue_bound_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn the_queue_bound_is_cluster_wide() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts {
         env: vec![("TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT", "4".into())],
         ..ClusterOpts::default()
@@ -727,7 +724,7 @@ async fn the_queue_bound_is_cluster_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn a_killed_replica_gives_its_slots_back_within_the_lease() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let mut c = Cluster::start(ClusterOpts::default());
     let key = c.account_with_key("acme").await;
     // Replica 2 holds all 3 slots with long tasks, and is killed.
@@ -790,7 +787,7 @@ async fn a_killed_replica_gives_its_slots_back_within_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn no_overdraw_across_replicas() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
     c.admin(0).create_plain_account("frugal").await;
     let key = c.admin(0).issue_key("frugal", None).await.1;
@@ -821,7 +818,7 @@ async fn no_overdraw_across_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn admin_changes_reach_every_replica_within_a_second() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
     let second = Duration::from_secs(1);
     // Create on 0, key on 1, use on 2.
@@ -907,7 +904,7 @@ async fn admin_changes_reach_every_replica_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn a_consumer_paging_during_a_burst_sees_every_event_once() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
     let mut keys = Vec::new();
     for a in 0..4 {
@@ -990,7 +987,7 @@ async fn a_consumer_paging_during_a_burst_sees_every_event_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn a_second_live_replica_with_the_same_name_is_refused() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts {
         replicas: 1,
         ..ClusterOpts::default()
@@ -1023,7 +1020,7 @@ async fn a_second_live_replica_with_the_same_name_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn postgres_down_successes_spool_and_are_delivered_once() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     ensure_shared_servers();
     let pg = PrivatePostgres::start();
     let mut c = Cluster::start(ClusterOpts {
@@ -1171,13 +1168,13 @@ async fn redis_outage(policy: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn redis_down_under_local_keeps_serving_with_a_divided_limit() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     redis_outage("local").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn redis_down_under_reject_refuses_and_resumes() {
-    let _s = serial();
+    let _s = SERIAL.lock().await;
     redis_outage("reject").await;
 }

@@ -3,6 +3,7 @@
 //! request never touches the database.
 
 mod keys;
+pub mod service;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,6 +15,7 @@ use serde::Serialize;
 pub use keys::{
     KeyHash, MAX_PRESENTED_KEY_LEN, generate_api_key, hash_key, new_key_id, secrets_match,
 };
+pub use service::{AccountService, ChangeError, IssuedKey};
 
 /// Ids of accounts and sub-accounts: 1 to 64 characters of `A-Z a-z 0-9 . _ -`,
 /// starting with a letter or digit (they appear in headers, URLs and labels).
@@ -178,6 +180,15 @@ impl Registry {
     pub fn key(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
         let hash = *self.key_ids.get(key_id)?;
         self.keys.get(&hash).map(|k| k.clone())
+    }
+
+    /// Ids of the keys of a root account and of its sub-accounts.
+    pub fn key_ids_of(&self, root: &str) -> Vec<String> {
+        self.keys
+            .iter()
+            .filter(|k| &*k.principal.root.id == root)
+            .map(|k| k.key_id.clone())
+            .collect()
     }
 
     /// Forgets a key: from this call on it authenticates nothing.

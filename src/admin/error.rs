@@ -3,6 +3,7 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
+use crate::accounts::ChangeError;
 use crate::api_error::error_body;
 use crate::store::StoreError;
 
@@ -44,6 +45,17 @@ impl ApiError {
             "AuthFailure.InvalidAuthorization",
             "missing or wrong admin token",
         )
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::NotFound(what) => Self::not_found(what),
+            ChangeError::Conflict { code, message } => Self::conflict(code, message),
+            ChangeError::Invalid(message) => Self::bad_request(message),
+            ChangeError::Store(e) => e.into(),
+        }
     }
 }
 

@@ -40,6 +40,16 @@ impl Book {
         list.sort_by_key(|p| (p.starts_at, p.id.clone()));
     }
 
+    /// Replaces every package of the account (a refresh from the store).
+    pub fn replace(&mut self, account: &str, mut packages: Vec<ConcurrencyPackage>) {
+        if packages.is_empty() {
+            self.by_account.remove(account);
+            return;
+        }
+        packages.sort_by_key(|p| (p.starts_at, p.id.clone()));
+        self.by_account.insert(account.to_string(), packages);
+    }
+
     pub fn get(&self, account: &str, id: &str) -> Option<&ConcurrencyPackage> {
         self.packages(account).iter().find(|p| p.id == id)
     }
@@ -124,6 +134,14 @@ impl Schedule {
         let account = pkg.account.clone();
         self.book().insert(pkg);
         self.apply(&account);
+        self.wake.notify_one();
+    }
+
+    /// Replaces the account's packages with what the store holds (another
+    /// replica bought or refunded one) and applies the limit they give.
+    pub fn replace(&self, account: &str, packages: Vec<ConcurrencyPackage>) {
+        self.book().replace(account, packages);
+        self.apply(account);
         self.wake.notify_one();
     }
 
