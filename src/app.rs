@@ -45,9 +45,8 @@ pub struct App {
     /// Where admission reserves a unit: `billing` itself on one node, the
     /// shared quota in cluster mode.
     pub quota: Arc<dyn billing::Quota>,
-    /// Serializes admin changes to balances (top-ups, settlements), which
-    /// compute the new balance first and store it second.
-    pub billing_admin: tokio::sync::Mutex<()>,
+    /// Billing changes (check → commit → apply).
+    pub billing_service: billing::BillingService,
     /// Forwarded tasks, which outlive their client connections; shutdown
     /// waits for them.
     pub tasks: TaskTracker,
@@ -108,12 +107,19 @@ impl App {
             limiter.clone(),
             clock.clone(),
         ));
+        let billing_service = billing::BillingService::new(
+            store.clone(),
+            billing.clone(),
+            schedule.clone(),
+            clock.clone(),
+            tz.clone(),
+        );
         let app = Self {
             schedule,
             tz,
             quota: billing.clone(),
             billing,
-            billing_admin: tokio::sync::Mutex::new(()),
+            billing_service,
             recorder: UsageRecorder::new(store.clone(), metrics.clone()),
             registry,
             accounts,

@@ -11,14 +11,12 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use bytes::Bytes;
 use http::StatusCode;
-use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::app::App;
-use crate::billing::{self, Month, PackageKind, ResourcePackage, Standing};
+use crate::billing::{self, Month, MonthReport, PackageKind, ResourcePackage, Standing};
 use crate::clock::rfc3339_millis;
-use crate::store::{SettlementLine, Write, commit};
 
 use super::error::{ApiError, parse_json};
 
@@ -95,34 +93,12 @@ pub async fn buy_package(
 ) -> Reply {
     ensure_account(&app, &id)?;
     let req: BuyPackage = parse_json(&body)?;
-    let sizes: Vec<String> = billing::PREPAID_PRICES
-        .iter()
-        .map(|(s, _)| s.to_string())
-        .collect();
-    let (size, price) = req
-        .size
-        .as_u64()
-        .and_then(|s| billing::prepaid_price(s).map(|p| (s, p)))
-        .ok_or_else(|| {
-            ApiError::bad_request(format!("size: must be one of {}", sizes.join(", ")))
-        })?;
-    let pkg = ResourcePackage::new(
-        format!("rp_{}", uuid::Uuid::now_v7().simple()),
-        &id,
-        PackageKind::Prepaid,
-        size,
-        price,
-        app.clock.now(),
-    );
-    commit(
-        &*app.store,
-        Write::CreateResourcePackage(Box::new(pkg.clone())),
-    )
-    .await?;
-    let view = package_view(&app, &pkg);
-    app.billing.with(&id, |b| b.packages.push(pkg));
-    tracing::info!(account = %id, size, "prepaid package bought");
-    Ok((StatusCode::CREATED, Json(view)))
+    let pkg = app
+        .billing_service
+        .buy_package(&id, req.size.as_u64())
+        .await?;
+    tracing::info!(account = %id, size = pkg.size, "prepaid package bought");
+    Ok((StatusCode::CREATED, Json(package_view(&app, &pkg))))
 }
 
 pub async fn refund_package(
@@ -130,38 +106,7 @@ pub async fn refund_package(
     Path((id, pkg_id)): Path<(String, String)>,
 ) -> Reply {
     ensure_account(&app, &id)?;
-    let now = app.clock.now();
-    // Decide and mark under the account's lock, so no task can reserve a
-    // unit of the package between the check and the refund.
-    let decided = app
-        .billing
-        .with(&id, |b| {
-            let p = b.packages.iter_mut().find(|p| p.id == pkg_id)?;
-            Some(billing::check_prepaid_refund(p, now, &app.tz).map(|()| {
-                p.refunded_at = Some(now);
-                p.clone()
-            }))
-        })
-        .flatten()
-        .ok_or_else(|| ApiError::not_found(format!("resource package {pkg_id} of account {id}")))?;
-    let pkg = decided
-        .map_err(|e| ApiError::conflict("FailedOperation.RefundNotAllowed", e.to_string()))?;
-    if let Err(e) = commit(
-        &*app.store,
-        Write::RefundResourcePackage {
-            id: pkg_id.clone(),
-            at: now,
-        },
-    )
-    .await
-    {
-        app.billing.with(&id, |b| {
-            if let Some(p) = b.packages.iter_mut().find(|p| p.id == pkg_id) {
-                p.refunded_at = None;
-            }
-        });
-        return Err(e.into());
-    }
+    let pkg = app.billing_service.refund_package(&id, &pkg_id).await?;
     tracing::info!(account = %id, package = %pkg_id, "prepaid package refunded");
     Ok((StatusCode::OK, Json(package_view(&app, &pkg))))
 }
@@ -193,15 +138,7 @@ pub async fn set_postpaid(
 ) -> Reply {
     ensure_account(&app, &id)?;
     let req: Postpaid = parse_json(&body)?;
-    commit(
-        &*app.store,
-        Write::SetPostpaid {
-            account: id.clone(),
-            enabled: req.enabled,
-        },
-    )
-    .await?;
-    app.billing.with(&id, |b| b.postpaid = req.enabled);
+    app.billing_service.set_postpaid(&id, req.enabled).await?;
     tracing::info!(account = %id, enabled = req.enabled, "postpaid switched");
     Ok((
         StatusCode::OK,
@@ -223,31 +160,11 @@ pub async fn top_up(State(app): State<Arc<App>>, Path(id): Path<String>, body: B
         .as_str()
         .and_then(billing::parse_amount)
         .ok_or_else(|| ApiError::bad_request("amount: must be a positive USD amount as a string, at most 2 decimals, e.g. \"12.50\""))?;
-    let _serial = app.billing_admin.lock().await;
-    let now = app.clock.now();
-    let (balance, arrears_since) = app
-        .billing
-        .with(&id, |b| b.after_top_up(amount))
-        .ok_or_else(|| ApiError::not_found(format!("account {id}")))?;
-    commit(
-        &*app.store,
-        Write::TopUp {
-            account: id.clone(),
-            amount_usd: amount,
-            balance_after_usd: balance,
-            arrears_since,
-            at: now,
-        },
-    )
-    .await?;
-    app.billing
-        .with(&id, |b| b.set_balance((balance, arrears_since)));
+    let (balance, in_arrears) = app.billing_service.top_up(&id, amount).await?;
     tracing::info!(account = %id, %amount, "balance topped up");
     Ok((
         StatusCode::OK,
-        Json(
-            json!({"account": id, "balance_usd": balance.to_string(), "in_arrears": arrears_since.is_some()}),
-        ),
+        Json(json!({"account": id, "balance_usd": balance.to_string(), "in_arrears": in_arrears})),
     ))
 }
 
@@ -263,21 +180,11 @@ pub async fn usage(
 ) -> Reply {
     ensure_account(&app, &id)?;
     let month = parse_month(q.get("month").map(String::as_str))?;
-    let label = month.to_string();
-    let usage = app
-        .store
-        .month_usage(&label, Some(&id))
-        .await?
-        .pop()
-        .unwrap_or_default();
-    let settled = app
-        .store
-        .settled(&label)
-        .await?
-        .into_iter()
-        .find(|(a, _)| *a == id)
-        .map(|(_, d)| d);
-    let bill = billing::bill(usage.calls, usage.postpaid);
+    let MonthReport {
+        usage,
+        bill,
+        settled,
+    } = app.billing_service.month_report(&id, month).await?;
     Ok((
         StatusCode::OK,
         Json(json!({
@@ -301,76 +208,28 @@ struct Settle {
     month: String,
 }
 
-/// Settles a month for every account: each account's balance is charged its
-/// bill minus what earlier settlements of that month charged, so settling
-/// twice changes nothing, and settling again after late calls (of the
-/// current month) charges only the difference.
+/// Settles a month for every account (idempotent; see the billing
+/// service).
 pub async fn settle(State(app): State<Arc<App>>, body: Bytes) -> Reply {
     let req: Settle = parse_json(&body)?;
     let month = parse_month(Some(&req.month))?;
-    let now = app.clock.now();
-    if month.first_day > Month::of(now, &app.tz).first_day {
-        return Err(ApiError::bad_request(format!(
-            "month: {month} has not started"
-        )));
-    }
-    let _serial = app.billing_admin.lock().await;
-    let label = month.to_string();
-    let usage = app.store.month_usage(&label, None).await?;
-    let settled = app.store.settled(&label).await?;
-    let settled: HashMap<String, Decimal> = settled.into_iter().collect();
-    let mut lines = Vec::new();
-    for u in usage {
-        let bill = billing::bill(u.calls, u.postpaid);
-        let before = settled.get(&u.account).copied().unwrap_or(Decimal::ZERO);
-        let delta = bill.amount_usd - before;
-        // Unchanged since the last settlement of the month (or nothing to
-        // bill and never settled): nothing to write.
-        if delta.is_zero() {
-            continue;
-        }
-        let Some((balance, arrears_since)) = app
-            .billing
-            .with(&u.account, |b| b.after_settlement(delta, now))
-        else {
-            continue;
-        };
-        lines.push(SettlementLine {
-            account: u.account,
-            bill,
-            delta_usd: delta,
-            balance_after_usd: balance,
-            arrears_since,
-        });
-    }
-    if !lines.is_empty() {
-        commit(
-            &*app.store,
-            Write::Settle {
-                month: month.to_string(),
-                lines: lines.clone(),
-                at: now,
-            },
-        )
-        .await?;
-    }
+    let lines = app.billing_service.settle(month).await?;
     let grace = app.billing.grace();
-    let mut report = Vec::new();
-    for l in &lines {
-        app.billing.with(&l.account, |b| {
-            b.set_balance((l.balance_after_usd, l.arrears_since))
-        });
-        report.push(json!({
-            "account": l.account,
-            "calls": l.bill.calls,
-            "postpaid_units": l.bill.postpaid_units,
-            "unit_price_usd": l.bill.tier.unit_price_usd.to_string(),
-            "amount_usd": l.bill.amount_usd.to_string(),
-            "charged_now_usd": l.delta_usd.to_string(),
-            "balance_usd": l.balance_after_usd.to_string(),
-            "suspends_at": l.arrears_since.and_then(|t| t.checked_add(grace).ok()).map(rfc3339_millis),
-        }));
-    }
+    let report: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            json!({
+                "account": l.account,
+                "calls": l.bill.calls,
+                "postpaid_units": l.bill.postpaid_units,
+                "unit_price_usd": l.bill.tier.unit_price_usd.to_string(),
+                "amount_usd": l.bill.amount_usd.to_string(),
+                "charged_now_usd": l.delta_usd.to_string(),
+                "balance_usd": l.balance_after_usd.to_string(),
+                "suspends_at": l.arrears_since.and_then(|t| t.checked_add(grace).ok()).map(rfc3339_millis),
+            })
+        })
+        .collect();
     tracing::info!(%month, changed = lines.len(), "month settled");
     Ok((
         StatusCode::OK,

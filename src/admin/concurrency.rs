@@ -12,7 +12,6 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::clock::rfc3339_millis;
 use crate::entitlements::{self, ConcurrencyPackage};
-use crate::store::{Write, commit};
 
 use super::error::{ApiError, parse_json};
 
@@ -53,35 +52,17 @@ pub async fn buy(
         .root(&account)
         .ok_or_else(|| ApiError::not_found(format!("account {account}")))?;
     let req: Purchase = parse_json(&body)?;
-    let now = app.clock.now();
-    let (units, period, start, starts_at, ends_at, price_usd) = entitlements::plan_purchase(
-        req.units.as_i64().unwrap_or(0),
-        &req.period,
-        &req.start,
-        now,
-        &app.tz,
-    )
-    .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let pkg = ConcurrencyPackage {
-        id: format!("cp_{}", uuid::Uuid::now_v7().simple()),
-        account: account.clone(),
-        units,
-        period,
-        start,
-        starts_at,
-        ends_at,
-        price_usd,
-        bought_at: now,
-    };
-    commit(
-        &*app.store,
-        Write::CreateConcurrencyPackage(Box::new(pkg.clone())),
-    )
-    .await?;
-    let view = package_view(&app, &pkg);
-    app.schedule.add(pkg);
-    tracing::info!(%account, units, period = period.as_str(), %start, "concurrency package bought");
-    Ok((StatusCode::CREATED, Json(view)))
+    let pkg = app
+        .billing_service
+        .buy_concurrency(
+            &account,
+            req.units.as_i64().unwrap_or(0),
+            &req.period,
+            &req.start,
+        )
+        .await?;
+    tracing::info!(%account, units = pkg.units, period = pkg.period.as_str(), start = %pkg.start, "concurrency package bought");
+    Ok((StatusCode::CREATED, Json(package_view(&app, &pkg))))
 }
 
 pub async fn refund(
@@ -92,29 +73,11 @@ pub async fn refund(
         .root(&account)
         .ok_or_else(|| ApiError::not_found(format!("account {account}")))?;
     let pkg = app
-        .schedule
-        .book()
-        .get(&account, &id)
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "concurrency package {id} of account {account} (unrefunded, not ended)"
-            ))
-        })?;
-    let now = app.clock.now();
-    entitlements::check_refund(&pkg, now, &app.tz)
-        .map_err(|e| ApiError::conflict("FailedOperation.RefundNotAllowed", e.to_string()))?;
-    commit(
-        &*app.store,
-        Write::RefundConcurrencyPackage {
-            id: id.clone(),
-            at: now,
-        },
-    )
-    .await?;
-    app.schedule.remove(&account, &id);
+        .billing_service
+        .refund_concurrency(&account, &id)
+        .await?;
     tracing::info!(%account, package = %id, "concurrency package refunded");
     let mut view = package_view(&app, &pkg);
-    view["refunded_at"] = json!(rfc3339_millis(now));
+    view["refunded_at"] = json!(rfc3339_millis(app.clock.now()));
     Ok((StatusCode::OK, Json(view)))
 }

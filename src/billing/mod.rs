@@ -9,6 +9,7 @@
 
 mod account;
 mod reservation;
+mod service;
 
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
@@ -18,6 +19,7 @@ use serde::Serialize;
 
 pub use account::{AccountBilling, Payer, Refusal, Standing};
 pub use reservation::{Accounts, HeldUnit, Quota, Reservation, Reserve};
+pub use service::{BillingService, MonthReport};
 
 /// Pictures in the free package granted at the first activation.
 pub const FREE_PACKAGE_SIZE: u64 = 50;
