@@ -128,6 +128,10 @@ pub struct BackendConfig {
     pub api_name: String,
     /// Idle keep-alive connections kept to the backend.
     pub pool_max_idle: usize,
+    /// The HTTP methods that make a task; any other is refused (405)
+    /// before anything is reserved. CONNECT, TRACE and OPTIONS are never
+    /// tasks.
+    pub methods: Vec<String>,
 }
 
 impl Default for BackendConfig {
@@ -139,6 +143,7 @@ impl Default for BackendConfig {
             max_response_bytes: 64 << 20,
             api_name: "ImageStyleTransfer".into(),
             pool_max_idle: 1024,
+            methods: vec!["POST".into(), "GET".into()],
         }
     }
 }
@@ -441,6 +446,21 @@ impl Config {
         }
         if !self.backend.url.is_empty() {
             BackendUrl::parse(&self.backend.url).map_err(|r| invalid("backend.url", r))?;
+        }
+        if self.backend.methods.is_empty() {
+            return Err(invalid("backend.methods", "must name at least one method"));
+        }
+        for m in &self.backend.methods {
+            let ok = matches!(
+                m.as_str(),
+                "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD"
+            );
+            if !ok {
+                return Err(invalid(
+                    "backend.methods",
+                    format!("`{m}` is not one of GET, POST, PUT, PATCH, DELETE, HEAD"),
+                ));
+            }
         }
         if self.backend.timeout_ms == 0 {
             return Err(invalid("backend.timeout_ms", "must be at least 1"));

@@ -31,6 +31,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0} is not a task this gateway forwards")]
+    MethodNotAllowed(http::Method),
     #[error("the backend is unavailable")]
     BackendUnavailable,
     #[error("the backend did not answer in time")]
@@ -59,6 +61,7 @@ impl GatewayError {
             Self::QueueFull { .. } | Self::QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BackendUnavailable => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UsageRecordFailed | Self::ShuttingDown | Self::CoordinationUnavailable => {
@@ -80,6 +83,7 @@ impl GatewayError {
             Self::QueueTimeout { .. } => "RequestLimitExceeded.QueueTimeout",
             Self::BodyTooLarge { .. } => "FailedOperation.RequestEntityTooLarge",
             Self::BadRequest(_) => "InvalidParameter.InvalidParameter",
+            Self::MethodNotAllowed(_) => "UnsupportedOperation.MethodNotAllowed",
             Self::BackendUnavailable => "FailedOperation.BackendUnavailable",
             Self::BackendTimeout => "FailedOperation.RequestTimeout",
             Self::UsageRecordFailed => "FailedOperation.UsageRecordFailed",
@@ -156,6 +160,7 @@ mod tests {
             GatewayError::LowBalance,
             GatewayError::BodyTooLarge { limit: 1 },
             GatewayError::BadRequest("x".into()),
+            GatewayError::MethodNotAllowed(http::Method::TRACE),
             GatewayError::BackendUnavailable,
             GatewayError::BackendTimeout,
             GatewayError::UsageRecordFailed,

@@ -28,6 +28,7 @@ use super::client_gone::ConnWatch;
 use super::detach::DetachOnDrop;
 use super::error::GatewayError;
 use super::proxy::{Answer, X_API_KEY, X_QUEUE_TIMEOUT_MS, X_REQUEST_ID};
+use super::tally::Tally;
 
 const X_QUEUE_WAIT_MS: http::HeaderName = http::HeaderName::from_static("x-queue-wait-ms");
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -47,17 +48,22 @@ pub async fn handle(
     // At info level so warnings and errors inside the task carry its id.
     let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());
     let mut queue_wait = Duration::ZERO;
-    let result = run(&app, &conn, req, &request_id, &mut queue_wait)
+    // Counted once: here, by the forwarded task, or on drop (hang-up).
+    let mut tally = Some(Tally::new(app.metrics.clone()));
+    let result = run(&app, &conn, req, &request_id, &mut queue_wait, &mut tally)
         .instrument(span.clone())
         .await;
     let mut resp = match result {
         Ok((answer, outcome)) => {
-            app.metrics.request(outcome);
+            if let Some(t) = tally.take() {
+                t.outcome(outcome);
+            }
             answer.into_response()
         }
         Err(err) => {
-            app.metrics.request(err.outcome());
-            app.metrics.rejection(err.code());
+            if let Some(t) = tally.take() {
+                t.error(&err);
+            }
             span.in_scope(|| tracing::debug!(code = err.code(), "task refused or failed"));
             err.into_response(request_id.to_str().unwrap_or_default())
         }
@@ -77,7 +83,9 @@ async fn run(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     queue_wait: &mut Duration,
+    tally: &mut Option<Tally>,
 ) -> TaskResult {
+    check_task_shape(app, &req)?;
     let principal = authenticate(app, &req)?;
     check_declared_length(app, &req)?;
     let wait_limit = queue_wait_limit(app, &req)?;
@@ -119,6 +127,7 @@ async fn run(
         principal,
         request_id: request_id.clone(),
         queue_wait: *queue_wait,
+        tally: tally.take(),
     };
     DetachOnDrop::new(
         app.tasks.clone(),
@@ -143,10 +152,30 @@ struct Task {
     principal: Principal,
     request_id: HeaderValue,
     queue_wait: Duration,
+    /// The task's outcome count, which goes with it if it is detached.
+    tally: Option<Tally>,
 }
 
 impl Task {
     async fn run(
+        mut self,
+        req: Request<Incoming>,
+        permit: Permit,
+        reservation: Reservation,
+        client_gone: Arc<AtomicBool>,
+    ) -> TaskResult {
+        let tally = self.tally.take();
+        let result = self.forward(req, permit, reservation, client_gone).await;
+        if let Some(t) = tally {
+            match &result {
+                Ok((_, outcome)) => t.outcome(*outcome),
+                Err(e) => t.error(e),
+            }
+        }
+        result
+    }
+
+    async fn forward(
         self,
         req: Request<Incoming>,
         permit: Permit,
@@ -235,6 +264,34 @@ fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Principal, Gateway
     app.registry
         .authenticate(presented)
         .ok_or(GatewayError::Unauthorized)
+}
+
+/// A task is one request in origin form (`/path?query`, or absolute form
+/// naming a path) with one of `backend.methods`. `OPTIONS *`, CONNECT
+/// (authority form), TRACE and upgrades are refused before anything is
+/// reserved.
+fn check_task_shape(app: &App, req: &Request<Incoming>) -> Result<(), GatewayError> {
+    let method = req.method();
+    if !app
+        .config
+        .backend
+        .methods
+        .iter()
+        .any(|m| m == method.as_str())
+    {
+        return Err(GatewayError::MethodNotAllowed(method.clone()));
+    }
+    if !req.uri().path().starts_with('/') {
+        return Err(GatewayError::BadRequest(
+            "the request target must be a path such as /v1/style-transfer".into(),
+        ));
+    }
+    if req.headers().contains_key(header::UPGRADE) {
+        return Err(GatewayError::BadRequest(
+            "protocol upgrades are not forwarded".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a body declared too large before the task takes a queue place;

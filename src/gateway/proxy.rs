@@ -122,9 +122,17 @@ impl Backend {
             X_API_KEY,
             header::HOST,
             X_QUEUE_TIMEOUT_MS,
-            X_TOLLGATE_ACCOUNT,
-            X_TOLLGATE_SUB_ACCOUNT,
         ] {
+            headers.remove(name);
+        }
+        // Every X-Tollgate-* header is the gateway's to set: a client's own
+        // (`X-Tollgate-Charged-To: free`, say) must never reach the backend.
+        let forged: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("x-tollgate-"))
+            .cloned()
+            .collect();
+        for name in forged {
             headers.remove(name);
         }
         headers.insert(X_REQUEST_ID, request_id.clone());
@@ -147,6 +155,12 @@ impl Backend {
             .request(upstream)
             .await
             .map_err(|e| self.map_send_error(&e))?;
+        if resp.status().is_informational() {
+            // A 101 would hand the client's connection to the backend (an
+            // upgrade): a task is one request and one answer, never a tunnel.
+            tracing::warn!(status = %resp.status(), "the backend answered with a protocol switch; refused");
+            return Err(GatewayError::BackendUnavailable);
+        }
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, self.max_response_bytes)
             .collect()
