@@ -2,6 +2,7 @@
 //! one database never make a cursor skip or repeat an event, a change made
 //! through one replica reaches the others, and an outage loses nothing.
 
+mod common;
 mod pg;
 
 use std::collections::HashSet;
@@ -292,4 +293,31 @@ async fn an_outage_spools_usage_and_delivers_it_exactly_once() {
         .unwrap();
     assert_eq!(p1.used, 13, "each spooled event charged once");
     close(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_on_postgres_end_to_end() {
+    let db = pg::TestDb::create().await;
+    let opts = common::Opts {
+        env: vec![
+            ("TOLLGATE_STORAGE_KIND", "postgres".to_string()),
+            ("TOLLGATE_STORAGE_POSTGRES_URL", db.url.clone()),
+        ],
+        ..Default::default()
+    };
+    let mut stack = common::Stack::start(opts.clone());
+    let key = stack.account_with_key("acme").await;
+    for _ in 0..5 {
+        assert_eq!(stack.task(&key, &[]).await.status, http::StatusCode::OK);
+    }
+    assert_eq!(stack.admin().all_events().await.len(), 5);
+    assert_eq!(common::wait_for_jsonl(&stack.gw.data_dir, 5).await.len(), 5);
+    assert_eq!(db.query_i64("SELECT count(*) FROM usage_events").await, 5);
+    // A crash and a restart: the accounts, keys and events come back from
+    // PostgreSQL; the export is not written twice.
+    stack.gw.restart(&opts);
+    assert_eq!(stack.task(&key, &[]).await.status, http::StatusCode::OK);
+    assert_eq!(stack.admin().all_events().await.len(), 6);
+    let exported = common::wait_for_jsonl(&stack.gw.data_dir, 6).await;
+    assert_eq!(exported.len(), 6);
 }
