@@ -211,17 +211,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         Arc::new(SystemClock),
     )
     .await?;
-    let (export_dir, export_stop) = (
-        config.storage.data_dir.join("usage"),
-        CancellationToken::new(),
-    );
-    let export = crate::usage::export::run(
-        store.clone(),
-        export_dir,
-        app.recorder.committed(),
-        export_stop.clone(),
-    );
-    let export = tokio::spawn(export);
+    let export =
+        crate::usage::export::spawn(store, &config.storage.data_dir, app.recorder.committed());
     if config.demo_enabled() {
         app.seed_demo().await?;
     }
@@ -264,8 +255,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         tracing::warn!("shutdown: tasks still running after the grace period");
     }
     let _ = admin_task.await;
-    export_stop.cancel();
-    let _ = export.await;
+    export.finish().await;
     let store_for_close = app.store.clone();
     let _ = tokio::task::spawn_blocking(move || store_for_close.close()).await;
     tracing::info!("shutdown complete");

@@ -196,5 +196,27 @@ pub async fn run(
     }
 }
 
+/// The running export of `<data_dir>/usage/`.
+pub struct ExportTask {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the export of `<data_dir>/usage/` (what `serve` runs).
+pub fn spawn(store: Arc<dyn Store>, data_dir: &Path, committed: Arc<Notify>) -> ExportTask {
+    let stop = CancellationToken::new();
+    let dir = data_dir.join("usage");
+    let handle = tokio::spawn(run(store, dir, committed, stop.clone()));
+    ExportTask { stop, handle }
+}
+
+impl ExportTask {
+    /// Exports what is committed, then stops.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.handle.await;
+    }
+}
+
 #[cfg(test)]
 mod tests;

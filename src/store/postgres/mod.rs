@@ -1,20 +1,350 @@
 //! PostgreSQL: the durable store many replicas share (SPEC §8).
+//!
+//! Writes go through one writer task per process (group commit, see
+//! `writer`); reads use a connection pool; the change feed listens on a
+//! connection of its own (`feed`). During an outage usage appends are
+//! spooled locally (`spool`) and delivered later (`deliver`).
+
+mod apply;
+mod deliver;
+mod feed;
+mod read;
+mod schema;
+mod spool;
+mod writer;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::StoreError;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use jiff::Timestamp;
+use rust_decimal::Decimal;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
 
-pub struct PostgresStore;
+use super::{
+    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, Snapshot, Store, StoreError, StoreHealth,
+    StoredEvent, Write,
+};
+
+/// Advisory lock keys (`pg_advisory_xact_lock`), one per thing serialized
+/// across replicas. "tollgate" in ASCII, then a number.
+const LOCK_MIGRATIONS: i64 = 0x746f_6c6c_6761_0001;
+const LOCK_EVENTS: i64 = 0x746f_6c6c_6761_0002;
+const LOCK_CHANGES: i64 = 0x746f_6c6c_6761_0003;
+
+/// How long the writer spools without trying PostgreSQL after a failure.
+const DOWN_BACKOFF: Duration = Duration::from_millis(500);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn internal(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+/// Whether an error means the database cannot be reached (or cannot serve
+/// now), rather than a refused statement.
+fn is_outage(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        // No SQL state: I/O, a closed connection, a timeout.
+        None => true,
+        Some(c) => {
+            c.code().starts_with("08")
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+        }
+    }
+}
+
+fn unavailable(reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable {
+        reason: reason.to_string(),
+        retryable: true,
+    }
+}
+
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    if is_outage(&e) {
+        unavailable(e)
+    } else {
+        internal(e)
+    }
+}
+
+/// A failed write: duplicates are conflicts, missing parents not-found.
+fn pg_write_error(e: tokio_postgres::Error, what: &str) -> StoreError {
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Conflict(what.to_string()),
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => StoreError::NotFound(what.to_string()),
+        _ => pg_error(e),
+    }
+}
+
+async fn client(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => unavailable(other),
+    })
+}
+
+/// The URL with its password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<postgres url>".into();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = userinfo.split(':').next().unwrap_or("");
+    if userinfo.contains(':') {
+        format!("{scheme}://{user}:***@{host}")
+    } else {
+        format!("{scheme}://{user}@{host}")
+    }
+}
+
+/// What the writer, the delivery task and the store share.
+struct Shared {
+    pool: Pool,
+    spool: spool::Spool,
+    spool_wake: Notify,
+    available: AtomicBool,
+    /// Milliseconds after `epoch` of the last failure to reach PostgreSQL.
+    down_at_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn mark_available(&self) {
+        if !self.available.swap(true, Ordering::Relaxed) {
+            tracing::info!("PostgreSQL reachable again");
+        }
+    }
+
+    fn mark_down(&self, e: &StoreError) {
+        self.down_at_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if self.available.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %e, "PostgreSQL unreachable: usage events go to the local spool, admin writes fail");
+        }
+        self.spool_wake.notify_one();
+    }
+
+    fn recently_down(&self) -> bool {
+        !self.available.load(Ordering::Relaxed)
+            && self.epoch.elapsed().as_millis() as u64
+                <= self.down_at_ms.load(Ordering::Relaxed) + DOWN_BACKOFF.as_millis() as u64
+    }
+}
+
+pub struct PostgresStore {
+    jobs: mpsc::UnboundedSender<writer::Job>,
+    shared: Arc<Shared>,
+    changes: broadcast::Sender<Change>,
+    /// Stops the change feed and the spool delivery.
+    stop: CancellationToken,
+    closed: Mutex<bool>,
+}
 
 impl PostgresStore {
+    /// Connects, applies migrations, delivers what an earlier run left in
+    /// `<data_dir>/spool/`, and starts the writer, the change feed and the
+    /// spool delivery. Needs a tokio runtime.
     pub async fn open(
-        _url: &str,
-        _data_dir: &Path,
-        _instance: &str,
-    ) -> Result<std::sync::Arc<dyn super::Store>, StoreError> {
-        Err(StoreError::Unavailable {
-            reason: "not built yet".into(),
-            retryable: false,
+        url: &str,
+        data_dir: &Path,
+        instance: &str,
+    ) -> Result<Arc<dyn Store>, StoreError> {
+        let shown = redact(url);
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Unavailable {
+                reason: format!("storage.postgres_url {shown}: {e}"),
+                retryable: false,
+            })?;
+        config
+            .application_name(format!("tollgate/{instance}"))
+            .connect_timeout(CONNECT_TIMEOUT);
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(8)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(internal)?;
+        let last_change: i64 = {
+            let mut c = client(&pool).await.map_err(|e| match e {
+                StoreError::Unavailable { reason, retryable } => StoreError::Unavailable {
+                    reason: format!("cannot reach PostgreSQL at {shown}: {reason}"),
+                    retryable,
+                },
+                other => other,
+            })?;
+            schema::migrate(&mut c).await?;
+            c.query_one("SELECT coalesce(max(seq), 0) FROM changes", &[])
+                .await
+                .map_err(pg_error)?
+                .get(0)
+        };
+        let spool = spool::Spool::open(&data_dir.join("spool"))
+            .map_err(|e| internal(format!("usage spool in {}: {e}", data_dir.display())))?;
+        let shared = Arc::new(Shared {
+            pool,
+            spool,
+            spool_wake: Notify::new(),
+            available: AtomicBool::new(true),
+            down_at_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        if shared.spool.count() > 0 {
+            // Before the caller loads: packages' `used` then include these.
+            if let Err(e) = deliver::deliver(&shared).await {
+                tracing::warn!(error = %e, "spooled usage events of an earlier run not delivered yet");
+            }
+        }
+        let (changes, _) = broadcast::channel(4096);
+        let stop = CancellationToken::new();
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer::run(shared.clone(), rx));
+        tokio::spawn(feed::run(
+            config,
+            changes.clone(),
+            last_change,
+            stop.clone(),
+        ));
+        tokio::spawn(deliver::run(shared.clone(), stop.clone()));
+        Ok(Arc::new(Self {
+            jobs,
+            shared,
+            changes,
+            stop,
+            closed: Mutex::new(false),
+        }))
+    }
+}
+
+impl Store for PostgresStore {
+    fn load(&self, now: Timestamp) -> BoxFuture<'_, Result<Snapshot, StoreError>> {
+        Box::pin(read::snapshot(&self.shared.pool, now, None))
+    }
+
+    fn load_account<'a>(
+        &'a self,
+        id: &'a str,
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<Option<AccountSnapshot>, StoreError>> {
+        Box::pin(async move {
+            let snap = read::snapshot(&self.shared.pool, now, Some(id)).await?;
+            Ok(snap
+                .accounts
+                .into_iter()
+                .next()
+                .map(|account| AccountSnapshot {
+                    account,
+                    sub_accounts: snap.sub_accounts,
+                    keys: snap.keys,
+                    concurrency_packages: snap.concurrency_packages,
+                    resource_packages: snap.resource_packages,
+                }))
         })
+    }
+
+    fn submit(&self, write: Write, ack: Ack) {
+        if let Err(mpsc::error::SendError(writer::Job::Write(_, ack))) =
+            self.jobs.send(writer::Job::Write(write, ack))
+        {
+            let _ = ack.send(Err(StoreError::Closed));
+        }
+    }
+
+    fn usage_events(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<StoredEvent>, StoreError>> {
+        Box::pin(read::usage_events(&self.shared.pool, after, limit))
+    }
+
+    fn month_usage<'a>(
+        &'a self,
+        month: &'a str,
+        account: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<MonthUsage>, StoreError>> {
+        Box::pin(read::month_usage(&self.shared.pool, month, account))
+    }
+
+    fn settled<'a>(
+        &'a self,
+        month: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, Decimal)>, StoreError>> {
+        Box::pin(read::settled(&self.shared.pool, month))
+    }
+
+    fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    fn health(&self) -> StoreHealth {
+        if *self.closed.lock().unwrap_or_else(|e| e.into_inner()) {
+            return StoreHealth::Unavailable;
+        }
+        let spooled = self.shared.spool.count();
+        if spooled > 0 || !self.shared.available.load(Ordering::Relaxed) {
+            StoreHealth::Degraded { spooled }
+        } else {
+            StoreHealth::Ok
+        }
+    }
+
+    fn spooled(&self) -> u64 {
+        self.shared.spool.count()
+    }
+
+    fn close(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            return;
+        }
+        *closed = true;
+        let (done, wait) = std::sync::mpsc::channel();
+        if self.jobs.send(writer::Job::Close(done)).is_ok() {
+            // Bounded: a batch gives up after the writer's commit timeout.
+            let _ = wait.recv_timeout(Duration::from_secs(30));
+        }
+        self.stop.cancel();
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Never block in drop: the writer finishes what it has on its own.
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(
+            redact("postgres://u:s3cret@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(redact("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(redact("host=db password=x"), "<postgres url>");
     }
 }

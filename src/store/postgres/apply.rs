@@ -1,0 +1,324 @@
+//! One write, applied inside the writer's transaction: the same statements
+//! and guards as the SQLite store's `apply`, in PostgreSQL's dialect.
+
+use jiff::Timestamp;
+use rust_decimal::Decimal;
+use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
+
+use super::super::{Committed, StoreError, Write, changed_accounts};
+use super::{internal, pg_write_error};
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+async fn insert(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: Params<'_>,
+    what: &str,
+) -> Result<(), StoreError> {
+    tx.execute(sql, params)
+        .await
+        .map_err(|e| pg_write_error(e, what))?;
+    Ok(())
+}
+
+/// Runs a statement that must change exactly one row.
+async fn update_one(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: Params<'_>,
+    what: &str,
+) -> Result<(), StoreError> {
+    let n = tx
+        .execute(sql, params)
+        .await
+        .map_err(|e| pg_write_error(e, what))?;
+    if n == 0 {
+        return Err(StoreError::NotFound(what.to_string()));
+    }
+    Ok(())
+}
+
+/// An update of exactly one row that returns the row's account.
+async fn update_returning(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: Params<'_>,
+    what: &str,
+) -> Result<String, StoreError> {
+    tx.query_opt(sql, params)
+        .await
+        .map_err(|e| pg_write_error(e, what))?
+        .map(|r| r.get(0))
+        .ok_or_else(|| StoreError::NotFound(what.to_string()))
+}
+
+/// One usage event as stored: what a spooled event carries too.
+pub(super) struct UsageRow<'a> {
+    pub id: &'a str,
+    pub account: &'a str,
+    pub time: &'a str,
+    pub charged_to: &'a str,
+    pub json: &'a str,
+    pub package: Option<&'a str>,
+    pub month: &'a str,
+}
+
+/// Inserts the event and, with it, its counters and its package charge.
+/// `redelivery`: the event may already be stored (a spooled event whose
+/// first commit's outcome was unknown): then nothing happens and `None` is
+/// returned; and a package with no unit left does not refuse an event the
+/// client was already answered for (it is logged instead).
+pub(super) async fn append_usage(
+    tx: &Transaction<'_>,
+    u: &UsageRow<'_>,
+    redelivery: bool,
+) -> Result<Option<u64>, StoreError> {
+    let time: Timestamp = u
+        .time
+        .parse()
+        .map_err(|e| internal(format!("usage event {}: bad time {}: {e}", u.id, u.time)))?;
+    let what = format!("usage event {}", u.id);
+    let sql = if redelivery {
+        "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO NOTHING RETURNING seq"
+    } else {
+        "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES ($1, $2, $3, $4, $5)
+         RETURNING seq"
+    };
+    let Some(row) = tx
+        .query_opt(sql, &[&u.id, &u.account, &time, &u.charged_to, &u.json])
+        .await
+        .map_err(|e| pg_write_error(e, &what))?
+    else {
+        return Ok(None);
+    };
+    let seq: i64 = row.get(0);
+    let source = u.charged_to.split(':').next().unwrap_or("postpaid");
+    insert(
+        tx,
+        "INSERT INTO usage_counters(account, month, source, calls) VALUES ($1, $2, $3, 1)
+         ON CONFLICT (account, month, source) DO UPDATE SET calls = usage_counters.calls + 1",
+        &[&u.account, &u.month, &source],
+        "usage counter",
+    )
+    .await?;
+    if let Some(pkg) = u.package {
+        // The charge and the event stand or fall together.
+        let charged = update_one(
+            tx,
+            "UPDATE resource_packages SET used = used + 1 WHERE id = $1 AND used < size",
+            &[&pkg],
+            &format!("resource package {pkg} with a unit left"),
+        )
+        .await;
+        match charged {
+            Err(StoreError::NotFound(what)) if redelivery => {
+                tracing::warn!(event = %u.id, "spooled event delivered without its charge: no {what}");
+            }
+            other => other?,
+        }
+    }
+    Ok(Some(seq as u64))
+}
+
+/// Applies one write; returns its result and the root accounts whose
+/// durable state it changed (for the change feed).
+pub(super) async fn apply(
+    tx: &Transaction<'_>,
+    write: &Write,
+) -> Result<(Committed, Vec<String>), StoreError> {
+    let mut changed = changed_accounts(write);
+    match write {
+        Write::CreateAccount { account: a, free_package: p } => {
+            insert(
+                tx,
+                "INSERT INTO accounts(id, status, created_at, postpaid, balance_usd, arrears_since)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&a.id, &a.status.as_str(), &a.created_at, &a.postpaid, &a.balance_usd, &a.arrears_since],
+                &format!("account {}", a.id),
+            )
+            .await?;
+            insert_resource_package(tx, p).await?;
+        }
+        Write::SetAccountStatus { id, status } => {
+            update_one(
+                tx,
+                "UPDATE accounts SET status = $2 WHERE id = $1",
+                &[id, &status.as_str()],
+                &format!("account {id}"),
+            )
+            .await?
+        }
+        Write::CreateSubAccount(s) => {
+            let cap = s.max_concurrency.map(i64::from);
+            insert(
+                tx,
+                "INSERT INTO sub_accounts(id, root, max_concurrency, created_at) VALUES ($1, $2, $3, $4)",
+                &[&s.id, &s.root, &cap, &s.created_at],
+                &format!("sub-account {}", s.id),
+            )
+            .await?
+        }
+        Write::CreateKey(k) => {
+            let hash: &[u8] = &k.hash[..];
+            insert(
+                tx,
+                "INSERT INTO api_keys(key_id, hash, root, sub, created_at) VALUES ($1, $2, $3, $4, $5)",
+                &[&k.key_id, &hash, &k.root, &k.sub, &k.created_at],
+                &format!("key {}", k.key_id),
+            )
+            .await?
+        }
+        Write::RevokeKey { key_id, at } => changed.push(
+            update_returning(
+                tx,
+                "UPDATE api_keys SET revoked_at = $2 WHERE key_id = $1 AND revoked_at IS NULL
+                 RETURNING root",
+                &[key_id, at],
+                &format!("key {key_id}"),
+            )
+            .await?,
+        ),
+        Write::AppendUsage { event, json, package, month } => {
+            let row = UsageRow {
+                id: &event.id,
+                account: &event.subject,
+                time: &event.time,
+                charged_to: &event.data.charged_to,
+                json,
+                package: package.as_deref(),
+                month,
+            };
+            let seq = append_usage(tx, &row, false).await?;
+            return Ok((Committed::Usage { seq }, changed));
+        }
+        Write::CreateConcurrencyPackage(p) => {
+            let units = i64::from(p.units);
+            insert(
+                tx,
+                "INSERT INTO concurrency_packages
+                 (id, account, units, period, start_date, starts_at, ends_at, price_usd, bought_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[&p.id, &p.account, &units, &p.period.as_str(), &p.start, &p.starts_at, &p.ends_at, &p.price_usd, &p.bought_at],
+                &format!("concurrency package {}", p.id),
+            )
+            .await?
+        }
+        Write::RefundConcurrencyPackage { id, at } => changed.push(
+            update_returning(
+                tx,
+                "UPDATE concurrency_packages SET refunded_at = $2 WHERE id = $1 AND refunded_at IS NULL
+                 RETURNING account",
+                &[id, at],
+                &format!("concurrency package {id}"),
+            )
+            .await?,
+        ),
+        Write::CreateResourcePackage(p) => insert_resource_package(tx, p).await?,
+        Write::RefundResourcePackage { id, at } => changed.push(
+            update_returning(
+                tx,
+                "UPDATE resource_packages SET refunded_at = $2
+                 WHERE id = $1 AND refunded_at IS NULL AND used = 0 AND kind = 'prepaid'
+                 RETURNING account",
+                &[id, at],
+                &format!("unused prepaid package {id}"),
+            )
+            .await?,
+        ),
+        Write::SetPostpaid { account, enabled } => {
+            update_one(
+                tx,
+                "UPDATE accounts SET postpaid = $2 WHERE id = $1",
+                &[account, enabled],
+                &format!("account {account}"),
+            )
+            .await?
+        }
+        Write::TopUp { account, amount_usd, balance_after_usd, arrears_since, at } => {
+            set_balance(tx, account, balance_after_usd, arrears_since).await?;
+            ledger(tx, account, "top-up", amount_usd, balance_after_usd, "", at).await?;
+        }
+        Write::Settle { month, lines, at } => {
+            for l in lines {
+                let (calls, units) = (l.bill.calls as i64, l.bill.postpaid_units as i64);
+                insert(
+                    tx,
+                    "INSERT INTO settlements
+                     (account, month, calls, postpaid_units, unit_price_usd, amount_usd, settled_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (account, month) DO UPDATE SET calls = EXCLUDED.calls,
+                       postpaid_units = EXCLUDED.postpaid_units, unit_price_usd = EXCLUDED.unit_price_usd,
+                       amount_usd = EXCLUDED.amount_usd, settled_at = EXCLUDED.settled_at",
+                    &[&l.account, month, &calls, &units, &l.bill.tier.unit_price_usd, &l.bill.amount_usd, at],
+                    &format!("settlement of {} for {month}", l.account),
+                )
+                .await?;
+                set_balance(tx, &l.account, &l.balance_after_usd, &l.arrears_since).await?;
+                ledger(tx, &l.account, "settlement", &(-l.delta_usd), &l.balance_after_usd, month, at).await?;
+            }
+        }
+    }
+    Ok((Committed::Done, changed))
+}
+
+async fn insert_resource_package(
+    tx: &Transaction<'_>,
+    p: &crate::billing::ResourcePackage,
+) -> Result<(), StoreError> {
+    let (size, used) = (p.size as i64, p.used as i64);
+    insert(
+        tx,
+        "INSERT INTO resource_packages
+         (id, account, kind, size, used, effective_at, expires_at, price_usd, refunded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &p.id,
+            &p.account,
+            &p.kind.as_str(),
+            &size,
+            &used,
+            &p.effective_at,
+            &p.expires_at,
+            &p.price_usd,
+            &p.refunded_at,
+        ],
+        &format!("resource package {}", p.id),
+    )
+    .await
+}
+
+async fn set_balance(
+    tx: &Transaction<'_>,
+    account: &str,
+    balance: &Decimal,
+    arrears_since: &Option<Timestamp>,
+) -> Result<(), StoreError> {
+    update_one(
+        tx,
+        "UPDATE accounts SET balance_usd = $2, arrears_since = $3 WHERE id = $1",
+        &[&account, balance, arrears_since],
+        &format!("account {account}"),
+    )
+    .await
+}
+
+async fn ledger(
+    tx: &Transaction<'_>,
+    account: &str,
+    kind: &str,
+    amount: &Decimal,
+    balance_after: &Decimal,
+    memo: &str,
+    at: &Timestamp,
+) -> Result<(), StoreError> {
+    insert(
+        tx,
+        "INSERT INTO ledger(account, kind, amount_usd, balance_after_usd, memo, at) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&account, &kind, amount, balance_after, &memo, at],
+        "ledger entry",
+    )
+    .await
+}

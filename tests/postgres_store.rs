@@ -1,0 +1,323 @@
+//! The PostgreSQL store with several replicas (SPEC §8.5–8.7): writers on
+//! one database never make a cursor skip or repeat an event, a change made
+//! through one replica reaches the others, and an outage loses nothing.
+
+mod common;
+mod pg;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use pg::fixtures::{account, usage};
+use rust_decimal::Decimal;
+use tokio::sync::broadcast;
+use tollgate::billing::{PackageKind, ResourcePackage};
+use tollgate::store::{
+    Change, Committed, PostgresStore, Store, StoreError, StoreHealth, Write, commit,
+};
+
+async fn open(url: &str, dir: &std::path::Path, instance: &str) -> Arc<dyn Store> {
+    PostgresStore::open(url, dir, instance).await.unwrap()
+}
+
+async fn close(store: &Arc<dyn Store>) {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.close())
+        .await
+        .unwrap();
+}
+
+fn request_id(e: &tollgate::store::StoredEvent) -> String {
+    let v: serde_json::Value = serde_json::from_str(e.event.get()).unwrap();
+    v["data"]["request_id"].as_str().unwrap().to_string()
+}
+
+/// Every request id in the store, paging as a consumer does.
+async fn all_request_ids(store: &dyn Store) -> Vec<String> {
+    let (mut after, mut out) = (0, Vec::new());
+    loop {
+        let page = store.usage_events(after, 100).await.unwrap();
+        let Some(last) = page.last() else { return out };
+        after = last.seq;
+        out.extend(page.iter().map(request_id));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_sees_every_event_of_concurrent_writers_exactly_once() {
+    let db = pg::TestDb::create().await;
+    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(&db.url, da.path(), "a").await;
+    let b = open(&db.url, db_dir.path(), "b").await;
+    commit(&*a, account("acme")).await.unwrap();
+    const PER_WRITER: usize = 400;
+    let mut writers = Vec::new();
+    for (name, store) in [("a", a.clone()), ("b", b.clone())] {
+        for lane in 0..8 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                for i in (lane..PER_WRITER).step_by(8) {
+                    let r = commit(&*store, usage("acme", None, &format!("{name}-{i}"))).await;
+                    assert!(matches!(r, Ok(Committed::Usage { seq: Some(_) })), "{r:?}");
+                }
+            }));
+        }
+    }
+    // The reader pages while the writers commit, with small pages, and
+    // follows `next` as a consumer would.
+    let reader = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut after = 0;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while seen.len() < 2 * PER_WRITER {
+                assert!(Instant::now() < deadline, "only {} events seen", seen.len());
+                let page = a.usage_events(after, 7).await.unwrap();
+                match page.last() {
+                    Some(last) => after = last.seq,
+                    None => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+                seen.extend(page.iter().map(request_id));
+            }
+            seen
+        })
+    };
+    for w in writers {
+        w.await.unwrap();
+    }
+    let seen = reader.await.unwrap();
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "an event was seen twice");
+    assert_eq!(seen.len(), 2 * PER_WRITER, "an event was missed");
+    let m = b.month_usage("2026-11", Some("acme")).await.unwrap();
+    assert_eq!(m[0].calls, 2 * PER_WRITER as u64);
+    close(&a).await;
+    close(&b).await;
+}
+
+/// Waits (bounded) for `Change::Account(id)`.
+async fn expect_change(rx: &mut broadcast::Receiver<Change>, id: &str, within: Duration) {
+    let found = tokio::time::timeout(within, async {
+        loop {
+            match rx.recv().await {
+                Ok(Change::Account(a)) if a == id => return,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("change feed ended: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no change for {id} within {within:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_replica_reaches_another_within_a_second() {
+    let db = pg::TestDb::create().await;
+    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(&db.url, da.path(), "a").await;
+    let b = open(&db.url, db_dir.path(), "b").await;
+    let mut on_b = b.changes();
+    commit(&*a, account("acme")).await.unwrap();
+    expect_change(&mut on_b, "acme", Duration::from_secs(1)).await;
+    let seen = b.load_account("acme", Timestamp::now()).await.unwrap();
+    assert!(seen.is_some(), "B reads what A committed");
+    commit(
+        &*a,
+        Write::SetPostpaid {
+            account: "acme".into(),
+            enabled: true,
+        },
+    )
+    .await
+    .unwrap();
+    expect_change(&mut on_b, "acme", Duration::from_secs(1)).await;
+    let acme = b
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(acme.account.postpaid);
+    // Usage is not a change of durable account state: nothing announced.
+    let mut quiet = b.changes();
+    commit(&*a, usage("acme", None, "r1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(quiet.try_recv().is_err(), "usage appends are not announced");
+    close(&a).await;
+    close(&b).await;
+}
+
+async fn spooled_usage(store: &dyn Store, id: &str) {
+    let r = commit(store, usage("acme", Some("p1"), id)).await;
+    assert!(matches!(r, Ok(Committed::Usage { seq: None })), "{r:?}");
+}
+
+/// Waits (bounded) until `check` holds.
+async fn eventually(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_spools_usage_and_delivers_it_exactly_once() {
+    let pg = tokio::task::spawn_blocking(pg::PrivatePg::start)
+        .await
+        .unwrap();
+    let pg = Arc::new(pg);
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&pg.url(), dir.path(), "a").await;
+    commit(&*store, account("acme")).await.unwrap();
+    let prepaid = ResourcePackage::new(
+        "p1".into(),
+        "acme",
+        PackageKind::Prepaid,
+        100,
+        Decimal::ONE,
+        Timestamp::now(),
+    );
+    commit(&*store, Write::CreateResourcePackage(Box::new(prepaid)))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        commit(&*store, usage("acme", Some("p1"), &format!("before-{i}")))
+            .await
+            .unwrap();
+    }
+    let cursor = store
+        .usage_events(0, 1000)
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .seq;
+
+    // PostgreSQL goes away: successes are still acknowledged (spooled),
+    // admin writes and reads fail as unavailable.
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.down()).await.unwrap();
+    for i in 0..5 {
+        spooled_usage(&*store, &format!("during-{i}")).await;
+    }
+    assert_eq!(store.spooled(), 5);
+    assert_eq!(store.health(), StoreHealth::Degraded { spooled: 5 });
+    let admin = commit(&*store, account("other")).await;
+    assert!(
+        matches!(&admin, Err(StoreError::Unavailable { .. })),
+        "{admin:?}"
+    );
+    assert!(admin.unwrap_err().retryable());
+    let read = store.usage_events(0, 10).await;
+    assert!(
+        matches!(read, Err(StoreError::Unavailable { .. })),
+        "{read:?}"
+    );
+
+    // Back: delivered within 30 s, once, with their charges; a cursor
+    // taken before the outage sees them.
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.up()).await.unwrap();
+    eventually(
+        "the spool is delivered",
+        Duration::from_secs(30),
+        async || store.spooled() == 0,
+    )
+    .await;
+    let after_cursor: Vec<String> = store
+        .usage_events(cursor, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(request_id)
+        .collect();
+    assert_eq!(after_cursor.len(), 5);
+    assert!(after_cursor.iter().all(|r| r.starts_with("during-")));
+    let acme = store
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let p1 = acme
+        .resource_packages
+        .iter()
+        .find(|p| p.id == "p1")
+        .unwrap();
+    assert_eq!(p1.used, 10);
+    assert_eq!(store.health(), StoreHealth::Ok);
+
+    // A crash with a non-empty spool: the next process on the same data
+    // directory delivers it, and delivering the same spool again (a crash
+    // after the commit, before the spool was cleared) inserts nothing.
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.down()).await.unwrap();
+    for i in 0..3 {
+        spooled_usage(&*store, &format!("crash-{i}")).await;
+    }
+    let spool_file = dir.path().join("spool").join("events.jsonl");
+    let spooled_lines = std::fs::read_to_string(&spool_file).unwrap();
+    drop(store); // no close: as after kill -9, only the fsync'd spool remains
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.up()).await.unwrap();
+    let store = open(&pg.url(), dir.path(), "a").await;
+    eventually(
+        "the old spool is delivered",
+        Duration::from_secs(30),
+        async || store.spooled() == 0,
+    )
+    .await;
+    close(&store).await;
+    std::fs::write(&spool_file, &spooled_lines).unwrap();
+    let store = open(&pg.url(), dir.path(), "a").await;
+    eventually(
+        "the replayed spool is cleared",
+        Duration::from_secs(30),
+        async || store.spooled() == 0,
+    )
+    .await;
+    let ids = all_request_ids(&*store).await;
+    assert_eq!(ids.len(), 13, "{ids:?}");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 13);
+    let acme = store
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let p1 = acme
+        .resource_packages
+        .iter()
+        .find(|p| p.id == "p1")
+        .unwrap();
+    assert_eq!(p1.used, 13, "each spooled event charged once");
+    close(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_on_postgres_end_to_end() {
+    let db = pg::TestDb::create().await;
+    let opts = common::Opts {
+        env: vec![
+            ("TOLLGATE_STORAGE_KIND", "postgres".to_string()),
+            ("TOLLGATE_STORAGE_POSTGRES_URL", db.url.clone()),
+        ],
+        ..Default::default()
+    };
+    let mut stack = common::Stack::start(opts.clone());
+    let key = stack.account_with_key("acme").await;
+    for _ in 0..5 {
+        assert_eq!(stack.task(&key, &[]).await.status, http::StatusCode::OK);
+    }
+    assert_eq!(stack.admin().all_events().await.len(), 5);
+    assert_eq!(common::wait_for_jsonl(&stack.gw.data_dir, 5).await.len(), 5);
+    assert_eq!(db.query_i64("SELECT count(*) FROM usage_events").await, 5);
+    // A crash and a restart: the accounts, keys and events come back from
+    // PostgreSQL; the export is not written twice.
+    stack.gw.restart(&opts);
+    assert_eq!(stack.task(&key, &[]).await.status, http::StatusCode::OK);
+    assert_eq!(stack.admin().all_events().await.len(), 6);
+    let exported = common::wait_for_jsonl(&stack.gw.data_dir, 6).await;
+    assert_eq!(exported.len(), 6);
+}

@@ -1,0 +1,299 @@
+//! One suite for every `Store`: the contract written on the trait, run
+//! against SQLite (a temp directory) and PostgreSQL (a fresh database).
+
+mod pg;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use pg::fixtures::{account, usage};
+use rust_decimal::Decimal;
+use tokio::sync::broadcast;
+use tollgate::accounts::hash_key;
+use tollgate::billing::{self, PackageKind, ResourcePackage};
+use tollgate::entitlements::{ConcurrencyPackage, Period};
+use tollgate::store::{
+    Change, Committed, KeyRow, PostgresStore, SettlementLine, SqliteStore, Store, StoreError,
+    SubAccountRow, Write, commit,
+};
+
+/// Waits (bounded) for `Change::Account(id)` on the feed.
+async fn expect_change(rx: &mut broadcast::Receiver<Change>, id: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match rx.recv().await {
+                Ok(Change::Account(a)) if a == id => return,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("change feed ended: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no change announced for {id}");
+}
+
+fn key(id: &str, root: &str, sub: Option<&str>) -> KeyRow {
+    KeyRow {
+        key_id: id.into(),
+        hash: hash_key(&format!("secret-{id}")),
+        root: root.into(),
+        sub: sub.map(String::from),
+        created_at: Timestamp::now(),
+    }
+}
+
+async fn conformance(store: Arc<dyn Store>) {
+    let s = &*store;
+    let mut feed = store.changes();
+
+    // Accounts: create, duplicate.
+    commit(s, account("acme")).await.unwrap();
+    expect_change(&mut feed, "acme").await;
+    let dup = commit(s, account("acme")).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert!(!dup.unwrap_err().retryable());
+
+    // Sub-accounts: a missing root is not found.
+    let sub = |id: &str, root: &str| {
+        Write::CreateSubAccount(SubAccountRow {
+            id: id.into(),
+            root: root.into(),
+            max_concurrency: Some(2),
+            created_at: Timestamp::now(),
+        })
+    };
+    let orphan = commit(s, sub("x", "nobody")).await;
+    assert!(matches!(orphan, Err(StoreError::NotFound(_))), "{orphan:?}");
+    commit(s, sub("acme-dev", "acme")).await.unwrap();
+
+    // Keys: create, duplicate, revoke (once).
+    commit(s, Write::CreateKey(key("k1", "acme", None)))
+        .await
+        .unwrap();
+    commit(s, Write::CreateKey(key("k2", "acme", Some("acme-dev"))))
+        .await
+        .unwrap();
+    let dup = commit(s, Write::CreateKey(key("k1", "acme", None))).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let mut feed = store.changes();
+    let revoke = |id: &str| Write::RevokeKey {
+        key_id: id.into(),
+        at: Timestamp::now(),
+    };
+    commit(s, revoke("k1")).await.unwrap();
+    expect_change(&mut feed, "acme").await;
+    let again = commit(s, revoke("k1")).await;
+    assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+    let unknown = commit(s, revoke("nope")).await;
+    assert!(
+        matches!(unknown, Err(StoreError::NotFound(_))),
+        "{unknown:?}"
+    );
+
+    // Packages: concurrency (bought, refunded once), prepaid (refunded once).
+    let now = Timestamp::now();
+    let cpkg = |id: &str| {
+        Write::CreateConcurrencyPackage(Box::new(ConcurrencyPackage {
+            id: id.into(),
+            account: "acme".into(),
+            units: 2,
+            period: Period::Daily,
+            start: now.to_zoned(jiff::tz::TimeZone::UTC).date(),
+            starts_at: now,
+            ends_at: now + jiff::SignedDuration::from_hours(24),
+            price_usd: "3.5".parse().unwrap(),
+            bought_at: now,
+        }))
+    };
+    commit(s, cpkg("c1")).await.unwrap();
+    commit(s, cpkg("c2")).await.unwrap();
+    let refund_c = Write::RefundConcurrencyPackage {
+        id: "c2".into(),
+        at: now,
+    };
+    commit(s, refund_c).await.unwrap();
+    let prepaid = ResourcePackage::new(
+        "p1".into(),
+        "acme",
+        PackageKind::Prepaid,
+        1,
+        Decimal::ONE,
+        now,
+    );
+    commit(s, Write::CreateResourcePackage(Box::new(prepaid.clone())))
+        .await
+        .unwrap();
+    let refund = || Write::RefundResourcePackage {
+        id: "p1".into(),
+        at: Timestamp::now(),
+    };
+    commit(s, refund()).await.unwrap();
+    let twice = commit(s, refund()).await;
+    assert!(matches!(twice, Err(StoreError::NotFound(_))), "{twice:?}");
+
+    // load and load_account agree and leave out revoked keys and refunded
+    // concurrency packages.
+    let snap = store.load(Timestamp::now()).await.unwrap();
+    assert_eq!(snap.accounts.len(), 1);
+    assert_eq!(snap.sub_accounts.len(), 1);
+    assert_eq!(
+        snap.keys
+            .iter()
+            .map(|k| k.key_id.as_str())
+            .collect::<Vec<_>>(),
+        ["k2"]
+    );
+    assert_eq!(snap.keys[0].hash, hash_key("secret-k2"));
+    assert_eq!(snap.concurrency_packages.len(), 1);
+    assert_eq!(
+        snap.concurrency_packages[0].price_usd,
+        "3.5".parse::<Decimal>().unwrap()
+    );
+    assert_eq!(snap.resource_packages.len(), 2, "refunded ones included");
+    let one = store
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .expect("acme exists");
+    assert_eq!(one.account.id, "acme");
+    assert_eq!(one.sub_accounts.len(), 1);
+    assert_eq!(one.keys.len(), 1);
+    assert_eq!(one.concurrency_packages.len(), 1);
+    assert_eq!(one.resource_packages.len(), 2);
+    assert!(
+        store
+            .load_account("nobody", Timestamp::now())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    commit(s, account("other")).await.unwrap();
+    let other = store
+        .load_account("other", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(other.keys.is_empty() && other.sub_accounts.is_empty());
+    assert_eq!(other.resource_packages.len(), 1);
+
+    // Usage: the charge guard (the free package has 2 units), duplicates.
+    let mut seqs = Vec::new();
+    for i in 0..2 {
+        match commit(s, usage("acme", Some("free-acme"), &format!("r{i}")))
+            .await
+            .unwrap()
+        {
+            Committed::Usage { seq: Some(seq) } => seqs.push(seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(seqs[1] > seqs[0]);
+    let over = commit(s, usage("acme", Some("free-acme"), "r-over")).await;
+    assert!(matches!(over, Err(StoreError::NotFound(_))), "{over:?}");
+    let postpaid = usage("acme", None, "r-post");
+    let Write::AppendUsage { event, .. } = &postpaid else {
+        unreachable!()
+    };
+    let dup_event = pg::fixtures::append((**event).clone(), None);
+    commit(s, postpaid).await.unwrap();
+    let dup = commit(s, dup_event).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let one = store
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let free = one
+        .resource_packages
+        .iter()
+        .find(|p| p.id == "free-acme")
+        .unwrap();
+    assert_eq!(free.used, 2, "the refused charge left nothing behind");
+
+    // Events page in commit order.
+    let all = store.usage_events(0, 100).await.unwrap();
+    assert_eq!(all.len(), 3, "the refused append stored no event");
+    let first = store.usage_events(0, 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let rest = store.usage_events(first[1].seq, 100).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert!(rest[0].event.get().contains("r-post"));
+    assert!(
+        store
+            .usage_events(rest[0].seq, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Month counters.
+    let m = store.month_usage("2026-11", None).await.unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].calls, m[0].free, m[0].postpaid), (3, 2, 1));
+    let m = store.month_usage("2026-11", Some("other")).await.unwrap();
+    assert!(m.is_empty());
+
+    // Settlements replace the month's line and set the balance.
+    let mut feed = store.changes();
+    let line = |delta: &str, balance: &str| SettlementLine {
+        account: "acme".into(),
+        bill: billing::bill(100, 100),
+        delta_usd: delta.parse().unwrap(),
+        balance_after_usd: balance.parse().unwrap(),
+        arrears_since: Some(Timestamp::now()),
+    };
+    let settle = |l: SettlementLine| Write::Settle {
+        month: "2026-11".into(),
+        lines: vec![l],
+        at: Timestamp::now(),
+    };
+    commit(s, settle(line("8", "-8"))).await.unwrap();
+    expect_change(&mut feed, "acme").await;
+    commit(s, settle(line("0", "-8"))).await.unwrap();
+    let settled = store.settled("2026-11").await.unwrap();
+    assert_eq!(settled.len(), 1);
+    assert_eq!(settled[0].0, "acme");
+    assert_eq!(settled[0].1, billing::bill(100, 100).amount_usd);
+    let acme = store
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acme.account.balance_usd, "-8".parse::<Decimal>().unwrap());
+    assert!(acme.account.arrears_since.is_some());
+
+    // Top-ups and postpaid switches are announced too.
+    commit(
+        s,
+        Write::SetPostpaid {
+            account: "other".into(),
+            enabled: true,
+        },
+    )
+    .await
+    .unwrap();
+    expect_change(&mut feed, "other").await;
+
+    let store2 = store.clone();
+    tokio::task::spawn_blocking(move || store2.close())
+        .await
+        .unwrap();
+    let closed = commit(s, account("late")).await;
+    assert!(matches!(closed, Err(StoreError::Closed)), "{closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance(Arc::new(SqliteStore::open(dir.path()).unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_keeps_the_contract() {
+    let db = pg::TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = PostgresStore::open(&db.url, dir.path(), "t").await.unwrap();
+    conformance(store).await;
+}
