@@ -137,6 +137,13 @@ impl App {
         Ok(Arc::new(app))
     }
 
+    /// Why this replica cannot serve tasks for lack of coordination, if it
+    /// cannot (cluster mode under `on_redis_outage = "reject"` with Redis
+    /// unreachable).
+    pub fn coordination_unready(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Creates the demo account and its public key if they are missing.
     async fn seed_demo(&self) -> Result<(), StoreError> {
         let id = self.config.demo.account.clone();

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub queue_wait_seconds: Histogram,
     pub upstream_seconds: Histogram,
     pub usage_events_total: IntCounter,
+    /// Usage events made durable in the local spool while the shared
+    /// store (PostgreSQL) is unreachable, not yet delivered.
+    pub spooled_events: IntGauge,
     gauges: AccountGauges,
 }
 
@@ -110,6 +113,14 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let spooled_events = register(
+            &registry,
+            IntGauge::new(
+                "tollgate_spooled_events",
+                "Usage events held in this replica's local spool until the store is back.",
+            )
+            .expect("valid"),
+        );
         let gauges = if per_account_labels {
             let vec = |name: &str, help: &str| {
                 register(
@@ -155,6 +166,7 @@ impl Metrics {
             queue_wait_seconds,
             upstream_seconds,
             usage_events_total,
+            spooled_events,
             gauges,
         }
     }

@@ -15,11 +15,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use http::{HeaderValue, StatusCode, header};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::secrets_match;
 use crate::app::App;
+use crate::store::StoreHealth;
 
 pub use error::ApiError;
 
@@ -97,6 +99,7 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.metrics.spooled_events.set(app.store.spooled() as i64);
     let text = app.metrics.render(&*app.gates);
     let mut resp = text.into_response();
     resp.headers_mut().insert(
@@ -106,10 +109,32 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     resp
 }
 
+/// Tells a load balancer whether this replica can serve tasks now: not
+/// while stopping, not while its store can record nothing. A store that
+/// spools (PostgreSQL down) still serves tasks: ready, and says so.
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.stopping.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"stopping"}"#).into_response()
+    let store = app.store.health();
+    let (status, reason) = if app.stopping.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping")
+    } else if store == StoreHealth::Unavailable {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+    } else if let Some(reason) = app.coordination_unready() {
+        (StatusCode::SERVICE_UNAVAILABLE, reason)
     } else {
-        r#"{"status":"ready"}"#.into_response()
-    }
+        (StatusCode::OK, "ready")
+    };
+    let store = match store {
+        StoreHealth::Ok => json!({"status": "ok"}),
+        StoreHealth::Degraded { spooled } => {
+            json!({"status": "degraded", "spooled_events": spooled})
+        }
+        StoreHealth::Unavailable => json!({"status": "unavailable"}),
+    };
+    let body = json!({"status": reason, "store": store, "instance": app.config.server.instance});
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
