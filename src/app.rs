@@ -67,6 +67,22 @@ pub enum StartError {
     },
     #[error("backend: {0}")]
     Backend(String),
+    /// Cluster mode: another live replica already runs under this
+    /// `server.instance`, or the coordinator cannot be set up.
+    #[error("cluster: {0}")]
+    Cluster(String),
+    #[error("server.instance `{0}` is already used by a live replica; give each replica its own name")]
+    InstanceTaken(String),
+}
+
+impl StartError {
+    /// 2 for what the operator must fix in the configuration, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::InstanceTaken(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 impl App {

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %e, "tollgate could not start");
                     eprintln!("tollgate: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_code())
                 }
             }
         }
