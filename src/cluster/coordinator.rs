@@ -244,12 +244,14 @@ impl Coordinator {
         Err(err)
     }
 
-    /// Runs cleanup that `Drop` cannot await.
-    pub(super) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+    /// Runs cleanup that `Drop` cannot await. False if the replica was
+    /// aborted (nothing runs any more).
+    pub(super) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) -> bool {
         if self.aborted() {
-            return;
+            return false;
         }
         self.tasks.spawn_on(fut, &self.runtime);
+        true
     }
 }
 

@@ -6,10 +6,10 @@
 //! `Unavailable`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use dashmap::DashMap;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::coordinator::Coordinator;
@@ -38,6 +38,35 @@ struct Core {
     /// The outage path under `local`: limits divided among live replicas.
     fallback: LocalLimiter,
     shutting_down: AtomicBool,
+    /// Refusals on their way to Redis, per account: this replica's acquires
+    /// wait for them, so a task that joins after `refuse_queued` returned
+    /// is never refused by it.
+    refusing: DashMap<Arc<str>, Arc<Barrier>>,
+}
+
+#[derive(Default)]
+struct Barrier {
+    pending: AtomicU32,
+    done: Notify,
+}
+
+impl Barrier {
+    fn finish(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.done.notify_waiters();
+    }
+
+    async fn passed(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
 }
 
 impl RedisLimiter {
@@ -52,6 +81,7 @@ impl RedisLimiter {
                 limits: DashMap::new(),
                 fallback: LocalLimiter::new(default_limit, max_queue),
                 shutting_down: AtomicBool::new(false),
+                refusing: DashMap::new(),
             }),
         }
     }
@@ -104,6 +134,10 @@ impl Core {
 
     async fn acquire_shared(self: Arc<Self>, t: Ticket, deadline: Instant) -> Grant {
         let coord = &self.coord;
+        let barrier = self.refusing.get(&*t.account).map(|b| b.clone());
+        if let Some(b) = barrier {
+            b.passed().await;
+        }
         let id = coord.new_ticket();
         let (tx, rx) = oneshot::channel();
         // Registered before the script runs: its grant hint may arrive
@@ -232,8 +266,13 @@ impl Limiter for RedisLimiter {
         let core = &self.core;
         core.fallback.refuse_queued(account);
         let account: Arc<str> = Arc::from(account);
+        let barrier = core.refusing.entry(account.clone()).or_default().clone();
+        barrier.pending.fetch_add(1, Ordering::AcqRel);
         let coord = core.coord.clone();
+        // Lifted when the task ends, or when it is dropped unrun.
+        let done = Finish(barrier);
         core.coord.spawn(async move {
+            let _done = done;
             let mut inv = REFUSE.prepare_invoke();
             for k in keys::pool(&coord.prefix, &account) {
                 inv.key(k);
@@ -259,6 +298,16 @@ impl Limiter for RedisLimiter {
         core.shutting_down.store(true, Ordering::Release);
         core.coord.refuse_local(LimitError::ShuttingDown);
         core.fallback.shut_down();
+    }
+}
+
+/// Lifts the barrier however the refusal ends (reply, error, or the
+/// runtime dropping the task).
+struct Finish(Arc<Barrier>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }
 

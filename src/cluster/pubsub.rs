@@ -62,10 +62,35 @@ async fn listen(mut ps: PubSub, coord: &Weak<Coordinator>) {
         let Ok(payload) = msg.get_payload::<String>() else {
             continue;
         };
-        match payload.split_once(' ') {
-            Some(("G", ticket)) => coord.signal(ticket, Signal::Granted),
-            Some(("R", ticket)) => coord.signal(ticket, Signal::Refused(LimitError::Refused)),
+        match parse(&payload) {
+            Some(("G", counts, ticket)) => coord.signal_with(ticket, &counts, Signal::Granted),
+            Some(("R", counts, ticket)) => {
+                coord.signal_with(ticket, &counts, Signal::Refused(LimitError::Refused))
+            }
             _ => tracing::debug!(%payload, "unknown grant hint"),
         }
+    }
+}
+
+/// `<kind> <version> <limit> <holders> <queued> <ewma_ms> <ticket>`.
+fn parse(payload: &str) -> Option<(&str, [i64; 5], &str)> {
+    let mut parts = payload.splitn(7, ' ');
+    let kind = parts.next()?;
+    let mut counts = [0i64; 5];
+    for c in &mut counts {
+        *c = parts.next()?.parse().ok()?;
+    }
+    Some((kind, counts, parts.next()?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hints_parse() {
+        assert_eq!(
+            super::parse("G 7 3 3 1 250 gw a:00ff:12"),
+            Some(("G", [7, 3, 3, 1, 250], "gw a:00ff:12"))
+        );
+        assert_eq!(super::parse("G 7 3"), None);
     }
 }

@@ -48,6 +48,16 @@ pub(super) enum Signal {
 }
 
 impl Coordinator {
+    /// [`Self::signal`] after recording the pool counts the answer came
+    /// with, so whoever wakes up sees counts at least as new.
+    pub(super) fn signal_with(&self, ticket: &str, counts: &[i64], sig: Signal) {
+        let account = self.tickets.get(ticket).map(|e| e.account().clone());
+        if let Some(account) = account {
+            self.note_pool(&account, counts);
+            self.signal(ticket, sig);
+        }
+    }
+
     /// Answers a queued ticket of this replica; unknown tickets (left
     /// already, or of another boot) are ignored.
     pub(super) fn signal(&self, ticket: &str, sig: Signal) {

@@ -70,6 +70,10 @@ local function take(t, now, lease, sub)
   end
 end
 
+-- Grants and refusals to tell their owners once the script's counts are
+-- known: {channel, kind, ticket}.
+local HINTS = {}
+
 -- Hands free slots to waiters in join order, skipping those whose
 -- sub-account is at its cap (they do not block the tasks behind them).
 -- Each grant is published to its owner as a hint; the owner's heartbeat
@@ -102,7 +106,7 @@ local function grant(now, lease, chan)
         drop_waiter(t)
         take(t, now, lease, sub)
         if owner then
-          redis.call('PUBLISH', chan .. owner, 'G ' .. t)
+          HINTS[#HINTS + 1] = {chan .. owner, 'G', t}
         end
         n = n + 1
         if n >= lim then
@@ -113,11 +117,20 @@ local function grant(now, lease, chan)
   end
 end
 
+-- The pool's counts after this script, stamped with a fresh version; the
+-- hints carry them too ('G <ver> <limit> <holders> <queued> <ewma>
+-- <ticket>'), so an owner that learns of its grant first also sees counts
+-- at least as new.
 local function stats()
   local ver = redis.call('INCR', K_VER)
   for _, k in ipairs({K_VER, K_SEQ, K_LIMIT, K_EWMA}) do
     redis.call('PEXPIRE', k, IDLE_MS)
   end
-  return {ver, limit(), redis.call('ZCARD', K_HOLDERS), redis.call('ZCARD', K_QUEUE),
+  local s = {ver, limit(), redis.call('ZCARD', K_HOLDERS), redis.call('ZCARD', K_QUEUE),
     tonumber(redis.call('GET', K_EWMA) or '0')}
+  local counts = table.concat(s, ' ')
+  for _, h in ipairs(HINTS) do
+    redis.call('PUBLISH', h[1], h[2] .. ' ' .. counts .. ' ' .. h[3])
+  end
+  return s
 end

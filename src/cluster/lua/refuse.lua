@@ -7,7 +7,7 @@ for _, t in ipairs(refused) do
   local owner = redis.call('HGET', K_OWNER, t)
   drop_waiter(t)
   if owner then
-    redis.call('PUBLISH', ARGV[1] .. owner, 'R ' .. t)
+    HINTS[#HINTS + 1] = {ARGV[1] .. owner, 'R', t}
   end
 end
 return {stats(), refused}

@@ -46,7 +46,14 @@ pub(super) async fn shared_redis() {
                 return;
             }
             let _ = Command::new("redis-server")
-                .args(["--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379"])
+                .args([
+                    "--daemonize",
+                    "yes",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    "6379",
+                ])
                 .args(["--save", "", "--appendonly", "no"])
                 .stdout(Stdio::null())
                 .status();

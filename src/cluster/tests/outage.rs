@@ -80,9 +80,11 @@ async fn outage_policies_and_recovery() {
     assert!(q_local.reserve("acme", now).await.is_ok());
     assert!(reject.coordination_errors().iter().any(|(_, n)| *n > 0));
     // The permit taken before the outage is still held; its lease lapses.
-    eventually("the lost lease to be counted", Duration::from_secs(5), || {
-        local.leases_lost() >= 1
-    })
+    eventually(
+        "the lost lease to be counted",
+        Duration::from_secs(5),
+        || local.leases_lost() >= 1,
+    )
     .await;
     drop(held);
 
@@ -105,8 +107,10 @@ async fn outage_policies_and_recovery() {
         timeout(QUIET_FOR, &mut fifth).await.is_err(),
         "the shared limit was exceeded"
     );
-    eventually("the shared count on both replicas", Duration::from_secs(3), || {
-        local.stats("acme").in_flight == 4 && reject.stats("acme").in_flight == 4
-    })
+    eventually(
+        "the shared count on both replicas",
+        Duration::from_secs(3),
+        || local.stats("acme").in_flight == 4 && reject.stats("acme").in_flight == 4,
+    )
     .await;
 }

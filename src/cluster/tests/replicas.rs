@@ -151,7 +151,10 @@ async fn a_crashed_replica_gives_back_slots_tickets_and_units() {
     for _ in 0..3 {
         units.push(qb.reserve("acme", now).await.expect("a unit"));
     }
-    assert_eq!(qa.reserve("acme", now).await.err(), Some(Refusal::LowBalance));
+    assert_eq!(
+        qa.reserve("acme", now).await.err(),
+        Some(Refusal::LowBalance)
+    );
 
     b.coordinator().abort();
     let crashed = Instant::now();
@@ -180,7 +183,10 @@ async fn a_crashed_replica_gives_back_slots_tickets_and_units() {
             Err(e) => panic!("B's units did not come back: {e:?}"),
         }
     }
-    assert_eq!(qa.reserve("acme", now).await.err(), Some(Refusal::LowBalance));
+    assert_eq!(
+        qa.reserve("acme", now).await.err(),
+        Some(Refusal::LowBalance)
+    );
     // B's registry entry expires: A divides by one replica again.
     eventually("B to leave the registry", RECOVERY, || {
         a.coordinator().live_replicas() == 1
