@@ -228,7 +228,10 @@ impl Limiter for RedisLimiter {
         }
         let account: Arc<str> = Arc::from(account);
         core.limits.insert(account.clone(), limit);
-        if core.fallback.stats(&account).in_flight > 0 {
+        // A local gate in use during an outage follows the change at once
+        // (growing starts its waiters); others get it on their next acquire.
+        let local = core.fallback.stats(&account);
+        if local.in_flight > 0 || local.queued > 0 {
             let share = (limit / core.coord.live_replicas()).max(1);
             core.fallback.set_limit(&account, share);
         }

@@ -265,3 +265,65 @@ async fn an_instance_name_is_unique_among_live_replicas() {
     third.close().await;
     cleanup(&p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_account_caps_hold_across_replicas() {
+    let p = prefix();
+    let ls = limiters(&p, 2, 3, 10).await;
+    let (a, b) = (&ls[0], &ls[1]);
+    let dev = crate::limiter::conformance::capped("acme", "acme-dev", 1);
+    let root = ticket("acme");
+    let d = granted(&**a, &dev).await;
+    // The sub-account's second task waits on the other replica, without
+    // blocking the root's tasks behind it.
+    let mut dev_w = queued(&**b, &dev).await;
+    let r = granted(&**b, &root).await;
+    assert!(
+        timeout(Duration::from_millis(150), &mut dev_w)
+            .await
+            .is_err(),
+        "the cap was exceeded across replicas"
+    );
+    drop(d);
+    let d2 = timeout(Duration::from_secs(3), dev_w)
+        .await
+        .expect("the sub-account's turn")
+        .expect("a slot");
+    drop((d2, r));
+    cleanup(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_shutdown_reach_across_replicas() {
+    let p = prefix();
+    let ls = limiters(&p, 2, 1, 10).await;
+    let (a, b) = (&ls[0], &ls[1]);
+    let t = ticket("acme");
+    let held = granted(&**a, &t).await;
+    let mut on_a = queued(&**a, &t).await;
+    let mut on_b = queued(&**b, &t).await;
+    // Deactivated through A: B's queued task is refused too.
+    a.refuse_queued("acme");
+    for w in [&mut on_a, &mut on_b] {
+        assert!(matches!(
+            timeout(Duration::from_secs(3), w).await,
+            Ok(Err(LimitError::Refused))
+        ));
+    }
+    // B shuts down: its own queued task is told so, A's stays queued and
+    // gets the slot next.
+    let mut on_a = queued(&**a, &t).await;
+    let mut on_b = queued(&**b, &t).await;
+    b.shut_down();
+    assert!(matches!(
+        timeout(Duration::from_secs(3), &mut on_b).await,
+        Ok(Err(LimitError::ShuttingDown))
+    ));
+    drop(held);
+    let next = timeout(Duration::from_secs(3), &mut on_a)
+        .await
+        .expect("A's task is next")
+        .expect("a slot");
+    drop(next);
+    cleanup(&p).await;
+}
