@@ -9,6 +9,26 @@
 //! Every decision is a Lua script (`lua/`) that reads the server's clock,
 //! purges what expired, then decides: one round trip per acquire, per
 //! release and per reservation.
+//!
+//! Wiring, when `cluster.redis_url` is set:
+//!
+//! ```ignore
+//! let coord = Coordinator::start(ClusterSettings::from_config(&cfg.cluster, &cfg.server.instance))
+//!     .await?; // ClusterError::InstanceTaken → exit code 2
+//! let limiter = Arc::new(RedisLimiter::new(
+//!     coord.clone(),
+//!     cfg.limits.default_concurrency,
+//!     cfg.limits.max_queue_per_account,
+//! ));
+//! let quota = RedisQuota::new(coord.clone(), accounts.clone());
+//! // /readyz under `reject`: coord.is_coordinated();
+//! // metrics: coord.coordination_errors(), coord.leases_lost();
+//! // shutdown: limiter.shut_down(), then coord.close().await.
+//! ```
+//!
+//! The heartbeat and the grant-hint listener are started by
+//! [`Coordinator::start`] and stop with [`Coordinator::close`] (or when the
+//! last handle is dropped).
 
 mod coordinator;
 mod health;
