@@ -148,6 +148,7 @@ impl Core {
                 account: t.account.clone(),
                 tx: Some(tx),
                 live_until: Instant::now() + coord.lease,
+                confirmed: false,
             },
         );
         let waiting = Waiting::new(coord.clone(), t.account.clone(), id.clone());
@@ -188,7 +189,7 @@ impl Core {
                         .map_or(std::time::Duration::from_secs(1), |v| v.retry_after()),
                 });
             }
-            _ => {}
+            _ => coord.confirm_queued(&id),
         }
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(LimitError::ShuttingDown);

@@ -24,6 +24,10 @@ pub(super) enum TicketState {
         /// Until when Redis keeps the ticket without a renewal (a
         /// conservative local estimate).
         live_until: Instant,
+        /// The acquire script's reply said "queued". Until then the
+        /// heartbeat leaves the ticket alone: it could reach Redis before
+        /// the acquire and take the ticket for gone.
+        confirmed: bool,
     },
     Held {
         account: Arc<str>,
@@ -81,6 +85,16 @@ impl Coordinator {
         let _ = tx.send(sig);
     }
 
+    /// The acquire script queued the ticket: the heartbeat looks after it
+    /// from now on.
+    pub(super) fn confirm_queued(&self, ticket: &str) {
+        if let Some(mut e) = self.tickets.get_mut(ticket)
+            && let TicketState::Queued { confirmed, .. } = &mut *e
+        {
+            *confirmed = true;
+        }
+    }
+
     /// Every queued ticket of this replica is answered with `why`.
     pub(super) fn refuse_local(&self, why: LimitError) {
         for mut entry in self.tickets.iter_mut() {
@@ -125,7 +139,10 @@ impl Coordinator {
             match e.value() {
                 TicketState::Held { lost: false, .. } => slot.0.push(e.key().clone()),
                 TicketState::Held { .. } => {}
-                TicketState::Queued { .. } => slot.1.push(e.key().clone()),
+                TicketState::Queued {
+                    confirmed: true, ..
+                } => slot.1.push(e.key().clone()),
+                TicketState::Queued { .. } => {}
             }
         }
         // Pools used lately keep fresh stats even with nothing of ours in
