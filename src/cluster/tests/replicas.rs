@@ -327,3 +327,42 @@ async fn refusals_and_shutdown_reach_across_replicas() {
     drop(next);
     cleanup(&p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_slot_leaks_when_tasks_give_up_across_replicas() {
+    let p = prefix();
+    let ls = limiters(&p, 3, 2, 100).await;
+    let t = ticket("acme");
+    let tasks: Vec<_> = (0..60u64)
+        .map(|i| {
+            let l = ls[(i % 3) as usize].clone();
+            let t = t.clone();
+            tokio::spawn(async move {
+                // A third time out in the queue, a third hang up while
+                // queued, the rest run.
+                let deadline = match i % 3 {
+                    0 => Instant::now() + Duration::from_millis(5 + i % 7),
+                    _ => far(),
+                };
+                let wait = Duration::from_millis(if i % 3 == 1 { 3 + i % 5 } else { 10_000 });
+                if let Ok(Ok(permit)) = timeout(wait, l.acquire(&t, deadline)).await {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    drop(permit);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("no panic");
+    }
+    for l in &ls {
+        crate::limiter::conformance::wait_for(&**l, "acme", "an empty pool", |s| {
+            s.in_flight == 0 && s.queued == 0
+        })
+        .await;
+    }
+    // Nothing leaked: the whole limit can be taken, from any replica.
+    let _a = granted(&*ls[1], &t).await;
+    let _b = granted(&*ls[2], &t).await;
+    cleanup(&p).await;
+}
