@@ -15,6 +15,7 @@ pub mod api_error;
 pub mod app;
 pub mod billing;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod entitlements;
 pub mod gateway;

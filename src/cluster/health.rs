@@ -1,0 +1,88 @@
+//! Whether this replica can coordinate through Redis right now, and the
+//! counters an operator needs to see when it could not.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// What a failed Redis exchange was doing: the `op` label of
+/// `tollgate_coordination_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Acquire,
+    Release,
+    Heartbeat,
+    Quota,
+}
+
+impl Op {
+    pub const ALL: [Op; 4] = [Op::Acquire, Op::Release, Op::Heartbeat, Op::Quota];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Acquire => "acquire",
+            Op::Release => "release",
+            Op::Heartbeat => "heartbeat",
+            Op::Quota => "quota",
+        }
+    }
+}
+
+pub(crate) struct Health {
+    coordinated: AtomicBool,
+    errors: [AtomicU64; 4],
+    leases_lost: AtomicU64,
+    /// Replicas with an unexpired registry entry, as last seen; the divisor
+    /// of the limit while Redis is unreachable.
+    live_replicas: AtomicU32,
+}
+
+impl Health {
+    pub(crate) fn new() -> Self {
+        Self {
+            coordinated: AtomicBool::new(true),
+            errors: Default::default(),
+            leases_lost: AtomicU64::new(0),
+            live_replicas: AtomicU32::new(1),
+        }
+    }
+
+    pub(crate) fn is_coordinated(&self) -> bool {
+        self.coordinated.load(Ordering::Acquire)
+    }
+
+    /// A Redis exchange failed: new work takes the outage path until the
+    /// heartbeat reaches Redis again.
+    pub(crate) fn failed(&self, op: Op, err: &dyn std::fmt::Display) {
+        self.errors[op as usize].fetch_add(1, Ordering::Relaxed);
+        if self.coordinated.swap(false, Ordering::AcqRel) {
+            tracing::warn!(op = op.label(), error = %err, "Redis unreachable: outage policy in force");
+        } else {
+            tracing::debug!(op = op.label(), error = %err, "Redis exchange failed");
+        }
+    }
+
+    pub(crate) fn reached(&self) {
+        if !self.coordinated.swap(true, Ordering::AcqRel) {
+            tracing::info!("Redis reachable again: shared limiting resumed");
+        }
+    }
+
+    pub(crate) fn errors(&self) -> [(&'static str, u64); 4] {
+        Op::ALL.map(|op| (op.label(), self.errors[op as usize].load(Ordering::Relaxed)))
+    }
+
+    pub(crate) fn lease_lost(&self) {
+        self.leases_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn leases_lost(&self) -> u64 {
+        self.leases_lost.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_live_replicas(&self, n: u32) {
+        self.live_replicas.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn live_replicas(&self) -> u32 {
+        self.live_replicas.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,36 @@
+-- ARGV: ticket, owner instance, limit, 1 to set the limit (0: only if
+-- absent), max queue, lease ms, sub-account ('' for none), its cap, grant
+-- channel prefix. Returns {status, stats}: 1 granted, 0 queued, 2 full.
+local now = server_now()
+local t, owner = ARGV[1], ARGV[2]
+local lease, chan = tonumber(ARGV[6]), ARGV[9]
+if ARGV[4] == '1' then
+  redis.call('SET', K_LIMIT, ARGV[3])
+else
+  redis.call('SET', K_LIMIT, ARGV[3], 'NX')
+end
+purge(now)
+-- Waiters first: a newcomer never overtakes one that could run.
+grant(now, lease, chan)
+local sub = nil
+if ARGV[7] ~= '' then
+  sub = ARGV[7]
+end
+local cap = tonumber(ARGV[8])
+local status
+if redis.call('ZCARD', K_HOLDERS) < limit() and (not sub or sub_room(sub, cap)) then
+  take(t, now, lease, sub)
+  status = 1
+elseif redis.call('ZCARD', K_QUEUE) >= tonumber(ARGV[5]) then
+  status = 2
+else
+  redis.call('ZADD', K_QUEUE, redis.call('INCR', K_SEQ), t)
+  redis.call('ZADD', K_QLIVE, now + lease, t)
+  redis.call('HSET', K_OWNER, t, owner)
+  if sub then
+    redis.call('HSET', K_QSUB, t, sub)
+    redis.call('HSET', K_QCAP, t, cap)
+  end
+  status = 0
+end
+return {status, stats()}

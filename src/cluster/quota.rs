@@ -1,0 +1,272 @@
+//! [`RedisQuota`]: the shared [`Quota`] (SPEC §8.4, no overdraw across
+//! replicas). The replica's memory says which packages could pay, in
+//! deduction order, and how many units the store counts as used; Redis
+//! counts per package the units taken (used + held by any replica) and
+//! holds each reservation under a lease, so a dead replica's units come
+//! back.
+//!
+//! While Redis is unreachable: `reject` refuses (`Refusal::Unavailable`);
+//! `local` reserves in this replica's memory only, so replicas may then
+//! together overdraw by what each of them sees as left.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use jiff::Timestamp;
+use tokio::time::Instant;
+
+use super::coordinator::Coordinator;
+use super::health::Op;
+use super::keys;
+use super::scripts::{QUOTA_BEAT, RESERVE, SETTLE};
+use crate::billing::{Accounts, HeldUnit, Payer, Quota, Refusal, Reservation, Reserve, Source};
+use crate::config::RedisOutagePolicy;
+
+pub struct RedisQuota {
+    coord: Arc<Coordinator>,
+    accounts: Arc<Accounts>,
+}
+
+pub(super) struct UnitState {
+    account: Arc<str>,
+    renewed_until: Instant,
+    lost: bool,
+}
+
+impl RedisQuota {
+    /// `accounts` is the replica's billing memory, kept in step with the
+    /// store by the integrator.
+    pub fn new(coord: Arc<Coordinator>, accounts: Arc<Accounts>) -> Self {
+        Self { coord, accounts }
+    }
+
+    fn outage(&self, account: &str, now: Timestamp) -> Result<Reservation, Refusal> {
+        match self.coord.policy {
+            RedisOutagePolicy::Reject => Err(Refusal::Unavailable),
+            RedisOutagePolicy::Local => self.accounts.reserve(account, now),
+        }
+    }
+}
+
+fn postpaid() -> Reservation {
+    Reservation::shared(Box::new(Unit {
+        held: None,
+        source: Source::Postpaid,
+    }))
+}
+
+impl Quota for RedisQuota {
+    fn reserve(&self, account: &str, now: Timestamp) -> Reserve {
+        let grace = self.accounts.grace();
+        let picked = self
+            .accounts
+            .with(account, |b| b.payers(now, grace).map(|p| (p, b.postpaid)));
+        let (payers, is_postpaid) = match picked {
+            None => return Reserve::ready(Err(Refusal::LowBalance)),
+            Some(Err(e)) => return Reserve::ready(Err(e)),
+            Some(Ok(p)) => p,
+        };
+        if payers.is_empty() {
+            // Nothing countable is left: no need to ask Redis.
+            return Reserve::ready(if is_postpaid {
+                Ok(postpaid())
+            } else {
+                Err(Refusal::LowBalance)
+            });
+        }
+        if !self.coord.is_coordinated() {
+            return Reserve::ready(self.outage(account, now));
+        }
+        let this = RedisQuota {
+            coord: self.coord.clone(),
+            accounts: self.accounts.clone(),
+        };
+        let account: Arc<str> = Arc::from(account);
+        Reserve::shared(async move { this.reserve_shared(account, payers, is_postpaid, now).await })
+    }
+}
+
+impl RedisQuota {
+    async fn reserve_shared(
+        self,
+        account: Arc<str>,
+        payers: Vec<Payer>,
+        is_postpaid: bool,
+        now: Timestamp,
+    ) -> Result<Reservation, Refusal> {
+        let coord = &self.coord;
+        let id = coord.new_ticket();
+        let mut inv = RESERVE.prepare_invoke();
+        for k in keys::quota(&coord.prefix, &account) {
+            inv.key(k);
+        }
+        inv.arg(&*id).arg(coord.lease_ms());
+        for p in &payers {
+            inv.arg(&p.id).arg(p.size).arg(p.used);
+        }
+        // Dropped mid-call (the client hung up), the unit Redis may have
+        // taken is given back.
+        let mut pending = Some(Held {
+            coord: coord.clone(),
+            accounts: self.accounts.clone(),
+            account: account.clone(),
+            id: id.clone(),
+            committed: false,
+        });
+        let picked = match coord.call::<i64>(Op::Quota, &inv).await {
+            Ok(i) => i,
+            Err(_) => {
+                if let Some(p) = pending.as_mut() {
+                    // Unknown whether the script ran: its lease returns it.
+                    p.committed = true;
+                }
+                return self.outage(&account, now);
+            }
+        };
+        let Some(payer) = usize::try_from(picked - 1).ok().and_then(|i| payers.get(i)) else {
+            if let Some(p) = pending.as_mut() {
+                p.committed = true;
+            }
+            return if is_postpaid {
+                Ok(postpaid())
+            } else {
+                Err(Refusal::LowBalance)
+            };
+        };
+        coord.units.insert(
+            id,
+            UnitState {
+                account,
+                renewed_until: Instant::now() + coord.lease,
+                lost: false,
+            },
+        );
+        Ok(Reservation::shared(Box::new(Unit {
+            held: pending.take(),
+            source: Source::Package {
+                id: payer.id.clone(),
+                kind: payer.kind,
+            },
+        })))
+    }
+}
+
+/// A reservation in Redis: dropped uncommitted, its unit comes back.
+struct Held {
+    coord: Arc<Coordinator>,
+    accounts: Arc<Accounts>,
+    account: Arc<str>,
+    id: Arc<str>,
+    committed: bool,
+}
+
+impl Held {
+    fn settle(&self, commit: bool) {
+        self.coord.units.remove(&self.id);
+        let c = self.coord.clone();
+        let account = self.account.clone();
+        let id = self.id.clone();
+        self.coord.spawn(async move {
+            let mut inv = SETTLE.prepare_invoke();
+            for k in keys::quota(&c.prefix, &account) {
+                inv.key(k);
+            }
+            inv.arg(&*id).arg(u8::from(commit));
+            let _ = c.call::<i64>(Op::Quota, &inv).await;
+        });
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.settle(false);
+        }
+    }
+}
+
+struct Unit {
+    /// None for postpaid: nothing in Redis to hold.
+    held: Option<Held>,
+    source: Source,
+}
+
+impl HeldUnit for Unit {
+    fn source(&self) -> &Source {
+        &self.source
+    }
+
+    fn commit(&mut self) {
+        let Some(h) = self.held.as_mut() else { return };
+        if h.committed {
+            return;
+        }
+        h.committed = true;
+        h.settle(true);
+        // This replica's admin views count the unit at once; the store
+        // catches up when the usage event is recorded.
+        if let Some(id) = self.source.package_id() {
+            h.accounts.with(&h.account, |b| {
+                if let Some(p) = b.packages.iter_mut().find(|p| p.id == id) {
+                    p.used += 1;
+                }
+            });
+        }
+    }
+}
+
+impl Coordinator {
+    /// The quota's share of the heartbeat: one script per account renewing
+    /// this replica's reservations.
+    pub(super) async fn beat_units(&self) {
+        let mut by_account: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        for e in self.units.iter() {
+            if !e.value().lost {
+                by_account
+                    .entry(e.value().account.clone())
+                    .or_default()
+                    .push(e.key().clone());
+            }
+        }
+        let started = Instant::now();
+        let replies = join_all(by_account.into_iter().map(|(account, ids)| async move {
+            let mut inv = QUOTA_BEAT.prepare_invoke();
+            for k in keys::quota(&self.prefix, &account) {
+                inv.key(k);
+            }
+            inv.arg(self.lease_ms());
+            for id in &ids {
+                inv.arg(&**id);
+            }
+            let r = self.call::<Vec<i64>>(Op::Heartbeat, &inv).await;
+            (account, ids, r)
+        }))
+        .await;
+        for (account, ids, r) in replies {
+            let Ok(flags) = r else { continue };
+            for (id, ok) in ids.iter().zip(flags) {
+                let Some(mut u) = self.units.get_mut(id) else {
+                    continue;
+                };
+                if ok == 1 {
+                    u.renewed_until = started + self.lease;
+                } else if !u.lost {
+                    u.lost = true;
+                    self.health.lease_lost();
+                    tracing::warn!(%account, reservation = %id, "quota reservation lost: it expired before it was renewed");
+                }
+            }
+        }
+    }
+
+    pub(super) fn check_lapsed_units(&self, now: Instant) {
+        for mut u in self.units.iter_mut() {
+            if !u.lost && u.renewed_until <= now {
+                u.lost = true;
+                self.health.lease_lost();
+                tracing::warn!(account = %u.account, "quota reservation lost: Redis unreachable past the lease");
+            }
+        }
+    }
+}
