@@ -118,13 +118,14 @@ impl Core {
         match self.coord.policy {
             RedisOutagePolicy::Reject => Acquire::ready(Err(LimitError::Unavailable)),
             RedisOutagePolicy::Local => {
-                let limit =
-                    self.coord
+                // What this replica was told wins over what it last saw.
+                let limit = match self.limits.get(&*t.account) {
+                    Some(l) => *l,
+                    None => self
+                        .coord
                         .pool_view(&t.account)
-                        .map_or(self.known_limit(&t.account).0, |v| {
-                            // What this replica set wins over what it last saw.
-                            self.limits.get(&*t.account).map_or(v.stats.limit, |l| *l)
-                        });
+                        .map_or(self.default_limit, |v| v.stats.limit),
+                };
                 let share = (limit / self.coord.live_replicas()).max(1);
                 self.fallback.set_limit(&t.account, share);
                 self.fallback.acquire(t, deadline)
