@@ -174,9 +174,10 @@ impl Core {
         let (status, stats) = match coord.call::<(i64, Vec<i64>)>(Op::Acquire, &inv).await {
             Ok(r) => r,
             Err(_) => {
-                // Whether the script ran is unknown; a ticket it queued
-                // expires with its liveness.
-                waiting.forget();
+                // Whether the script ran is unknown (a timeout): the ticket
+                // still tries to leave, or it could be granted a slot nobody
+                // uses until its lease ends.
+                drop(waiting);
                 return self.fallback(&t, deadline).await;
             }
         };
