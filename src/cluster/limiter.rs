@@ -118,13 +118,14 @@ impl Core {
         match self.coord.policy {
             RedisOutagePolicy::Reject => Acquire::ready(Err(LimitError::Unavailable)),
             RedisOutagePolicy::Local => {
-                let limit =
-                    self.coord
+                // What this replica was told wins over what it last saw.
+                let limit = match self.limits.get(&*t.account) {
+                    Some(l) => *l,
+                    None => self
+                        .coord
                         .pool_view(&t.account)
-                        .map_or(self.known_limit(&t.account).0, |v| {
-                            // What this replica set wins over what it last saw.
-                            self.limits.get(&*t.account).map_or(v.stats.limit, |l| *l)
-                        });
+                        .map_or(self.default_limit, |v| v.stats.limit),
+                };
                 let share = (limit / self.coord.live_replicas()).max(1);
                 self.fallback.set_limit(&t.account, share);
                 self.fallback.acquire(t, deadline)
@@ -173,9 +174,10 @@ impl Core {
         let (status, stats) = match coord.call::<(i64, Vec<i64>)>(Op::Acquire, &inv).await {
             Ok(r) => r,
             Err(_) => {
-                // Whether the script ran is unknown; a ticket it queued
-                // expires with its liveness.
-                waiting.forget();
+                // Whether the script ran is unknown (a timeout): the ticket
+                // still tries to leave, or it could be granted a slot nobody
+                // uses until its lease ends.
+                drop(waiting);
                 return self.fallback(&t, deadline).await;
             }
         };

@@ -117,10 +117,9 @@ impl RedisQuota {
         let picked = match coord.call::<i64>(Op::Quota, &inv).await {
             Ok(i) => i,
             Err(_) => {
-                if let Some(p) = pending.as_mut() {
-                    // Unknown whether the script ran: its lease returns it.
-                    p.committed = true;
-                }
+                // Whether the script ran is unknown (a timeout): `pending`
+                // gives back a unit it may have taken.
+                drop(pending);
                 return self.outage(&account, now);
             }
         };
