@@ -13,7 +13,9 @@ use tokio_util::task::TaskTracker;
 use crate::accounts::{AccountService, ChangeError, Registry, hash_key};
 use crate::billing;
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::{ClusterError, ClusterSettings, Coordinator, RedisLimiter, RedisQuota};
 use crate::config::{Config, DEMO_API_KEY};
+use crate::config::{RedisOutagePolicy, StorageKind};
 use crate::entitlements::schedule::Schedule;
 use crate::gateway::proxy::Backend;
 use crate::limiter::{GateReport, Limiter, LocalLimiter};
@@ -45,6 +47,9 @@ pub struct App {
     /// Where admission reserves a unit: `billing` itself on one node, the
     /// shared quota in cluster mode.
     pub quota: Arc<dyn billing::Quota>,
+    /// Cluster mode: this replica's membership (Redis connections, leases,
+    /// heartbeat, outage state). `None` on a single node.
+    pub coordinator: Option<Arc<Coordinator>>,
     /// Billing changes (check → commit → apply).
     pub billing_service: billing::BillingService,
     /// Forwarded tasks, which outlive their client connections; shutdown
@@ -71,7 +76,9 @@ pub enum StartError {
     /// `server.instance`, or the coordinator cannot be set up.
     #[error("cluster: {0}")]
     Cluster(String),
-    #[error("server.instance `{0}` is already used by a live replica; give each replica its own name")]
+    #[error(
+        "server.instance `{0}` is already used by a live replica; give each replica its own name"
+    )]
     InstanceTaken(String),
 }
 
@@ -94,12 +101,38 @@ impl App {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new(config.metrics.per_account_labels));
-        let local = Arc::new(LocalLimiter::new(
-            config.limits.default_concurrency,
-            config.limits.max_queue_per_account,
-        ));
-        let gates: Arc<dyn GateReport> = local.clone();
-        let limiter: Arc<dyn Limiter> = local;
+        let coordinator = if config.cluster.enabled() {
+            let settings = ClusterSettings::from_config(&config.cluster, &config.server.instance);
+            let coord = Coordinator::start(settings).await.map_err(|e| match e {
+                ClusterError::InstanceTaken { instance } => StartError::InstanceTaken(instance),
+                e => StartError::Cluster(e.to_string()),
+            })?;
+            tracing::info!(
+                instance = %config.server.instance,
+                live_replicas = coord.live_replicas(),
+                "joined the cluster"
+            );
+            Some(coord)
+        } else {
+            None
+        };
+        let (limiter, gates): (Arc<dyn Limiter>, Arc<dyn GateReport>) = match &coordinator {
+            Some(coord) => {
+                let shared = Arc::new(RedisLimiter::new(
+                    coord.clone(),
+                    config.limits.default_concurrency,
+                    config.limits.max_queue_per_account,
+                ));
+                (shared.clone(), shared)
+            }
+            None => {
+                let local = Arc::new(LocalLimiter::new(
+                    config.limits.default_concurrency,
+                    config.limits.max_queue_per_account,
+                ));
+                (local.clone(), local)
+            }
+        };
         let backend = Backend::new(&config.backend, backend_url, config.limits.max_body_bytes)
             .map_err(StartError::Backend)?;
         let tz = TimeZone::get(&config.billing.timezone).map_err(|e| {
@@ -122,18 +155,25 @@ impl App {
             schedule.clone(),
             limiter.clone(),
             clock.clone(),
+            config.storage.kind == StorageKind::Postgres,
         ));
         let billing_service = billing::BillingService::new(
             store.clone(),
             billing.clone(),
+            accounts.clone(),
             schedule.clone(),
             clock.clone(),
             tz.clone(),
         );
+        let quota: Arc<dyn billing::Quota> = match &coordinator {
+            Some(coord) => Arc::new(RedisQuota::new(coord.clone(), billing.clone())),
+            None => billing.clone(),
+        };
         let app = Self {
             schedule,
             tz,
-            quota: billing.clone(),
+            quota,
+            coordinator,
             billing,
             billing_service,
             recorder: UsageRecorder::new(store.clone(), metrics.clone()),
@@ -157,7 +197,10 @@ impl App {
     /// cannot (cluster mode under `on_redis_outage = "reject"` with Redis
     /// unreachable).
     pub fn coordination_unready(&self) -> Option<&'static str> {
-        None
+        let coord = self.coordinator.as_ref()?;
+        (self.config.cluster.on_redis_outage == RedisOutagePolicy::Reject
+            && !coord.is_coordinated())
+        .then_some("coordination unavailable")
     }
 
     /// Creates the demo account and its public key if they are missing.
@@ -278,6 +321,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         tracing::warn!("shutdown: tasks still running after the grace period");
     }
     let _ = admin_task.await;
+    if let Some(coord) = &app.coordinator {
+        // Gives back what this replica holds and leaves the registry, so a
+        // restart under the same name need not wait for the leases.
+        coord.close().await;
+    }
     export.finish().await;
     let store_for_close = app.store.clone();
     let _ = tokio::task::spawn_blocking(move || store_for_close.close()).await;

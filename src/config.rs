@@ -533,6 +533,12 @@ impl Config {
             if self.cluster.lease_ms < 1_000 {
                 return Err(invalid("cluster.lease_ms", "must be at least 1000"));
             }
+            if self.storage.kind != StorageKind::Postgres {
+                return Err(invalid(
+                    "cluster.redis_url",
+                    "cluster mode needs a shared store: set storage.kind = \"postgres\" and storage.postgres_url",
+                ));
+            }
         }
         if self.demo_enabled() && crate::accounts::validate_id(&self.demo.account).is_err() {
             return Err(invalid("demo.account", "is not a valid account id"));

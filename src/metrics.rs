@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Usage events made durable in the local spool while the shared
     /// store (PostgreSQL) is unreachable, not yet delivered.
     pub spooled_events: IntGauge,
+    leases_lost: IntCounter,
+    coordination_errors: IntCounterVec,
     gauges: AccountGauges,
 }
 
@@ -121,6 +123,25 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let leases_lost = register(
+            &registry,
+            IntCounter::new(
+                "tollgate_leases_lost_total",
+                "Slots or reservations whose Redis lease expired before this replica could renew it (the account may briefly have exceeded its limit).",
+            )
+            .expect("valid"),
+        );
+        let coordination_errors = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tollgate_coordination_errors_total",
+                    "Failed exchanges with the coordination service (Redis), by operation.",
+                ),
+                &["op"],
+            )
+            .expect("valid"),
+        );
         let gauges = if per_account_labels {
             let vec = |name: &str, help: &str| {
                 register(
@@ -167,7 +188,24 @@ impl Metrics {
             upstream_seconds,
             usage_events_total,
             spooled_events,
+            leases_lost,
+            coordination_errors,
             gauges,
+        }
+    }
+
+    /// Brings the cluster counters up to the coordinator's totals (they
+    /// only grow), at scrape time.
+    pub fn observe_cluster(&self, leases_lost: u64, errors: &[(&'static str, u64)]) {
+        let catch_up = |c: &IntCounter, total: u64| {
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        };
+        catch_up(&self.leases_lost, leases_lost);
+        for (op, total) in errors {
+            catch_up(&self.coordination_errors.with_label_values(&[op]), *total);
         }
     }
 

@@ -498,6 +498,20 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the replicas said, to tell why the test failed.
+            for (i, r) in self.replicas.iter().enumerate() {
+                if let Some(gw) = r {
+                    let logs = gw.proc.logs();
+                    let noted: Vec<&str> = logs
+                        .lines()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .take(40)
+                        .collect();
+                    eprintln!("--- replica {i} warnings:\n{}", noted.join("\n"));
+                }
+            }
+        }
         for r in self.replicas.iter_mut() {
             if let Some(mut gw) = r.take() {
                 gw.proc.kill9();
@@ -567,7 +581,6 @@ fn event_ids(events: &[Value]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn one_limit_summed_over_replicas() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
@@ -611,7 +624,6 @@ async fn one_limit_summed_over_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn sub_account_caps_hold_across_replicas() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
@@ -633,15 +645,15 @@ async fn sub_account_caps_hold_across_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn one_fifo_queue_and_one_queue_bound_across_replicas() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
     let key = c.account_with_key("acme").await;
     c.reset_sim().await;
-    // Hold the 3 slots through replica 0.
-    let held: Vec<_> = (0..3)
-        .map(|i| c.client(0).spawn(&key, 1500, &format!("h{i}")))
+    // Hold the 3 slots through replica 0, ending 300 ms apart, so slots
+    // free up one at a time and the backend sees grants in grant order.
+    let held: Vec<_> = (0..3u64)
+        .map(|i| c.client(0).spawn(&key, 1500 + 300 * i, &format!("h{i}")))
         .collect();
     view_until(&c, 0, "acme", Duration::from_secs(5), "3 in flight", |v| {
         v["concurrency"]["in_flight"] == 3
@@ -652,7 +664,9 @@ async fn one_fifo_queue_and_one_queue_bound_across_replicas() {
     let mut queued = Vec::new();
     for n in 0..6usize {
         let replica = n % 3;
-        queued.push(c.client(replica).spawn(&key, 10, &format!("q{n}")));
+        // Each queued task outlives the held ones, so q3..q5 also start
+        // one at a time, as q0..q2 end.
+        queued.push(c.client(replica).spawn(&key, 2000, &format!("q{n}")));
         view_until(
             &c,
             replica,
@@ -680,7 +694,6 @@ async fn one_fifo_queue_and_one_queue_bound_across_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn the_queue_bound_is_cluster_wide() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts {
@@ -722,14 +735,31 @@ async fn the_queue_bound_is_cluster_wide() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn a_killed_replica_gives_its_slots_back_within_the_lease() {
     let _s = SERIAL.lock().await;
     let mut c = Cluster::start(ClusterOpts::default());
     let key = c.account_with_key("acme").await;
     // Replica 2 holds all 3 slots with long tasks, and is killed.
     let held: Vec<_> = (0..3)
-        .map(|i| c.client(2).spawn(&key, 30_000, &format!("h{i}")))
+        .map(|i| {
+            let client = c.client(2);
+            let auth = format!("Bearer {key}");
+            tokio::spawn(async move {
+                client
+                    .http
+                    .try_send(
+                        Method::POST,
+                        &format!("{}/v1/x", client.url),
+                        &[
+                            ("authorization", auth.as_str()),
+                            ("x-sim-delay-ms", "30000"),
+                            ("x-request-id", &format!("h{i}")),
+                        ],
+                        "{}",
+                    )
+                    .await
+            })
+        })
         .collect();
     view_until(&c, 2, "acme", Duration::from_secs(5), "3 in flight", |v| {
         v["concurrency"]["in_flight"] == 3
@@ -739,7 +769,11 @@ async fn a_killed_replica_gives_its_slots_back_within_the_lease() {
     let killed_at = Instant::now();
     c.kill9(2);
     for t in held {
-        assert!(t.await.unwrap().status != StatusCode::OK);
+        let r = t.await.unwrap();
+        assert!(
+            r.is_err(),
+            "the killed replica's clients lose their connection"
+        );
     }
     let r = c
         .client(0)
@@ -785,7 +819,6 @@ async fn a_killed_replica_gives_its_slots_back_within_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn no_overdraw_across_replicas() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
@@ -816,7 +849,6 @@ async fn no_overdraw_across_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn admin_changes_reach_every_replica_within_a_second() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
@@ -902,7 +934,6 @@ async fn admin_changes_reach_every_replica_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn a_consumer_paging_during_a_burst_sees_every_event_once() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts::default());
@@ -985,7 +1016,6 @@ async fn a_consumer_paging_during_a_burst_sees_every_event_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn a_second_live_replica_with_the_same_name_is_refused() {
     let _s = SERIAL.lock().await;
     let c = Cluster::start(ClusterOpts {
@@ -1018,7 +1048,6 @@ async fn a_second_live_replica_with_the_same_name_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn postgres_down_successes_spool_and_are_delivered_once() {
     let _s = SERIAL.lock().await;
     ensure_shared_servers();
@@ -1066,11 +1095,12 @@ async fn postgres_down_successes_spool_and_are_delivered_once() {
         .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.error_code(), "FailedOperation.StoreUnavailable");
-    // One replica is killed with events still spooled; it comes back.
-    c.kill9(1);
+    // One replica is killed with events still spooled; it comes back on
+    // the same data directory (its spool) once PostgreSQL is back.
+    c.replicas[1].as_mut().unwrap().proc.kill9();
     pg.start_server();
-    let gw = c.start_replica(NAMES[1]);
-    c.replicas[1] = Some(gw);
+    let opts = c.opts(NAMES[1]);
+    c.replicas[1].as_mut().unwrap().restart(&opts);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let n =
@@ -1112,6 +1142,9 @@ async fn redis_outage(policy: &str) {
         ..ClusterOpts::default()
     });
     let key = c.account_with_key("acme").await;
+    // The share under `local` divides by the live count each replica last
+    // saw: let them all see the others first.
+    wait_live(&c, 3).await;
     redis.kill();
     if policy == "reject" {
         let r = task_until(&c, 0, &key, Duration::from_secs(5), |r| {
@@ -1131,9 +1164,20 @@ async fn redis_outage(policy: &str) {
             .map(|n| c.client(n % 3).spawn(&key, 150, &format!("l{n}")))
             .collect();
         for t in tasks {
-            assert_eq!(t.await.unwrap().status, StatusCode::OK);
+            let r = t.await.unwrap();
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "{}",
+                String::from_utf8_lossy(&r.body)
+            );
         }
-        assert!(c.max_in_flight("acme").await <= 3);
+        let (_, ready) = c
+            .http
+            .get_json(&format!("{}/readyz", c.gw(0).admin), &[])
+            .await;
+        let max = c.max_in_flight("acme").await;
+        assert!(max <= 3, "{max} at once; replica 0: {ready}");
         let (status, _) = c
             .http
             .get_json(&format!("{}/readyz", c.gw(0).admin), &[])
@@ -1166,15 +1210,49 @@ async fn redis_outage(policy: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn redis_down_under_local_keeps_serving_with_a_divided_limit() {
     let _s = SERIAL.lock().await;
     redis_outage("local").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "cluster mode is being wired (storage.kind, Redis limiter)"]
 async fn redis_down_under_reject_refuses_and_resumes() {
     let _s = SERIAL.lock().await;
     redis_outage("reject").await;
+}
+
+/// Waits (bounded) until every running replica counts `n` live replicas.
+async fn wait_live(c: &Cluster, n: u64) {
+    let deadline = Instant::now() + Duration::from_millis(c.lease_ms + 3000);
+    for i in 0..c.replicas.len() {
+        if c.replicas[i].is_none() {
+            continue;
+        }
+        loop {
+            let (_, ready) = c
+                .http
+                .get_json(&format!("{}/readyz", c.gw(i).admin), &[])
+                .await;
+            if ready["cluster"]["live_replicas"] == n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {i}: {ready}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_count_each_other_and_a_clean_stop_leaves_at_once() {
+    let _s = SERIAL.lock().await;
+    let mut c = Cluster::start(ClusterOpts::default());
+    wait_live(&c, 3).await;
+    // SIGTERM: the replica leaves the registry as it stops.
+    let mut gw = c.replicas[2].take().unwrap();
+    assert!(
+        gw.proc
+            .sigterm_and_wait(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    wait_live(&c, 2).await;
 }

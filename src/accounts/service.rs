@@ -67,6 +67,9 @@ pub struct AccountService {
     schedule: Arc<Schedule>,
     limiter: Arc<dyn Limiter>,
     clock: Arc<dyn Clock>,
+    /// The store is shared with other replicas: memory may lag it by up
+    /// to the change feed's delay, so admin calls read the account first.
+    shared: bool,
 }
 
 impl AccountService {
@@ -77,6 +80,7 @@ impl AccountService {
         schedule: Arc<Schedule>,
         limiter: Arc<dyn Limiter>,
         clock: Arc<dyn Clock>,
+        shared: bool,
     ) -> Self {
         Self {
             store,
@@ -85,17 +89,27 @@ impl AccountService {
             schedule,
             limiter,
             clock,
+            shared,
         }
     }
 
-    pub fn root(&self, id: &str) -> Result<Arc<RootAccount>, ChangeError> {
+    /// The account as the store holds it now: with a shared store, a
+    /// change made through another replica a moment ago is read before an
+    /// admin call checks anything against memory.
+    pub async fn root(&self, id: &str) -> Result<Arc<RootAccount>, ChangeError> {
+        if self.shared {
+            self.refresh(id).await?;
+        }
         self.registry
             .root(id)
             .ok_or_else(|| ChangeError::NotFound(format!("account {id}")))
     }
 
-    fn ensure_new_id(&self, id: &str) -> Result<(), ChangeError> {
+    async fn ensure_new_id(&self, id: &str) -> Result<(), ChangeError> {
         validate_id(id).map_err(|r| ChangeError::Invalid(format!("id: {r}")))?;
+        if self.shared {
+            self.refresh(id).await?;
+        }
         if self.registry.root(id).is_some() || self.registry.sub(id).is_some() {
             return Err(ChangeError::in_use(format!("account {id}")));
         }
@@ -109,7 +123,7 @@ impl AccountService {
         id: &str,
         postpaid: bool,
     ) -> Result<Arc<RootAccount>, ChangeError> {
-        self.ensure_new_id(id)?;
+        self.ensure_new_id(id).await?;
         let now = self.clock.now();
         let free = ResourcePackage::new(
             format!("free_{}", uuid::Uuid::now_v7().simple()),
@@ -146,7 +160,9 @@ impl AccountService {
             concurrency_packages: Vec::new(),
             resource_packages: vec![free],
         });
-        self.root(id)
+        self.registry
+            .root(id)
+            .ok_or_else(|| ChangeError::NotFound(format!("account {id}")))
     }
 
     pub async fn create_sub_account(
@@ -155,7 +171,7 @@ impl AccountService {
         id: &str,
         max_concurrency: Option<u32>,
     ) -> Result<SubAccountRow, ChangeError> {
-        self.root(root_id)?;
+        self.root(root_id).await?;
         validate_id(id).map_err(|r| ChangeError::Invalid(format!("id: {r}")))?;
         if let Some(cap) = max_concurrency {
             let limit = self.limiter.stats(root_id).limit;
@@ -165,7 +181,7 @@ impl AccountService {
                 )));
             }
         }
-        self.ensure_new_id(id)?;
+        self.ensure_new_id(id).await?;
         let row = SubAccountRow {
             id: id.to_string(),
             root: root_id.to_string(),
@@ -187,7 +203,7 @@ impl AccountService {
         root_id: &str,
         sub: Option<&str>,
     ) -> Result<IssuedKey, ChangeError> {
-        self.root(root_id)?;
+        self.root(root_id).await?;
         if let Some(sub) = sub {
             match self.registry.sub(sub) {
                 Some(s) if *s.root == *root_id => {}
@@ -242,7 +258,7 @@ impl AccountService {
     /// Deactivates or re-activates an account. Deactivation also refuses
     /// the account's queued tasks; running ones finish.
     pub async fn set_status(&self, id: &str, status: AccountStatus) -> Result<(), ChangeError> {
-        let root = self.root(id)?;
+        let root = self.root(id).await?;
         commit(
             &*self.store,
             Write::SetAccountStatus {

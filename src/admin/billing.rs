@@ -22,11 +22,10 @@ use super::error::{ApiError, parse_json};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
-fn ensure_account(app: &App, id: &str) -> Result<(), ApiError> {
-    app.registry
-        .root(id)
-        .map(|_| ())
-        .ok_or_else(|| ApiError::not_found(format!("account {id}")))
+/// 404 for an unknown account (read fresh from a shared store).
+async fn ensure_account(app: &App, id: &str) -> Result<(), ApiError> {
+    app.accounts.root(id).await?;
+    Ok(())
 }
 
 pub fn package_view(app: &App, p: &ResourcePackage) -> Value {
@@ -91,7 +90,7 @@ pub async fn buy_package(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Reply {
-    ensure_account(&app, &id)?;
+    ensure_account(&app, &id).await?;
     let req: BuyPackage = parse_json(&body)?;
     let pkg = app
         .billing_service
@@ -105,14 +104,14 @@ pub async fn refund_package(
     State(app): State<Arc<App>>,
     Path((id, pkg_id)): Path<(String, String)>,
 ) -> Reply {
-    ensure_account(&app, &id)?;
+    ensure_account(&app, &id).await?;
     let pkg = app.billing_service.refund_package(&id, &pkg_id).await?;
     tracing::info!(account = %id, package = %pkg_id, "prepaid package refunded");
     Ok((StatusCode::OK, Json(package_view(&app, &pkg))))
 }
 
 pub async fn list_packages(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
-    ensure_account(&app, &id)?;
+    ensure_account(&app, &id).await?;
     let packages: Vec<Value> = app
         .billing
         .with(&id, |b| {
@@ -136,7 +135,7 @@ pub async fn set_postpaid(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Reply {
-    ensure_account(&app, &id)?;
+    ensure_account(&app, &id).await?;
     let req: Postpaid = parse_json(&body)?;
     app.billing_service.set_postpaid(&id, req.enabled).await?;
     tracing::info!(account = %id, enabled = req.enabled, "postpaid switched");
@@ -153,7 +152,7 @@ struct TopUp {
 }
 
 pub async fn top_up(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Reply {
-    ensure_account(&app, &id)?;
+    ensure_account(&app, &id).await?;
     let req: TopUp = parse_json(&body)?;
     let amount = req
         .amount
@@ -178,7 +177,7 @@ pub async fn usage(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply {
-    ensure_account(&app, &id)?;
+    ensure_account(&app, &id).await?;
     let month = parse_month(q.get("month").map(String::as_str))?;
     let MonthReport {
         usage,

@@ -48,9 +48,7 @@ pub async fn buy(
     Path(account): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    app.registry
-        .root(&account)
-        .ok_or_else(|| ApiError::not_found(format!("account {account}")))?;
+    app.accounts.root(&account).await?;
     let req: Purchase = parse_json(&body)?;
     let pkg = app
         .billing_service
@@ -69,9 +67,7 @@ pub async fn refund(
     State(app): State<Arc<App>>,
     Path((account, id)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    app.registry
-        .root(&account)
-        .ok_or_else(|| ApiError::not_found(format!("account {account}")))?;
+    app.accounts.root(&account).await?;
     let pkg = app
         .billing_service
         .refund_concurrency(&account, &id)

@@ -100,6 +100,10 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     app.metrics.spooled_events.set(app.store.spooled() as i64);
+    if let Some(coord) = &app.coordinator {
+        app.metrics
+            .observe_cluster(coord.leases_lost(), &coord.coordination_errors());
+    }
     let text = app.metrics.render(&*app.gates);
     let mut resp = text.into_response();
     resp.headers_mut().insert(
@@ -130,7 +134,18 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         }
         StoreHealth::Unavailable => json!({"status": "unavailable"}),
     };
-    let body = json!({"status": reason, "store": store, "instance": app.config.server.instance});
+    let mut body =
+        json!({"status": reason, "store": store, "instance": app.config.server.instance});
+    if let Some(coord) = &app.coordinator {
+        body["cluster"] = json!({
+            "coordinated": coord.is_coordinated(),
+            "live_replicas": coord.live_replicas(),
+            "on_redis_outage": match app.config.cluster.on_redis_outage {
+                crate::config::RedisOutagePolicy::Local => "local",
+                crate::config::RedisOutagePolicy::Reject => "reject",
+            },
+        });
+    }
     let mut resp = (status, body.to_string()).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

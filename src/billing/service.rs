@@ -12,7 +12,7 @@ use std::sync::Arc;
 use jiff::tz::TimeZone;
 use rust_decimal::Decimal;
 
-use crate::accounts::ChangeError;
+use crate::accounts::{AccountService, ChangeError};
 use crate::clock::Clock;
 use crate::entitlements::schedule::Schedule;
 use crate::entitlements::{self, ConcurrencyPackage};
@@ -34,6 +34,9 @@ pub struct MonthReport {
 pub struct BillingService {
     store: Arc<dyn Store>,
     billing: Arc<Accounts>,
+    /// Reads an account fresh from a shared store before a change is
+    /// checked against memory.
+    accounts: Arc<AccountService>,
     schedule: Arc<Schedule>,
     clock: Arc<dyn Clock>,
     tz: TimeZone,
@@ -46,6 +49,7 @@ impl BillingService {
     pub fn new(
         store: Arc<dyn Store>,
         billing: Arc<Accounts>,
+        accounts: Arc<AccountService>,
         schedule: Arc<Schedule>,
         clock: Arc<dyn Clock>,
         tz: TimeZone,
@@ -53,6 +57,7 @@ impl BillingService {
         Self {
             store,
             billing,
+            accounts,
             schedule,
             clock,
             tz,
@@ -60,7 +65,8 @@ impl BillingService {
         }
     }
 
-    fn known(&self, account: &str) -> Result<(), ChangeError> {
+    async fn known(&self, account: &str) -> Result<(), ChangeError> {
+        self.accounts.root(account).await?;
         self.billing
             .with(account, |_| ())
             .ok_or_else(|| ChangeError::NotFound(format!("account {account}")))
@@ -72,7 +78,7 @@ impl BillingService {
         account: &str,
         size: Option<u64>,
     ) -> Result<ResourcePackage, ChangeError> {
-        self.known(account)?;
+        self.known(account).await?;
         let (size, price) = size
             .and_then(|s| prepaid_price(s).map(|p| (s, p)))
             .ok_or_else(|| {
@@ -105,7 +111,7 @@ impl BillingService {
         account: &str,
         pkg_id: &str,
     ) -> Result<ResourcePackage, ChangeError> {
-        self.known(account)?;
+        self.known(account).await?;
         let now = self.clock.now();
         // Decide and mark under the account's lock, so no task can reserve
         // a unit of the package between the check and the refund.
@@ -142,7 +148,7 @@ impl BillingService {
     }
 
     pub async fn set_postpaid(&self, account: &str, enabled: bool) -> Result<(), ChangeError> {
-        self.known(account)?;
+        self.known(account).await?;
         commit(
             &*self.store,
             Write::SetPostpaid {
@@ -163,6 +169,7 @@ impl BillingService {
         amount: Decimal,
     ) -> Result<(Decimal, bool), ChangeError> {
         let _serial = self.balances.lock().await;
+        self.known(account).await?;
         let now = self.clock.now();
         let (balance, arrears_since) = self
             .billing
@@ -190,7 +197,7 @@ impl BillingService {
         account: &str,
         month: Month,
     ) -> Result<MonthReport, ChangeError> {
-        self.known(account)?;
+        self.known(account).await?;
         let label = month.to_string();
         let usage = self
             .store
@@ -281,7 +288,7 @@ impl BillingService {
         period: &str,
         start: &str,
     ) -> Result<ConcurrencyPackage, ChangeError> {
-        self.known(account)?;
+        self.known(account).await?;
         let now = self.clock.now();
         let (units, period, start, starts_at, ends_at, price_usd) =
             entitlements::plan_purchase(units, period, start, now, &self.tz)
@@ -313,7 +320,7 @@ impl BillingService {
         account: &str,
         id: &str,
     ) -> Result<ConcurrencyPackage, ChangeError> {
-        self.known(account)?;
+        self.known(account).await?;
         let pkg = self
             .schedule
             .book()
