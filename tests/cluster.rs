@@ -1256,3 +1256,43 @@ async fn replicas_count_each_other_and_a_clean_stop_leaves_at_once() {
     );
     wait_live(&c, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_top_ups_through_different_replicas_all_count() {
+    let _s = SERIAL.lock().await;
+    let c = Cluster::start(ClusterOpts::default());
+    c.admin(0).create_account("acme").await;
+    view_until(&c, 1, "acme", Duration::from_secs(1), "the account", |v| {
+        v["id"] == "acme"
+    })
+    .await;
+    let calls: Vec<_> = (0..20usize)
+        .map(|n| {
+            let http = c.http.clone();
+            let base = c.gw(n % 3).admin.clone();
+            tokio::spawn(async move {
+                let admin = Admin {
+                    http: &http,
+                    base: &base,
+                };
+                admin
+                    .call(
+                        Method::POST,
+                        "/v1/accounts/acme/top-up",
+                        Some(json!({"amount": "1.25"})),
+                    )
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for t in calls {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    for i in 0..3 {
+        view_until(&c, i, "acme", Duration::from_secs(1), "every top-up", |v| {
+            v["balance_usd"] == "25.00"
+        })
+        .await;
+    }
+}

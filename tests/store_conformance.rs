@@ -237,10 +237,11 @@ async fn conformance(store: Arc<dyn Store>) {
 
     // Settlements replace the month's line and set the balance.
     let mut feed = store.changes();
-    let line = |delta: &str, balance: &str| SettlementLine {
+    let line = |delta: &str, before: &str, balance: &str| SettlementLine {
         account: "acme".into(),
         bill: billing::bill(100, 100),
         delta_usd: delta.parse().unwrap(),
+        balance_before_usd: before.parse().unwrap(),
         balance_after_usd: balance.parse().unwrap(),
         arrears_since: Some(Timestamp::now()),
     };
@@ -249,9 +250,15 @@ async fn conformance(store: Arc<dyn Store>) {
         lines: vec![l],
         at: Timestamp::now(),
     };
-    commit(s, settle(line("8", "-8"))).await.unwrap();
+    commit(s, settle(line("8", "0", "-8"))).await.unwrap();
     expect_change(&mut feed, "acme").await;
-    commit(s, settle(line("0", "-8"))).await.unwrap();
+    commit(s, settle(line("0", "-8", "-8"))).await.unwrap();
+    // A balance change computed from a balance that is no longer there
+    // (another replica's top-up won) is refused and changes nothing.
+    assert!(matches!(
+        commit(s, settle(line("1", "0", "-1"))).await,
+        Err(StoreError::Conflict(_))
+    ));
     let settled = store.settled("2026-11").await.unwrap();
     assert_eq!(settled.len(), 1);
     assert_eq!(settled[0].0, "acme");

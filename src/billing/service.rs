@@ -16,7 +16,11 @@ use crate::accounts::{AccountService, ChangeError};
 use crate::clock::Clock;
 use crate::entitlements::schedule::Schedule;
 use crate::entitlements::{self, ConcurrencyPackage};
-use crate::store::{MonthUsage, SettlementLine, Store, Write, commit};
+use crate::store::{MonthUsage, SettlementLine, Store, StoreError, Write, commit};
+
+/// How often a balance change is recomputed after another replica's
+/// change got there first.
+const BALANCE_RETRIES: u32 = 5;
 
 use super::{
     Accounts, Bill, Month, PackageKind, ResourcePackage, bill, check_prepaid_refund, prepaid_price,
@@ -163,32 +167,45 @@ impl BillingService {
 
     /// Adds to the balance; a balance that is no longer negative ends the
     /// arrears at once. Returns the new balance and whether arrears remain.
+    ///
+    /// The store sets the balance only if it is still the one the new one
+    /// was computed from; if another replica changed it meanwhile, the
+    /// account is read again and the top-up computed again.
     pub async fn top_up(
         &self,
         account: &str,
         amount: Decimal,
     ) -> Result<(Decimal, bool), ChangeError> {
         let _serial = self.balances.lock().await;
-        self.known(account).await?;
-        let now = self.clock.now();
-        let (balance, arrears_since) = self
-            .billing
-            .with(account, |b| b.after_top_up(amount))
-            .ok_or_else(|| ChangeError::NotFound(format!("account {account}")))?;
-        commit(
-            &*self.store,
-            Write::TopUp {
+        let mut attempt = 0;
+        loop {
+            self.known(account).await?;
+            let now = self.clock.now();
+            let (before, (balance, arrears_since)) = self
+                .billing
+                .with(account, |b| (b.balance, b.after_top_up(amount)))
+                .ok_or_else(|| ChangeError::NotFound(format!("account {account}")))?;
+            let write = Write::TopUp {
                 account: account.to_string(),
                 amount_usd: amount,
+                balance_before_usd: before,
                 balance_after_usd: balance,
                 arrears_since,
                 at: now,
-            },
-        )
-        .await?;
-        self.billing
-            .with(account, |b| b.set_balance((balance, arrears_since)));
-        Ok((balance, arrears_since.is_some()))
+            };
+            match commit(&*self.store, write).await {
+                Ok(_) => {
+                    self.billing
+                        .with(account, |b| b.set_balance((balance, arrears_since)));
+                    return Ok((balance, arrears_since.is_some()));
+                }
+                Err(StoreError::Conflict(_)) if attempt < BALANCE_RETRIES => {
+                    attempt += 1;
+                    self.accounts.refresh(account).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// One account's month from the store (every replica's calls).
@@ -233,6 +250,45 @@ impl BillingService {
             )));
         }
         let _serial = self.balances.lock().await;
+        let mut attempt = 0;
+        loop {
+            let lines = self.settlement_lines(month, now).await?;
+            if lines.is_empty() {
+                return Ok(lines);
+            }
+            let write = Write::Settle {
+                month: month.to_string(),
+                lines: lines.clone(),
+                at: now,
+            };
+            match commit(&*self.store, write).await {
+                Ok(_) => {
+                    for l in &lines {
+                        self.billing.with(&l.account, |b| {
+                            b.set_balance((l.balance_after_usd, l.arrears_since))
+                        });
+                    }
+                    return Ok(lines);
+                }
+                // A balance changed meanwhile (a top-up through another
+                // replica): read those accounts again and recompute.
+                Err(StoreError::Conflict(_)) if attempt < BALANCE_RETRIES => {
+                    attempt += 1;
+                    for l in &lines {
+                        self.accounts.refresh(&l.account).await?;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// What settling `month` would change, account by account.
+    async fn settlement_lines(
+        &self,
+        month: Month,
+        now: jiff::Timestamp,
+    ) -> Result<Vec<SettlementLine>, ChangeError> {
         let label = month.to_string();
         let usage = self.store.month_usage(&label, None).await?;
         let settled: HashMap<String, Decimal> =
@@ -247,9 +303,9 @@ impl BillingService {
             if delta.is_zero() {
                 continue;
             }
-            let Some((balance, arrears_since)) = self
+            let Some((balance_before, (balance, arrears_since))) = self
                 .billing
-                .with(&u.account, |b| b.after_settlement(delta, now))
+                .with(&u.account, |b| (b.balance, b.after_settlement(delta, now)))
             else {
                 continue;
             };
@@ -257,24 +313,9 @@ impl BillingService {
                 account: u.account,
                 bill,
                 delta_usd: delta,
+                balance_before_usd: balance_before,
                 balance_after_usd: balance,
                 arrears_since,
-            });
-        }
-        if !lines.is_empty() {
-            commit(
-                &*self.store,
-                Write::Settle {
-                    month: label,
-                    lines: lines.clone(),
-                    at: now,
-                },
-            )
-            .await?;
-        }
-        for l in &lines {
-            self.billing.with(&l.account, |b| {
-                b.set_balance((l.balance_after_usd, l.arrears_since))
             });
         }
         Ok(lines)

@@ -47,6 +47,10 @@ pub struct SettlementLine {
     /// What this settlement changes the balance by (the bill minus what
     /// earlier settlements of the month already charged).
     pub delta_usd: Decimal,
+    /// The balance the line was computed from: the store refuses the line
+    /// (`Conflict`) if the balance is no longer this, so two replicas never
+    /// overwrite each other's balance changes.
+    pub balance_before_usd: Decimal,
     pub balance_after_usd: Decimal,
     pub arrears_since: Option<Timestamp>,
 }
@@ -125,6 +129,9 @@ pub enum Write {
     TopUp {
         account: String,
         amount_usd: Decimal,
+        /// Compare-and-set: refused (`Conflict`) unless the balance is
+        /// still this.
+        balance_before_usd: Decimal,
         balance_after_usd: Decimal,
         arrears_since: Option<Timestamp>,
         at: Timestamp,

@@ -237,8 +237,8 @@ pub(super) async fn apply(
             )
             .await?
         }
-        Write::TopUp { account, amount_usd, balance_after_usd, arrears_since, at } => {
-            set_balance(tx, account, balance_after_usd, arrears_since).await?;
+        Write::TopUp { account, amount_usd, balance_before_usd, balance_after_usd, arrears_since, at } => {
+            set_balance(tx, account, balance_before_usd, balance_after_usd, arrears_since).await?;
             ledger(tx, account, "top-up", amount_usd, balance_after_usd, "", at).await?;
         }
         Write::Settle { month, lines, at } => {
@@ -256,7 +256,8 @@ pub(super) async fn apply(
                     &format!("settlement of {} for {month}", l.account),
                 )
                 .await?;
-                set_balance(tx, &l.account, &l.balance_after_usd, &l.arrears_since).await?;
+                set_balance(tx, &l.account, &l.balance_before_usd, &l.balance_after_usd, &l.arrears_since)
+                    .await?;
                 ledger(tx, &l.account, "settlement", &(-l.delta_usd), &l.balance_after_usd, month, at).await?;
             }
         }
@@ -290,19 +291,29 @@ async fn insert_resource_package(
     .await
 }
 
+/// Compare-and-set of an account's balance: another replica's change in
+/// between makes this one a `Conflict` (the caller reads and retries).
 async fn set_balance(
     tx: &Transaction<'_>,
     account: &str,
+    before: &Decimal,
     balance: &Decimal,
     arrears_since: &Option<Timestamp>,
 ) -> Result<(), StoreError> {
-    update_one(
-        tx,
-        "UPDATE accounts SET balance_usd = $2, arrears_since = $3 WHERE id = $1",
-        &[&account, balance, arrears_since],
-        &format!("account {account}"),
-    )
-    .await
+    let what = format!("account {account}");
+    let n = tx
+        .execute(
+            "UPDATE accounts SET balance_usd = $2, arrears_since = $3 WHERE id = $1 AND balance_usd = $4",
+            &[&account, balance, arrears_since, before],
+        )
+        .await
+        .map_err(|e| pg_write_error(e, &what))?;
+    if n == 0 {
+        return Err(StoreError::Conflict(format!(
+            "the balance of {what} changed meanwhile"
+        )));
+    }
+    Ok(())
 }
 
 async fn ledger(

@@ -211,11 +211,18 @@ pub(super) fn apply(
         Write::TopUp {
             account,
             amount_usd,
+            balance_before_usd,
             balance_after_usd,
             arrears_since,
             at,
         } => {
-            set_balance(conn, account, balance_after_usd, arrears_since)?;
+            set_balance(
+                conn,
+                account,
+                balance_before_usd,
+                balance_after_usd,
+                arrears_since,
+            )?;
             ledger(
                 conn,
                 account,
@@ -244,7 +251,13 @@ pub(super) fn apply(
                     ],
                     &format!("settlement of {} for {month}", l.account),
                 )?;
-                set_balance(conn, &l.account, &l.balance_after_usd, &l.arrears_since)?;
+                set_balance(
+                    conn,
+                    &l.account,
+                    &l.balance_before_usd,
+                    &l.balance_after_usd,
+                    &l.arrears_since,
+                )?;
                 ledger(
                     conn,
                     &l.account,
@@ -284,18 +297,37 @@ fn insert_resource_package(
     )
 }
 
+/// Compare-and-set of an account's balance (see the Postgres store; on
+/// one node the billing service serializes balance changes anyway).
+/// Balances are stored as the decimal's own text, so comparing the text
+/// compares the value as written.
 fn set_balance(
     conn: &Connection,
     account: &str,
+    before: &rust_decimal::Decimal,
     balance: &rust_decimal::Decimal,
     arrears_since: &Option<jiff::Timestamp>,
 ) -> Result<(), StoreError> {
-    update_one(
-        conn,
-        "UPDATE accounts SET balance_usd = ?2, arrears_since = ?3 WHERE id = ?1",
-        params![account, balance.to_string(), opt_ts(arrears_since)],
-        &format!("account {account}"),
-    )
+    let what = format!("account {account}");
+    let n = conn
+        .prepare_cached(
+            "UPDATE accounts SET balance_usd = ?2, arrears_since = ?3 WHERE id = ?1 AND balance_usd = ?4",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                account,
+                balance.to_string(),
+                opt_ts(arrears_since),
+                before.to_string()
+            ])
+        })
+        .map_err(internal)?;
+    if n == 0 {
+        return Err(StoreError::Conflict(format!(
+            "the balance of {what} changed meanwhile"
+        )));
+    }
+    Ok(())
 }
 
 fn ledger(

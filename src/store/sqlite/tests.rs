@@ -146,10 +146,11 @@ async fn settlements_replace_the_month_line_and_keep_a_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();
     commit(&store, account("acme")).await.unwrap();
-    let line = |amount: &str, balance: &str| SettlementLine {
+    let line = |amount: &str, before: &str, balance: &str| SettlementLine {
         account: "acme".into(),
         bill: billing::bill(100, 100),
         delta_usd: amount.parse().unwrap(),
+        balance_before_usd: before.parse().unwrap(),
         balance_after_usd: balance.parse().unwrap(),
         arrears_since: Some(Timestamp::now()),
     };
@@ -158,8 +159,13 @@ async fn settlements_replace_the_month_line_and_keep_a_ledger() {
         lines: vec![l],
         at: Timestamp::now(),
     };
-    commit(&store, settle(line("8", "-8"))).await.unwrap();
-    commit(&store, settle(line("0", "-8"))).await.unwrap();
+    commit(&store, settle(line("8", "0", "-8"))).await.unwrap();
+    commit(&store, settle(line("0", "-8", "-8"))).await.unwrap();
+    // Computed from a balance that is no longer there: refused, unchanged.
+    assert!(matches!(
+        commit(&store, settle(line("5", "0", "-5"))).await,
+        Err(StoreError::Conflict(_))
+    ));
     assert_eq!(
         store.settled("2026-11").await.unwrap(),
         vec![("acme".to_string(), "8".parse().unwrap())]
