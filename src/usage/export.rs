@@ -160,6 +160,9 @@ fn append_page(sink: &mut JsonlSink, dir: &Path, page: &[StoredEvent]) -> std::i
     Ok(())
 }
 
+/// The longest wait between two tries while the store is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Runs the export of `<dir>` until `stop`, then catches up one last time.
 /// `committed` is poked after each local commit.
 pub async fn run(
@@ -169,12 +172,18 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut sink = None;
+    // After a failure (the store unreachable), wait this long before the
+    // next try instead of retrying on every commit: one log line per try,
+    // growing to a few seconds, not one per success.
+    let mut backoff = Duration::ZERO;
     loop {
         let stopping = stop.is_cancelled();
+        let mut failed = false;
         if sink.is_none() {
             match recover(&*store, &dir).await {
                 Ok(s) => sink = Some(s),
                 Err(e) => {
+                    failed = true;
                     tracing::error!(error = %e, "usage JSON Lines export cannot start; retrying")
                 }
             }
@@ -183,11 +192,21 @@ pub async fn run(
             && let Err(e) = catch_up(&*store, &dir, &mut sink).await
         {
             // The events stay in the store; the next pass retries.
-            tracing::error!(error = %e, "usage JSON Lines export failed");
+            failed = true;
+            tracing::error!(error = %e, "usage JSON Lines export failed; retrying with back-off");
         }
         if stopping {
             return;
         }
+        if failed {
+            backoff = (backoff * 2).clamp(POLL_EVERY, MAX_BACKOFF);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => {}
+            }
+            continue;
+        }
+        backoff = Duration::ZERO;
         tokio::select! {
             _ = committed.notified() => {}
             _ = tokio::time::sleep(POLL_EVERY) => {}
