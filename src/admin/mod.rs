@@ -113,6 +113,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     resp
 }
 
+/// How long `/readyz` waits for the backend to accept a connection.
+const BACKEND_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Tells a load balancer whether this replica can serve tasks now: not
 /// while stopping, not while its store can record nothing. A store that
 /// spools (PostgreSQL down) still serves tasks: ready, and says so.
@@ -122,8 +125,15 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping")
     } else if store == StoreHealth::Unavailable {
         (StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+    } else if app.recorder.failing() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "usage events cannot be recorded",
+        )
     } else if let Some(reason) = app.coordination_unready() {
         (StatusCode::SERVICE_UNAVAILABLE, reason)
+    } else if !app.backend.reachable(BACKEND_PROBE).await {
+        (StatusCode::SERVICE_UNAVAILABLE, "backend unreachable")
     } else {
         (StatusCode::OK, "ready")
     };

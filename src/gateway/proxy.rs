@@ -100,6 +100,19 @@ impl Backend {
         })
     }
 
+    /// Whether the backend accepts a TCP connection now (for `/readyz`):
+    /// a gateway whose backend refuses every connection cannot serve.
+    pub async fn reachable(&self, within: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(
+                within,
+                tokio::net::TcpStream::connect(self.base.authority.as_str())
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Sends the task and reads the whole answer. The caller bounds the time.
     pub async fn forward(
         &self,

@@ -2,6 +2,7 @@
 //! fsync'd) before the caller may release the response.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
@@ -15,6 +16,9 @@ pub struct UsageRecorder {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     committed: Arc<Notify>,
+    /// Whether the last attempt to record failed (a full disk, a broken
+    /// store): every success is then answered 503, and `/readyz` says so.
+    failing: Arc<AtomicBool>,
 }
 
 impl UsageRecorder {
@@ -23,7 +27,13 @@ impl UsageRecorder {
             store,
             metrics,
             committed: Arc::new(Notify::new()),
+            failing: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// True while successes cannot be recorded (the last attempt failed).
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// Notified after each committed event: what the sinks tailing the
@@ -51,7 +61,9 @@ impl UsageRecorder {
             package,
             month,
         };
-        match commit(&*self.store, write).await? {
+        let committed = commit(&*self.store, write).await;
+        self.failing.store(committed.is_err(), Ordering::Relaxed);
+        match committed? {
             Committed::Usage { seq } => {
                 self.metrics.usage_events_total.inc();
                 self.committed.notify_one();
