@@ -83,7 +83,11 @@ async fn backend_requests(stack: &Stack) -> u64 {
     let stats = stack.sim.stats(&stack.http).await;
     stats["accounts"]
         .as_object()
-        .map(|a| a.values().map(|p| p["requests"].as_u64().unwrap_or(0)).sum())
+        .map(|a| {
+            a.values()
+                .map(|p| p["requests"].as_u64().unwrap_or(0))
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -179,7 +183,10 @@ async fn requests_that_are_not_tasks_never_reach_the_backend_nor_are_charged() {
         "a request that is not a task reached the backend"
     );
     let account = admin.wait_idle("acme").await;
-    assert_eq!(account["remaining_units"], 50, "a unit was taken: {account}");
+    assert_eq!(
+        account["remaining_units"], 50,
+        "a unit was taken: {account}"
+    );
     assert!(admin.all_events().await.is_empty(), "something was charged");
 
     // A real task still goes through on the same gateway.
@@ -388,4 +395,97 @@ async fn successes_after_the_client_left_are_counted() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// RFC 9110: the auth scheme is case-insensitive, on both listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_on_both_listeners() {
+    let stack = Stack::start(Opts::default());
+    let key = stack.account_with_key("acme").await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let auth = format!("{scheme} {key}");
+        let r = stack
+            .http
+            .send(
+                Method::POST,
+                &format!("{}/v1/style-transfer", stack.gw.url),
+                &[("authorization", &auth)],
+                r#"{"InputImage":"x"}"#,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "data plane, {scheme}");
+        let auth = format!("{scheme} {}", common::ADMIN_TOKEN);
+        let r = stack
+            .http
+            .send(
+                Method::GET,
+                &format!("{}/v1/accounts/acme", stack.gw.admin),
+                &[("authorization", &auth)],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "admin, {scheme}");
+    }
+    // Another scheme is still refused.
+    let r = stack
+        .http
+        .send(
+            Method::GET,
+            &format!("{}/v1/accounts/acme", stack.gw.admin),
+            &[("authorization", &format!("Basic {}", common::ADMIN_TOKEN))],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+/// A revoked key's queued tasks are refused at once (401), never reach the
+/// backend and are never charged; tasks already at the backend finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_keys_queued_tasks_never_run_nor_are_charged() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    admin.create_account("acme").await;
+    let holder = admin.issue_key("acme", None).await.1;
+    let (doomed_id, doomed) = admin.issue_key("acme", None).await;
+    let held = stack.hold_slots("acme", &holder, 3, 1500).await;
+    let client = stack.client();
+    let queued: Vec<_> = (0..6)
+        .map(|i| client.spawn(&doomed, 0, &format!("revoked-{i}")))
+        .collect();
+    wait_for(&admin, "acme", "6 queued", |a| {
+        a["concurrency"]["queued"] == 6
+    })
+    .await;
+    let revoked_at = Instant::now();
+    let r = admin
+        .call(Method::DELETE, &format!("/v1/keys/{doomed_id}"), None)
+        .await;
+    assert!(r.status.is_success(), "revoke: {:?}", r.json());
+    for q in queued {
+        let r = q.await.unwrap();
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.json());
+        assert_eq!(r.error_code(), "AuthFailure.InvalidAuthorization");
+    }
+    assert!(
+        revoked_at.elapsed() < Duration::from_millis(1000),
+        "the queued tasks waited for a slot instead of being refused at once"
+    );
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    admin.wait_idle("acme").await;
+    let stats = stack.sim.stats(&stack.http).await;
+    let arrivals = stats["accounts"]["acme"]["arrivals"].to_string();
+    assert!(
+        !arrivals.contains("revoked-"),
+        "a revoked task reached the backend: {arrivals}"
+    );
+    let events = admin.all_events().await;
+    assert_eq!(events.len(), 3, "only the held tasks are charged");
+    assert!(
+        events
+            .iter()
+            .all(|e| !e["data"]["request_id"].to_string().contains("revoked-"))
+    );
 }

@@ -18,7 +18,7 @@ use http::{HeaderValue, StatusCode, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::secrets_match;
+use crate::accounts::{bearer_token, secrets_match};
 use crate::app::App;
 
 pub use error::ApiError;
@@ -88,7 +88,7 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     match presented {
         // An unset token disables the API rather than opening it.
         Some(p) if !expected.is_empty() && secrets_match(p, expected) => next.run(req).await,
