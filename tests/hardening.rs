@@ -803,3 +803,39 @@ async fn the_admin_connection_cap_refuses_the_next_and_spares_the_data_plane() {
     };
     assert!(refused > refused_before, "the refusal was not counted");
 }
+
+/// Bug 2: once the load stops, the SQLite WAL is emptied (it used to keep
+/// its peak size for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_truncated_once_the_load_stops() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    let mut keys = Vec::new();
+    for i in 0..20 {
+        keys.push(stack.account_with_key(&format!("acct-{i}")).await);
+    }
+    let client = stack.client();
+    let load: Vec<_> = (0..600)
+        .map(|i| {
+            let key = keys[i % keys.len()].clone();
+            let client = client.clone();
+            tokio::spawn(async move { client.task(&key, &[]).await.status })
+        })
+        .collect();
+    for t in load {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    let wal = stack.gw.data_dir.join("tollgate.db-wal");
+    let size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(admin.all_events().await.len(), 600);
+    let peak = size();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while size() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the WAL still holds {} bytes 10 s after the load stopped (peak seen {peak})",
+            size()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
