@@ -10,11 +10,14 @@
 //! - every [`TICK`], the WAL file's size is read (one `stat`);
 //! - past [`RESTART_AT`], a RESTART checkpoint copies everything and waits
 //!   (busy handler) for readers to leave the WAL, holding off the writer
-//!   meanwhile, so the writer's next transaction starts the WAL over; the
-//!   writer waits for that copy once per [`RESTART_AT`] of log;
+//!   meanwhile, so the writer's next transaction starts the WAL over (and
+//!   `journal_size_limit` cuts the file back); the writer waits for that
+//!   copy once per [`RESTART_AT`] of log. Not TRUNCATE here: a WAL file
+//!   rewritten in place costs each commit's fsync less than one that grows
+//!   again from zero (file size changes are metadata to sync too);
 //! - otherwise a PASSIVE one every [`PASSIVE_EVERY`], as before;
-//! - when a PASSIVE one finds everything copied and nothing written since
-//!   the last, the gateway is idle: TRUNCATE empties the file.
+//! - when a checkpoint finds everything copied and nothing written since
+//!   the last one, the gateway is idle: TRUNCATE empties the file.
 //!
 //! `journal_size_limit` (set on every connection, see `open_connection`)
 //! makes a WAL that starts over shrink back to that size on disk.
@@ -58,39 +61,42 @@ pub(super) fn run(conn: Connection, wal: PathBuf, stop: mpsc::Receiver<()>) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(TICK) {
         ticks = ticks.wrapping_add(1);
         let size = wal_size();
-        if size > RESTART_AT {
-            let started = Instant::now();
-            match checkpoint(&conn, "RESTART") {
-                Ok((busy, _, _)) => tracing::debug!(
-                    wal_bytes = size,
-                    busy,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "WAL restart checkpoint"
-                ),
-                Err(e) => tracing::warn!(error = %e, "WAL restart checkpoint failed"),
+        let over = size > RESTART_AT;
+        if !over && ticks % PASSIVE_EVERY != 0 {
+            continue;
+        }
+        let started = Instant::now();
+        // PASSIVE copies what it can without waiting for, or blocking, the
+        // writer.
+        let mode = if over { "RESTART" } else { "PASSIVE" };
+        let (frames, copied) = match checkpoint(&conn, mode) {
+            Ok((busy, frames, copied)) => {
+                if over {
+                    // `took_ms` includes waiting for the writer's batch in
+                    // progress; the writer itself waits only for the copy.
+                    tracing::debug!(
+                        wal_bytes = size,
+                        busy,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "WAL restart checkpoint"
+                    );
+                }
+                (frames, copied)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, mode, "WAL checkpoint failed");
+                continue;
+            }
+        };
+        let idle = frames > 0 && frames == copied && frames == last_frames;
+        last_frames = frames;
+        if idle && size > 0 {
+            // Nothing written since the last checkpoint and everything
+            // copied: give the disk space back.
+            if let Err(e) = checkpoint(&conn, "TRUNCATE") {
+                tracing::warn!(error = %e, "WAL truncate checkpoint failed");
             }
             last_frames = -1;
-            continue;
-        }
-        if ticks % PASSIVE_EVERY != 0 {
-            continue;
-        }
-        // PASSIVE: copies what it can without waiting for, or blocking,
-        // the writer.
-        match checkpoint(&conn, "PASSIVE") {
-            Ok((_, frames, copied)) => {
-                let idle = frames > 0 && frames == copied && frames == last_frames;
-                last_frames = frames;
-                if idle && size > 0 {
-                    // Nothing written for a whole period and everything
-                    // copied: give the disk space back.
-                    if let Err(e) = checkpoint(&conn, "TRUNCATE") {
-                        tracing::warn!(error = %e, "WAL truncate checkpoint failed");
-                    }
-                    last_frames = -1;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
     }
     // Closing: leave an empty WAL behind (the last connection to close
