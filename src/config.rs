@@ -57,6 +57,14 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight tasks may run before the gateway exits
     /// anyway (their events, if they succeed in time, are still recorded).
     pub shutdown_grace_ms: u64,
+    /// Open data-plane connections at most (each queued task holds one);
+    /// past it a new connection is closed at once and counted in
+    /// `tollgate_connections_refused_total{listener="data"}`.
+    pub max_connections: usize,
+    /// A connection that has not sent a complete request head within this
+    /// time is closed: a new silent one, one idle between keep-alive
+    /// requests, or one sending its headers too slowly.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +73,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".parse().expect("valid literal"),
             instance: "local".into(),
             shutdown_grace_ms: 30_000,
+            max_connections: 10_000,
+            idle_timeout_ms: 30_000,
         }
     }
 }
@@ -76,6 +86,11 @@ pub struct AdminConfig {
     /// Bearer token for `/v1/`. Empty: the `/v1/` API refuses every call
     /// (metrics and health stay open).
     pub token: String,
+    /// Open admin connections at most, kept apart from the data plane's so
+    /// neither can starve the other.
+    pub max_connections: usize,
+    /// As `server.idle_timeout_ms`, for the admin listener.
+    pub idle_timeout_ms: u64,
 }
 
 // Hand-written so the token can never reach a log line through `{:?}`.
@@ -83,6 +98,8 @@ impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminConfig")
             .field("listen", &self.listen)
+            .field("max_connections", &self.max_connections)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .field(
                 "token",
                 &if self.token.is_empty() {
@@ -100,6 +117,8 @@ impl Default for AdminConfig {
         Self {
             listen: "127.0.0.1:9090".parse().expect("valid literal"),
             token: String::new(),
+            max_connections: 64,
+            idle_timeout_ms: 30_000,
         }
     }
 }
@@ -437,6 +456,22 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.server.instance.is_empty() {
             return Err(invalid("server.instance", "must not be empty"));
+        }
+        for (key, value) in [
+            ("server.max_connections", self.server.max_connections),
+            ("admin.max_connections", self.admin.max_connections),
+        ] {
+            if value == 0 || value > 1_000_000 {
+                return Err(invalid(key, "must be between 1 and 1000000"));
+            }
+        }
+        for (key, value) in [
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+            ("admin.idle_timeout_ms", self.admin.idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&value) {
+                return Err(invalid(key, "must be between 100 and 3600000"));
+            }
         }
         if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
             return Err(invalid(

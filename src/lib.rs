@@ -20,6 +20,7 @@ pub mod config;
 pub mod entitlements;
 pub mod gateway;
 pub mod limiter;
+pub mod listen;
 pub mod loadgen;
 pub mod metrics;
 pub mod simulator;

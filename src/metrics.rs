@@ -37,6 +37,13 @@ pub struct Metrics {
     pub spooled_events: IntGauge,
     leases_lost: IntCounter,
     coordination_errors: IntCounterVec,
+    /// Per listener (`data`, `admin`): connections closed at once because
+    /// the listener was at its `max_connections`.
+    pub connections_refused: IntCounterVec,
+    /// Per listener: `accept` failures (out of descriptors and the like).
+    pub accept_errors: IntCounterVec,
+    /// Per listener: connections open now.
+    pub open_connections: IntGaugeVec,
     gauges: AccountGauges,
 }
 
@@ -142,6 +149,39 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let connections_refused = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tollgate_connections_refused_total",
+                    "Connections closed on accept because the listener was at its connection cap.",
+                ),
+                &["listener"],
+            )
+            .expect("valid"),
+        );
+        let accept_errors = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tollgate_accept_errors_total",
+                    "Failed accepts (such as running out of file descriptors), by listener.",
+                ),
+                &["listener"],
+            )
+            .expect("valid"),
+        );
+        let open_connections = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_open_connections",
+                    "Connections open now, by listener.",
+                ),
+                &["listener"],
+            )
+            .expect("valid"),
+        );
         let gauges = if per_account_labels {
             let vec = |name: &str, help: &str| {
                 register(
@@ -190,6 +230,9 @@ impl Metrics {
             spooled_events,
             leases_lost,
             coordination_errors,
+            connections_refused,
+            accept_errors,
+            open_connections,
             gauges,
         }
     }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use dashmap::DashMap;
 use jiff::Timestamp;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 pub use keys::{
     KeyHash, MAX_PRESENTED_KEY_LEN, generate_api_key, hash_key, new_key_id, secrets_match,
@@ -130,6 +131,23 @@ pub struct Registry {
     subs: DashMap<Arc<str>, Arc<SubAccount>>,
     keys: DashMap<KeyHash, Arc<KeyEntry>>,
     key_ids: DashMap<String, KeyHash>,
+    /// Cancelled when the key is revoked, so tasks admitted with it (queued
+    /// or about to be forwarded) learn of it at once. Made on first use: a
+    /// key that never sent a task costs nothing here.
+    revocations: DashMap<KeyHash, CancellationToken>,
+}
+
+/// The credential part of an `Authorization` value whose scheme is
+/// `Bearer`, in any case (RFC 9110 §11.1: the scheme is case-insensitive).
+/// `None` for any other scheme or an empty credential.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim_start();
+    let (scheme, rest) = value.split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
 }
 
 impl Registry {
@@ -194,7 +212,31 @@ impl Registry {
     /// Forgets a key: from this call on it authenticates nothing.
     pub fn revoke_key(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
         let (_, hash) = self.key_ids.remove(key_id)?;
-        self.keys.remove(&hash).map(|(_, k)| k)
+        let entry = self.keys.remove(&hash).map(|(_, k)| k);
+        // After the removal above: see `authenticate_watched` for the order.
+        if let Some((_, revoked)) = self.revocations.remove(&hash) {
+            revoked.cancel();
+        }
+        entry
+    }
+
+    /// Like [`Registry::authenticate`], with a token cancelled if the key
+    /// is revoked from now on (queued tasks must not outlive their key).
+    pub fn authenticate_watched(&self, presented: &str) -> Option<(Principal, CancellationToken)> {
+        let principal = self.authenticate(presented)?;
+        let hash = hash_key(presented);
+        let revoked = self.revocations.entry(hash).or_default().clone();
+        // `revoke_key` removes the key before it cancels the token. If the
+        // key is still here, any revocation cancels the token taken above;
+        // if it is gone, a revocation raced us and may have missed it.
+        if self.keys.contains_key(&hash) {
+            Some((principal, revoked))
+        } else {
+            if let Some((_, t)) = self.revocations.remove(&hash) {
+                t.cancel();
+            }
+            None
+        }
     }
 
     /// Finds who a presented key belongs to.
@@ -241,7 +283,27 @@ mod tests {
         assert_eq!(&*reg.authenticate(&secret).unwrap().root.id, "acme");
         assert!(reg.authenticate("tg_wrong").is_none());
         assert!(reg.authenticate("").is_none());
+        let (_, revoked) = reg.authenticate_watched(&secret).unwrap();
+        assert!(!revoked.is_cancelled());
         assert!(reg.revoke_key("k1").is_some());
+        assert!(revoked.is_cancelled(), "revocation reaches admitted tasks");
         assert!(reg.authenticate(&secret).is_none());
+        assert!(reg.authenticate_watched(&secret).is_none());
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for ok in [
+            "Bearer abc",
+            "bearer abc",
+            "BEARER abc",
+            "BeArEr   abc ",
+            "Bearer\tabc",
+        ] {
+            assert_eq!(bearer_token(ok), Some("abc"), "{ok:?}");
+        }
+        for bad in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc", ""] {
+            assert_eq!(bearer_token(bad), None, "{bad:?}");
+        }
     }
 }

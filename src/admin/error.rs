@@ -109,12 +109,56 @@ impl IntoResponse for ApiError {
 }
 
 /// Parses a JSON body into `T`, with an error that names what is wrong.
+/// The body must be a JSON object: serde would otherwise read a struct from
+/// an array of its fields in order (`["acme"]` creating account `acme`).
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",
         ));
     }
-    serde_json::from_slice(body)
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The error code for a status an admin answer got without an error body
+/// of ours (axum's own 405, a body-limit 413, …).
+pub fn code_for_status(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "AuthFailure.InvalidAuthorization",
+        StatusCode::NOT_FOUND => "UnsupportedOperation",
+        StatusCode::METHOD_NOT_ALLOWED => "UnsupportedOperation.MethodNotAllowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "FailedOperation.RequestEntityTooLarge",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "InvalidParameter.UnsupportedMediaType",
+        s if s.is_client_error() => "InvalidParameterValue",
+        StatusCode::SERVICE_UNAVAILABLE => "FailedOperation.ServiceUnavailable",
+        _ => "InternalError",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct NewAccount {
+        id: String,
+    }
+
+    #[test]
+    fn only_json_objects_are_bodies() {
+        assert!(parse_json::<NewAccount>(br#"{"id":"acme"}"#).is_ok());
+        for bad in [&br#"["acme"]"#[..], b"\"acme\"", b"null", b"", b"{"] {
+            let e = parse_json::<NewAccount>(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad:?}");
+        }
+    }
 }

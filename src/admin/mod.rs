@@ -8,6 +8,7 @@ mod error;
 mod usage;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -15,12 +16,18 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use http::{HeaderValue, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::secrets_match;
+use crate::accounts::{bearer_token, secrets_match};
 use crate::app::App;
+use crate::listen::Acceptor;
 use crate::store::StoreHealth;
 
 pub use error::ApiError;
@@ -58,6 +65,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/billing/settle", post(billing::settle))
         .route("/keys/{key_id}", delete(accounts::revoke_key))
         .route("/usage-events", get(usage::list))
+        // Inner first: the token is checked before the body is read.
+        .route_layer(middleware::from_fn(strict_body))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -71,16 +80,134 @@ pub fn router(app: Arc<App>) -> Router {
                 "no such admin endpoint",
             )
         })
+        // Outermost: whatever axum or hyper-facing layers answer on their
+        // own (405, body-limit 413, extractor rejections) leaves in the
+        // API's error shape too.
+        .layer(middleware::from_fn(json_errors))
         .with_state(app)
 }
 
-pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken) {
-    let router = router(app);
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
+/// Admin bodies are small JSON objects; anything larger is refused before
+/// it is buffered.
+const MAX_ADMIN_BODY: usize = 64 << 10;
+
+/// Reads the body (at most [`MAX_ADMIN_BODY`]) and requires a non-empty one
+/// to be declared `application/json`, so handlers only ever see a bounded
+/// JSON candidate.
+async fn strict_body(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_ADMIN_BODY as u64) {
+        return too_large().into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match http_body_util::Limited::new(body, MAX_ADMIN_BODY)
+        .collect()
         .await
     {
-        tracing::error!(error = %e, "admin server failed");
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large().into_response();
+        }
+        Err(_) => {
+            return ApiError::bad_request("the request body could not be read").into_response();
+        }
+    };
+    if !bytes.is_empty() && !is_json(&parts.headers) {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "InvalidParameter.UnsupportedMediaType",
+            "the request body must be sent with Content-Type: application/json",
+        )
+        .into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "FailedOperation.RequestEntityTooLarge",
+        format!("admin request bodies are at most {MAX_ADMIN_BODY} bytes"),
+    )
+}
+
+/// `application/json`, in any case, with or without parameters
+/// (`; charset=utf-8`).
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Gives every error answer without a JSON body the API's error shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_error = status.is_client_error() || status.is_server_error();
+    let already_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_error || already_json {
+        return resp;
+    }
+    let (mut parts, _body) = resp.into_parts();
+    let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let mut fixed = ApiError::new(status, error::code_for_status(status), reason).into_response();
+    // Keep what the original said beyond its body (`Allow` on a 405).
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    for (name, value) in parts.headers.drain().filter_map(|(n, v)| n.map(|n| (n, v))) {
+        fixed.headers_mut().entry(name).or_insert(value);
+    }
+    fixed
+}
+
+/// How long open admin connections may finish their current call once the
+/// gateway stops.
+const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves the admin API on hyper directly (not `axum::serve`, which has no
+/// header-read or idle timeout): every connection is bounded in time by
+/// `admin.idle_timeout_ms` and in number by `admin.max_connections`.
+pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken) {
+    let router = router(app.clone());
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        // Also the keep-alive idle timeout: the timer runs whenever the
+        // connection waits for a request head.
+        .header_read_timeout(Duration::from_millis(app.config.admin.idle_timeout_ms));
+    let mut acceptor = Acceptor::new(
+        listener,
+        "admin",
+        app.config.admin.max_connections,
+        &app.metrics,
+    );
+    while let Some((stream, slot)) = acceptor.next(&stop).await {
+        let service = TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(acceptor);
+    if tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin connections still open at shutdown");
     }
 }
 
@@ -90,7 +217,7 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     match presented {
         // An unset token disables the API rather than opening it.
         Some(p) if !expected.is_empty() && secrets_match(p, expected) => next.run(req).await,

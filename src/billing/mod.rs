@@ -293,13 +293,19 @@ pub fn check_prepaid_refund(
 
 /// A top-up amount: a positive USD amount with at most 2 decimals.
 pub fn parse_amount(s: &str) -> Option<Decimal> {
-    let s = s.trim();
-    // Plain decimal notation only: no exponent, no sign.
-    if !s.chars().all(|c| c.is_ascii_digit() || c == '.') {
+    // Exactly `^[0-9]+(\.[0-9]{1,2})?$`: no spaces, sign, exponent, or a
+    // dot without digits on both sides (" 5", "5.", ".5" are typos, and a
+    // typo in an amount of money is refused, not guessed at).
+    let (whole, cents) = match s.split_once('.') {
+        Some((w, c)) => (w, Some(c)),
+        None => (s, None),
+    };
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || cents.is_some_and(|c| !digits(c) || c.len() > 2) {
         return None;
     }
     let d: Decimal = s.parse().ok()?;
-    (d > Decimal::ZERO && d.scale() <= 2 && d <= Decimal::from(1_000_000_000u64)).then_some(d)
+    (d > Decimal::ZERO && d <= Decimal::from(1_000_000_000u64)).then_some(d)
 }
 
 #[cfg(test)]

@@ -279,7 +279,26 @@ fn months_are_counted_in_the_billing_time_zone() {
 fn amounts_are_positive_with_cents_at_most() {
     assert_eq!(parse_amount("12.50"), Some(usd("12.50")));
     assert_eq!(parse_amount("7"), Some(usd("7")));
-    for bad in ["0", "-5", "1.234", "abc", "", "1e3", "NaN"] {
+    assert_eq!(parse_amount("0.05"), Some(usd("0.05")));
+    assert_eq!(parse_amount("1000000000"), Some(usd("1000000000")));
+    for bad in [
+        "0",
+        "-5",
+        "1.234",
+        "abc",
+        "",
+        "1e3",
+        "NaN",
+        " 5",
+        "5 ",
+        "5.",
+        ".5",
+        "+5",
+        "1.2.3",
+        "0.00",
+        "1000000000.01",
+        "١",
+    ] {
         assert_eq!(parse_amount(bad), None, "{bad}");
     }
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::listen::Acceptor;
 use client_gone::ConnWatch;
 use shared_stream::SharedStream;
 
@@ -32,22 +33,17 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         // A client that never finishes its headers holds no task, but it
-        // holds a connection: bound that.
-        .header_read_timeout(Duration::from_secs(30));
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = stop.cancelled() => break,
-        };
-        let (stream, _peer) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+        // holds a connection: bound that. The same timer runs while a
+        // keep-alive connection waits for its next request, so it is also
+        // the idle timeout.
+        .header_read_timeout(Duration::from_millis(app.config.server.idle_timeout_ms));
+    let mut acceptor = Acceptor::new(
+        listener,
+        "data",
+        app.config.server.max_connections,
+        &app.metrics,
+    );
+    while let Some((stream, slot)) = acceptor.next(&stop).await {
         let _ = stream.set_nodelay(true);
         let stream = Arc::new(stream);
         let watch = Arc::new(ConnWatch::new(stream.clone()));
@@ -63,9 +59,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
-    drop(listener);
+    drop(acceptor);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

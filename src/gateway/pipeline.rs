@@ -14,9 +14,10 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::accounts::Principal;
+use crate::accounts::{Principal, bearer_token};
 use crate::app::App;
 use crate::billing::{Month, Reservation};
 use crate::limiter::{LimitError, Permit, SubCap, Ticket};
@@ -86,7 +87,7 @@ async fn run(
     tally: &mut Option<Tally>,
 ) -> TaskResult {
     check_task_shape(app, &req)?;
-    let principal = authenticate(app, &req)?;
+    let (principal, revoked) = authenticate(app, &req)?;
     check_declared_length(app, &req)?;
     let wait_limit = queue_wait_limit(app, &req)?;
     // Held until the task ends: dropped (unit given back) on every path but
@@ -112,12 +113,20 @@ async fn run(
                 // The response will never be read; leaving here drops the
                 // acquire, which takes the task out of the queue.
                 () = conn.closed() => return Err(GatewayError::ClientGone),
+                // The key was revoked while the task waited: it must not run
+                // (nor be charged), like a deactivated account's tasks.
+                () = revoked.cancelled() => return Err(GatewayError::Unauthorized),
             };
             *queue_wait = queued_at.elapsed();
             waited
         }
     };
     let permit = granted.map_err(limit_error)?;
+    if revoked.is_cancelled() {
+        // Revoked between the grant and here: the permit and the
+        // reservation are dropped, freeing the slot and the unit.
+        return Err(GatewayError::Unauthorized);
+    }
     app.metrics
         .queue_wait_seconds
         .observe(queue_wait.as_secs_f64());
@@ -249,20 +258,22 @@ fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
         })
 }
 
-fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Principal, GatewayError> {
+/// The key's principal, and a token cancelled if the key is revoked while
+/// the task waits.
+fn authenticate(
+    app: &App,
+    req: &Request<Incoming>,
+) -> Result<(Principal, CancellationToken), GatewayError> {
     let headers = req.headers();
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(bearer_token)
         .or_else(|| headers.get(X_API_KEY).and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .ok_or(GatewayError::Unauthorized)?;
     app.registry
-        .authenticate(presented)
+        .authenticate_watched(presented)
         .ok_or(GatewayError::Unauthorized)
 }
 

@@ -10,6 +10,7 @@
 //! so they never stall a group commit. Reads run on the blocking pool.
 
 mod apply;
+mod checkpoint;
 mod load;
 mod writer;
 
@@ -125,9 +126,6 @@ enum Job {
     Close,
 }
 
-/// How often the checkpointer copies the WAL into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
-
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
@@ -159,6 +157,13 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // success the client saw survive `kill -9` and power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // A WAL that starts over is cut back to this size on disk, so a burst
+    // does not leave its peak size behind (see `checkpoint`).
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        checkpoint::JOURNAL_SIZE_LIMIT as i64,
+    )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
@@ -184,21 +189,10 @@ impl SqliteStore {
             .map_err(internal)?;
         let checkpoint_conn = open_connection(&db).map_err(internal)?;
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        let wal = data_dir.join("tollgate.db-wal");
         let checkpointer = std::thread::Builder::new()
             .name("tollgate-checkpoint".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
-                    // PASSIVE: copies what it can without waiting for, or
-                    // blocking, the writer.
-                    if let Err(e) =
-                        checkpoint_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::warn!(error = %e, "WAL checkpoint failed");
-                    }
-                }
-            })
+            .spawn(move || checkpoint::run(checkpoint_conn, wal, stopped))
             .map_err(internal)?;
         Ok(Self {
             jobs,
