@@ -11,50 +11,32 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accounts::{AccountService, ChangeError, Registry, hash_key};
+use crate::admin::AdminState;
 use crate::billing;
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::{ClusterError, ClusterSettings, Coordinator, RedisLimiter, RedisQuota};
+use crate::config::StorageKind;
 use crate::config::{Config, DEMO_API_KEY};
-use crate::config::{RedisOutagePolicy, StorageKind};
 use crate::entitlements::schedule::Schedule;
+use crate::gateway::Gateway;
 use crate::gateway::proxy::Backend;
 use crate::limiter::{GateReport, Limiter, LocalLimiter};
 use crate::metrics::Metrics;
 use crate::store::{KeyRow, Store, StoreError};
 use crate::usage::UsageRecorder;
 
-/// Everything a request or an admin call needs, shared behind one `Arc`.
+/// The composition root: builds the data plane's and the admin API's state
+/// (each holds only what it uses, sharing the same services), and keeps
+/// what shutdown needs.
 pub struct App {
-    pub config: Config,
-    pub clock: Arc<dyn Clock>,
-    pub registry: Arc<Registry>,
-    /// Account changes (check → commit → apply) and the change feed.
+    pub config: Arc<Config>,
+    pub gateway: Arc<Gateway>,
+    pub admin: Arc<AdminState>,
     pub accounts: Arc<AccountService>,
-    pub limiter: Arc<dyn Limiter>,
-    /// The same limiter, seen by the metrics scrape.
-    pub gates: Arc<dyn GateReport>,
-    pub store: Arc<dyn Store>,
-    pub metrics: Arc<Metrics>,
-    pub recorder: UsageRecorder,
-    pub backend: Backend,
-    /// Concurrency packages and the timer that applies them to the limiter.
     pub schedule: Arc<Schedule>,
-    /// `billing.timezone`: days, months and cut-offs are counted in it.
-    pub tz: TimeZone,
-    /// Billing state per account (packages, postpaid, balance, arrears);
-    /// admission reserves here without touching the store.
-    pub billing: Arc<billing::Accounts>,
-    /// Where admission reserves a unit: `billing` itself on one node, the
-    /// shared quota in cluster mode.
-    pub quota: Arc<dyn billing::Quota>,
-    /// Cluster mode: this replica's membership (Redis connections, leases,
-    /// heartbeat, outage state). `None` on a single node.
+    pub limiter: Arc<dyn Limiter>,
+    pub store: Arc<dyn Store>,
     pub coordinator: Option<Arc<Coordinator>>,
-    /// Billing changes (check → commit → apply).
-    pub billing_service: billing::BillingService,
-    /// Forwarded tasks, which outlive their client connections; shutdown
-    /// waits for them.
-    pub tasks: TaskTracker,
     /// Cancelled when shutdown begins (readiness turns false).
     pub stopping: CancellationToken,
 }
@@ -169,44 +151,59 @@ impl App {
             Some(coord) => Arc::new(RedisQuota::new(coord.clone(), billing.clone())),
             None => billing.clone(),
         };
-        let app = Self {
-            schedule,
-            tz,
+        let config = Arc::new(config);
+        let backend = Arc::new(backend);
+        let recorder = UsageRecorder::new(store.clone(), metrics.clone());
+        let stopping = CancellationToken::new();
+        let gateway = Arc::new(Gateway {
+            config: config.clone(),
+            clock: clock.clone(),
+            tz: tz.clone(),
+            registry: registry.clone(),
+            limiter: limiter.clone(),
             quota,
-            coordinator,
-            billing,
-            billing_service,
-            recorder: UsageRecorder::new(store.clone(), metrics.clone()),
-            registry,
-            accounts,
-            config,
-            clock,
-            limiter,
-            gates,
-            store,
-            metrics,
-            backend,
+            recorder: recorder.clone(),
+            backend: backend.clone(),
+            metrics: metrics.clone(),
             tasks: TaskTracker::new(),
-            stopping: CancellationToken::new(),
+        });
+        let admin = Arc::new(AdminState {
+            config: config.clone(),
+            clock,
+            tz,
+            accounts: accounts.clone(),
+            billing_service: Arc::new(billing_service),
+            registry,
+            billing,
+            schedule: schedule.clone(),
+            limiter: limiter.clone(),
+            gates,
+            store: store.clone(),
+            metrics,
+            recorder,
+            backend,
+            coordinator: coordinator.clone(),
+            stopping: stopping.clone(),
+        });
+        let app = Self {
+            config,
+            gateway,
+            admin,
+            accounts,
+            schedule,
+            limiter,
+            store,
+            coordinator,
+            stopping,
         };
         app.accounts.refresh_all().await?;
         Ok(Arc::new(app))
     }
 
-    /// Why this replica cannot serve tasks for lack of coordination, if it
-    /// cannot (cluster mode under `on_redis_outage = "reject"` with Redis
-    /// unreachable).
-    pub fn coordination_unready(&self) -> Option<&'static str> {
-        let coord = self.coordinator.as_ref()?;
-        (self.config.cluster.on_redis_outage == RedisOutagePolicy::Reject
-            && !coord.is_coordinated())
-        .then_some("coordination unavailable")
-    }
-
     /// Creates the demo account and its public key if they are missing.
     async fn seed_demo(&self) -> Result<(), StoreError> {
         let id = self.config.demo.account.clone();
-        if self.registry.root(&id).is_none() {
+        if self.admin.registry.root(&id).is_none() {
             // Postpaid, so the demo keeps answering past the free package.
             match self.accounts.create_account(&id, true).await {
                 Ok(_) => {}
@@ -215,13 +212,13 @@ impl App {
                 Err(_) => {}
             }
         }
-        if self.registry.authenticate(DEMO_API_KEY).is_none() {
+        if self.admin.registry.authenticate(DEMO_API_KEY).is_none() {
             let row = KeyRow {
                 key_id: "key_demo".into(),
                 hash: hash_key(DEMO_API_KEY),
                 root: id,
                 sub: None,
-                created_at: self.clock.now(),
+                created_at: self.admin.clock.now(),
             };
             match self.accounts.add_known_key(row).await {
                 // Revoked earlier by an operator: stay revoked.
@@ -277,8 +274,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         Arc::new(SystemClock),
     )
     .await?;
-    let export =
-        crate::usage::export::spawn(store, &config.storage.data_dir, app.recorder.committed());
+    let export = crate::usage::export::spawn(
+        store,
+        &config.storage.data_dir,
+        app.gateway.recorder.committed(),
+    );
     if config.demo_enabled() {
         app.seed_demo().await?;
     }
@@ -295,16 +295,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     tracing::info!(
         data = %data_addr.map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
-        accounts = app.registry.root_count(),
+        accounts = app.admin.registry.root_count(),
         "tollgate serving"
     );
 
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    let admin_task = tokio::spawn(crate::admin::serve(app.clone(), admin, stop.clone()));
+    let admin_task = tokio::spawn(crate::admin::serve(app.admin.clone(), admin, stop.clone()));
     tokio::spawn(app.schedule.clone().run(stop.clone()));
     tokio::spawn(app.accounts.clone().follow_changes(stop.clone()));
     let data_task = tokio::spawn(crate::gateway::serve(
-        app.clone(),
+        app.gateway.clone(),
         data,
         stop.clone(),
         grace,
@@ -316,8 +316,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     app.limiter.shut_down();
     stop.cancel();
     let _ = data_task.await;
-    app.tasks.close();
-    if tokio::time::timeout(grace, app.tasks.wait()).await.is_err() {
+    app.gateway.tasks.close();
+    if tokio::time::timeout(grace, app.gateway.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown: tasks still running after the grace period");
     }
     let _ = admin_task.await;

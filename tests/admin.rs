@@ -177,7 +177,12 @@ async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
             .send(
                 method.clone(),
                 &format!("{}{path}", stack.gw.admin),
-                &[("authorization", &auth)],
+                // Sent as JSON, as the API requires: what is asserted is
+                // how each bad value is refused.
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
                 body.unwrap_or("").to_string(),
             )
             .await;

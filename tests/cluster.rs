@@ -1035,16 +1035,45 @@ async fn a_second_live_replica_with_the_same_name_is_refused() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let mut dup = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["serve", "--config", cfg.to_str().unwrap()])
         .envs(opts.env.iter().map(|(k, v)| (*k, v.clone())))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Drained as it comes, so a chatty child never blocks on a full pipe.
+    let mut pipe = dup.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut err);
+        err
+    });
+    // Bounded: a twin that wrongly starts must not hang the test.
+    let deadline = Instant::now() + Duration::from_millis(c.lease_ms + 5000);
+    let status = loop {
+        if let Some(s) = dup.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = dup.kill();
+            let _ = dup.wait();
+            panic!(
+                "a second live gw-a was allowed to run: {}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let err = stderr.join().unwrap_or_default();
+    assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("gw-a"), "{err}");
+    // The live one still serves.
+    let (status, _) = c
+        .http
+        .get_json(&format!("{}/readyz", c.gw(0).admin), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,8 +11,8 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::AdminState;
 use crate::accounts::AccountStatus;
-use crate::app::App;
 use crate::billing::Standing;
 use crate::clock::rfc3339_millis;
 use crate::config::StorageKind;
@@ -27,14 +27,14 @@ struct NewAccount {
     id: String,
 }
 
-pub async fn create_account(State(app): State<Arc<App>>, body: Bytes) -> Reply {
+pub async fn create_account(State(app): State<Arc<AdminState>>, body: Bytes) -> Reply {
     let req: NewAccount = parse_json(&body)?;
     app.accounts.create_account(&req.id, false).await?;
     tracing::info!(account = %req.id, "account created");
     Ok((StatusCode::CREATED, Json(account_view(&app, &req.id)?)))
 }
 
-pub async fn get_account(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
+pub async fn get_account(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {
     if app.config.storage.kind == StorageKind::Postgres {
         // Other replicas charge the account's packages without announcing
         // each success: read the durable counts before showing them. A
@@ -46,7 +46,7 @@ pub async fn get_account(State(app): State<Arc<App>>, Path(id): Path<String>) ->
     Ok((StatusCode::OK, Json(account_view(&app, &id)?)))
 }
 
-fn account_view(app: &App, id: &str) -> Result<Value, ApiError> {
+fn account_view(app: &AdminState, id: &str) -> Result<Value, ApiError> {
     let root = app
         .registry
         .root(id)
@@ -105,7 +105,7 @@ struct NewSubAccount {
 }
 
 pub async fn create_sub_account(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path(root_id): Path<String>,
     body: Bytes,
 ) -> Reply {
@@ -127,7 +127,7 @@ struct NewKey {
 }
 
 pub async fn issue_key(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path(root_id): Path<String>,
     body: Bytes,
 ) -> Reply {
@@ -156,7 +156,7 @@ pub async fn issue_key(
 }
 
 pub async fn revoke_key(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path(key_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     app.accounts.revoke_key(&key_id).await?;
@@ -164,7 +164,7 @@ pub async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn deactivate(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
+pub async fn deactivate(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {
     // Tasks already queued are refused too; running ones finish.
     app.accounts
         .set_status(&id, AccountStatus::Deactivated)
@@ -173,7 +173,7 @@ pub async fn deactivate(State(app): State<Arc<App>>, Path(id): Path<String>) -> 
     Ok((StatusCode::OK, Json(account_view(&app, &id)?)))
 }
 
-pub async fn activate(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
+pub async fn activate(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {
     app.accounts.set_status(&id, AccountStatus::Active).await?;
     tracing::info!(account = %id, "account activated");
     Ok((StatusCode::OK, Json(account_view(&app, &id)?)))

@@ -2,7 +2,7 @@
 //! top-ups, monthly usage and settlement.
 //!
 //! Each change is decided by the rules in `billing`, stored, and only then
-//! applied to memory; balance changes are serialized by `App::billing_admin`.
+//! applied to memory (see the billing service).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::app::App;
+use super::AdminState;
 use crate::billing::{self, Month, MonthReport, PackageKind, ResourcePackage, Standing};
 use crate::clock::rfc3339_millis;
 
@@ -23,12 +23,12 @@ use super::error::{ApiError, parse_json};
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
 /// 404 for an unknown account (read fresh from a shared store).
-async fn ensure_account(app: &App, id: &str) -> Result<(), ApiError> {
+async fn ensure_account(app: &AdminState, id: &str) -> Result<(), ApiError> {
     app.accounts.root(id).await?;
     Ok(())
 }
 
-pub fn package_view(app: &App, p: &ResourcePackage) -> Value {
+pub fn package_view(app: &AdminState, p: &ResourcePackage) -> Value {
     let refundable_until = (p.kind == PackageKind::Prepaid)
         .then(|| {
             billing::prepaid_refund_deadline(p, &app.tz)
@@ -51,7 +51,7 @@ pub fn package_view(app: &App, p: &ResourcePackage) -> Value {
 }
 
 /// The billing part of `GET /v1/accounts/{id}`.
-pub fn account_billing_view(app: &App, id: &str) -> Option<(Standing, Value)> {
+pub fn account_billing_view(app: &AdminState, id: &str) -> Option<(Standing, Value)> {
     let now = app.clock.now();
     app.billing.with(id, |b| {
         let standing = b.standing(now, app.billing.grace());
@@ -86,7 +86,7 @@ struct BuyPackage {
 }
 
 pub async fn buy_package(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Reply {
@@ -101,7 +101,7 @@ pub async fn buy_package(
 }
 
 pub async fn refund_package(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path((id, pkg_id)): Path<(String, String)>,
 ) -> Reply {
     ensure_account(&app, &id).await?;
@@ -110,7 +110,7 @@ pub async fn refund_package(
     Ok((StatusCode::OK, Json(package_view(&app, &pkg))))
 }
 
-pub async fn list_packages(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
+pub async fn list_packages(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {
     ensure_account(&app, &id).await?;
     let packages: Vec<Value> = app
         .billing
@@ -131,7 +131,7 @@ struct Postpaid {
 }
 
 pub async fn set_postpaid(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Reply {
@@ -151,7 +151,11 @@ struct TopUp {
     amount: Value,
 }
 
-pub async fn top_up(State(app): State<Arc<App>>, Path(id): Path<String>, body: Bytes) -> Reply {
+pub async fn top_up(
+    State(app): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply {
     ensure_account(&app, &id).await?;
     let req: TopUp = parse_json(&body)?;
     let amount = req
@@ -173,7 +177,7 @@ fn parse_month(s: Option<&str>) -> Result<Month, ApiError> {
 }
 
 pub async fn usage(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Reply {
@@ -209,7 +213,7 @@ struct Settle {
 
 /// Settles a month for every account (idempotent; see the billing
 /// service).
-pub async fn settle(State(app): State<Arc<App>>, body: Bytes) -> Reply {
+pub async fn settle(State(app): State<Arc<AdminState>>, body: Bytes) -> Reply {
     let req: Settle = parse_json(&body)?;
     let month = parse_month(Some(&req.month))?;
     let lines = app.billing_service.settle(month).await?;

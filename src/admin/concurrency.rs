@@ -9,7 +9,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::app::App;
+use super::AdminState;
 use crate::clock::rfc3339_millis;
 use crate::entitlements::{self, ConcurrencyPackage};
 
@@ -25,7 +25,7 @@ struct Purchase {
     start: String,
 }
 
-pub fn package_view(app: &App, p: &ConcurrencyPackage) -> Value {
+pub fn package_view(app: &AdminState, p: &ConcurrencyPackage) -> Value {
     let refundable_until = entitlements::refund_deadline(p, &app.tz)
         .map(|z| rfc3339_millis(z.timestamp()))
         .ok();
@@ -44,7 +44,7 @@ pub fn package_view(app: &App, p: &ConcurrencyPackage) -> Value {
 }
 
 pub async fn buy(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path(account): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -64,7 +64,7 @@ pub async fn buy(
 }
 
 pub async fn refund(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Path((account, id)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     app.accounts.root(&account).await?;

@@ -5,6 +5,7 @@ mod accounts;
 mod billing;
 mod concurrency;
 mod error;
+mod state;
 mod usage;
 
 use std::sync::Arc;
@@ -26,13 +27,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::{bearer_token, secrets_match};
-use crate::app::App;
 use crate::listen::Acceptor;
 use crate::store::StoreHealth;
 
 pub use error::ApiError;
+pub use state::AdminState;
 
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(app: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/accounts", post(accounts::create_account))
         .route("/accounts/{id}", get(accounts::get_account))
@@ -178,7 +179,7 @@ const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Serves the admin API on hyper directly (not `axum::serve`, which has no
 /// header-read or idle timeout): every connection is bounded in time by
 /// `admin.idle_timeout_ms` and in number by `admin.max_connections`.
-pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken) {
+pub async fn serve(app: Arc<AdminState>, listener: TcpListener, stop: CancellationToken) {
     let router = router(app.clone());
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
@@ -211,7 +212,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken
     }
 }
 
-async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+async fn require_token(State(app): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
     let expected = &app.config.admin.token;
     let presented = req
         .headers()
@@ -225,7 +226,7 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+async fn metrics(State(app): State<Arc<AdminState>>) -> Response {
     app.metrics.spooled_events.set(app.store.spooled() as i64);
     if let Some(coord) = &app.coordinator {
         app.metrics
@@ -246,7 +247,7 @@ const BACKEND_PROBE: std::time::Duration = std::time::Duration::from_millis(500)
 /// Tells a load balancer whether this replica can serve tasks now: not
 /// while stopping, not while its store can record nothing. A store that
 /// spools (PostgreSQL down) still serves tasks: ready, and says so.
-async fn readyz(State(app): State<Arc<App>>) -> Response {
+async fn readyz(State(app): State<Arc<AdminState>>) -> Response {
     let store = app.store.health();
     let (status, reason) = if app.stopping.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping")

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, header};
 use serde_json::value::RawValue;
 
-use crate::app::App;
+use super::AdminState;
 
 use super::error::ApiError;
 
@@ -23,7 +23,7 @@ struct Page<'a> {
 }
 
 pub async fn list(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<AdminState>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {

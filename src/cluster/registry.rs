@@ -30,20 +30,24 @@ impl Coordinator {
     }
 
     /// Takes the instance name. A live replica renews its entry every
-    /// quarter lease, so watching it for half a lease tells a live twin
-    /// (refused) from a predecessor killed without leaving (taken over;
-    /// its tickets expire with their leases, and carry another boot id).
+    /// quarter lease, so an entry that is renewed while we watch belongs to
+    /// a live twin (refused); one that lapses (the script drops entries past
+    /// their deadline) belonged to a predecessor killed without leaving, and
+    /// is taken. Watching until the entry lapses, not a fixed part of the
+    /// lease, means a twin whose heartbeat is merely late is never taken
+    /// over; a restart after a crash waits at most one lease for its name.
     pub(super) async fn claim_instance(&self) -> Result<(), ClusterError> {
         let first: i64 = self.instances_call("claim").await?;
         if first == 0 {
             return Ok(());
         }
         tracing::info!(instance = %self.instance, "a registry entry with this name is live: watching it");
-        let until = Instant::now() + self.lease / 2;
+        let until = Instant::now() + self.lease + Duration::from_secs(1);
         while Instant::now() < until {
             tokio::time::sleep(CLAIM_POLL).await;
             let seen: i64 = self.instances_call("claim").await?;
             if seen == 0 {
+                tracing::warn!(instance = %self.instance, "took over a registry entry nobody renewed");
                 return Ok(());
             }
             if seen != first {
@@ -52,9 +56,11 @@ impl Coordinator {
                 });
             }
         }
-        tracing::warn!(instance = %self.instance, "taking over a registry entry nobody renews");
-        self.instances_call::<i64>("take").await?;
-        Ok(())
+        // Neither renewed nor lapsed within a lease: only a clock jump on
+        // the Redis server does that. Refuse rather than guess.
+        Err(ClusterError::InstanceTaken {
+            instance: self.instance.clone(),
+        })
     }
 
     /// Renews this replica's entry; returns how many replicas are live.

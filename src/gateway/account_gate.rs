@@ -4,18 +4,18 @@
 //! is reserved from the free or prepaid packages (or postpaid), before the
 //! task queues, so concurrent tasks can never spend more than is left.
 
+use super::Gateway;
 use crate::accounts::{AccountStatus, Principal};
-use crate::app::App;
 use crate::billing::{Refusal, Reservation};
 
 use super::error::GatewayError;
 
-pub async fn check(app: &App, principal: &Principal) -> Result<Reservation, GatewayError> {
+pub async fn check(gw: &Gateway, principal: &Principal) -> Result<Reservation, GatewayError> {
     if principal.root.status() == AccountStatus::Deactivated {
         return Err(GatewayError::StopUsing);
     }
-    app.quota
-        .reserve(&principal.root.id, app.clock.now())
+    gw.quota
+        .reserve(&principal.root.id, gw.clock.now())
         .await
         .map_err(|r| match r {
             Refusal::InArrears => GatewayError::InArrears,

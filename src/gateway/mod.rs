@@ -8,6 +8,7 @@ pub mod error;
 mod pipeline;
 pub mod proxy;
 mod shared_stream;
+mod state;
 mod tally;
 
 use std::convert::Infallible;
@@ -21,14 +22,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
 use crate::listen::Acceptor;
 use client_gone::ConnWatch;
 use shared_stream::SharedStream;
+pub use state::Gateway;
 
 /// Serves until `stop` is cancelled, then lets open connections finish
 /// their current request within `grace`.
-pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken, grace: Duration) {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    grace: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -36,22 +42,22 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: CancellationToken
         // holds a connection: bound that. The same timer runs while a
         // keep-alive connection waits for its next request, so it is also
         // the idle timeout.
-        .header_read_timeout(Duration::from_millis(app.config.server.idle_timeout_ms));
+        .header_read_timeout(Duration::from_millis(gw.config.server.idle_timeout_ms));
     let mut acceptor = Acceptor::new(
         listener,
         "data",
-        app.config.server.max_connections,
-        &app.metrics,
+        gw.config.server.max_connections,
+        &gw.metrics,
     );
     while let Some((stream, slot)) = acceptor.next(&stop).await {
         let _ = stream.set_nodelay(true);
         let stream = Arc::new(stream);
         let watch = Arc::new(ConnWatch::new(stream.clone()));
-        let app = app.clone();
+        let gw = gw.clone();
         let service = service_fn(move |req| {
-            let app = app.clone();
+            let gw = gw.clone();
             let watch = watch.clone();
-            async move { Ok::<_, Infallible>(pipeline::handle(app, watch, req).await) }
+            async move { Ok::<_, Infallible>(pipeline::handle(gw, watch, req).await) }
         });
         let io = TokioIo::new(SharedStream(stream));
         let conn = graceful.watch(http.serve_connection(io, service));

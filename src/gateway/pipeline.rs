@@ -17,8 +17,8 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::Gateway;
 use crate::accounts::{Principal, bearer_token};
-use crate::app::App;
 use crate::billing::{Month, Reservation};
 use crate::limiter::{LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
@@ -38,7 +38,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 type TaskResult = Result<(Answer, Outcome), GatewayError>;
 
 pub async fn handle(
-    app: Arc<App>,
+    gw: Arc<Gateway>,
     conn: Arc<ConnWatch>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -50,8 +50,8 @@ pub async fn handle(
     let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());
     let mut queue_wait = Duration::ZERO;
     // Counted once: here, by the forwarded task, or on drop (hang-up).
-    let mut tally = Some(Tally::new(app.metrics.clone()));
-    let result = run(&app, &conn, req, &request_id, &mut queue_wait, &mut tally)
+    let mut tally = Some(Tally::new(gw.metrics.clone()));
+    let result = run(&gw, &conn, req, &request_id, &mut queue_wait, &mut tally)
         .instrument(span.clone())
         .await;
     let mut resp = match result {
@@ -79,20 +79,20 @@ pub async fn handle(
 }
 
 async fn run(
-    app: &Arc<App>,
+    gw: &Arc<Gateway>,
     conn: &ConnWatch,
     req: Request<Incoming>,
     request_id: &HeaderValue,
     queue_wait: &mut Duration,
     tally: &mut Option<Tally>,
 ) -> TaskResult {
-    check_task_shape(app, &req)?;
-    let (principal, revoked) = authenticate(app, &req)?;
-    check_declared_length(app, &req)?;
-    let wait_limit = queue_wait_limit(app, &req)?;
+    check_task_shape(gw, &req)?;
+    let (principal, revoked) = authenticate(gw, &req)?;
+    check_declared_length(gw, &req)?;
+    let wait_limit = queue_wait_limit(gw, &req)?;
     // Held until the task ends: dropped (unit given back) on every path but
     // a recorded success.
-    let reservation = account_gate::check(app, &principal).await?;
+    let reservation = account_gate::check(gw, &principal).await?;
 
     let ticket = Ticket {
         account: principal.root.id.clone(),
@@ -104,7 +104,7 @@ async fn run(
         }),
     };
     let queued_at = tokio::time::Instant::now();
-    let mut acquire = app.limiter.acquire(&ticket, queued_at + wait_limit);
+    let mut acquire = gw.limiter.acquire(&ticket, queued_at + wait_limit);
     let granted = match acquire.take_ready() {
         Some(decided) => decided,
         None => {
@@ -127,19 +127,19 @@ async fn run(
         // reservation are dropped, freeing the slot and the unit.
         return Err(GatewayError::Unauthorized);
     }
-    app.metrics
+    gw.metrics
         .queue_wait_seconds
         .observe(queue_wait.as_secs_f64());
 
     let task = Task {
-        app: app.clone(),
+        gw: gw.clone(),
         principal,
         request_id: request_id.clone(),
         queue_wait: *queue_wait,
         tally: tally.take(),
     };
     DetachOnDrop::new(
-        app.tasks.clone(),
+        gw.tasks.clone(),
         || Err(GatewayError::Internal),
         move |client_gone| task.run(req, permit, reservation, client_gone),
     )
@@ -157,7 +157,7 @@ fn limit_error(e: LimitError) -> GatewayError {
 }
 
 struct Task {
-    app: Arc<App>,
+    gw: Arc<Gateway>,
     principal: Principal,
     request_id: HeaderValue,
     queue_wait: Duration,
@@ -191,11 +191,11 @@ impl Task {
         reservation: Reservation,
         client_gone: Arc<AtomicBool>,
     ) -> TaskResult {
-        let app = &self.app;
+        let gw = &self.gw;
         let started = Instant::now();
         let answer = tokio::time::timeout(
-            Duration::from_millis(app.config.backend.timeout_ms),
-            app.backend.forward(req, &self.principal, &self.request_id),
+            Duration::from_millis(gw.config.backend.timeout_ms),
+            gw.backend.forward(req, &self.principal, &self.request_id),
         )
         .await;
         let upstream = started.elapsed();
@@ -203,24 +203,24 @@ impl Task {
         // on, before the usage event's fsync.
         permit.record_service_time(upstream);
         drop(permit);
-        app.metrics.upstream_seconds.observe(upstream.as_secs_f64());
+        gw.metrics.upstream_seconds.observe(upstream.as_secs_f64());
 
         let answer = match answer {
             Ok(result) => result?,
             Err(_elapsed) => return Err(GatewayError::BackendTimeout),
         };
-        if !answer.is_success(app.config.backend.success) {
+        if !answer.is_success(gw.config.backend.success) {
             return Ok((answer, Outcome::Failure));
         }
-        let now = app.clock.now();
-        let month = Month::of(now, &app.tz).to_string();
+        let now = gw.clock.now();
+        let month = Month::of(now, &gw.tz).to_string();
         let event = UsageEvent::new(
-            &app.config.server.instance,
+            &gw.config.server.instance,
             now,
             UsageData {
                 account: self.principal.root.id.to_string(),
                 sub_account: self.principal.sub.as_ref().map(|s| s.id.to_string()),
-                api: app.config.backend.api_name.clone(),
+                api: gw.config.backend.api_name.clone(),
                 units: 1,
                 request_id: self.request_id.to_str().unwrap_or_default().to_string(),
                 status: answer.status.as_u16(),
@@ -231,7 +231,7 @@ impl Task {
             },
         );
         let package = reservation.source().package_id().map(String::from);
-        match app.recorder.record(event, package, month).await {
+        match gw.recorder.record(event, package, month).await {
             Ok(_) => {
                 reservation.commit();
                 Ok((answer, Outcome::Success))
@@ -261,7 +261,7 @@ fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
 /// The key's principal, and a token cancelled if the key is revoked while
 /// the task waits.
 fn authenticate(
-    app: &App,
+    gw: &Gateway,
     req: &Request<Incoming>,
 ) -> Result<(Principal, CancellationToken), GatewayError> {
     let headers = req.headers();
@@ -272,7 +272,7 @@ fn authenticate(
         .or_else(|| headers.get(X_API_KEY).and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .ok_or(GatewayError::Unauthorized)?;
-    app.registry
+    gw.registry
         .authenticate_watched(presented)
         .ok_or(GatewayError::Unauthorized)
 }
@@ -281,9 +281,9 @@ fn authenticate(
 /// naming a path) with one of `backend.methods`. `OPTIONS *`, CONNECT
 /// (authority form), TRACE and upgrades are refused before anything is
 /// reserved.
-fn check_task_shape(app: &App, req: &Request<Incoming>) -> Result<(), GatewayError> {
+fn check_task_shape(gw: &Gateway, req: &Request<Incoming>) -> Result<(), GatewayError> {
     let method = req.method();
-    if !app
+    if !gw
         .config
         .backend
         .methods
@@ -307,7 +307,7 @@ fn check_task_shape(app: &App, req: &Request<Incoming>) -> Result<(), GatewayErr
 
 /// Refuses a body declared too large before the task takes a queue place;
 /// an undeclared (chunked) one is cut off while it streams.
-fn check_declared_length(app: &App, req: &Request<Incoming>) -> Result<(), GatewayError> {
+fn check_declared_length(gw: &Gateway, req: &Request<Incoming>) -> Result<(), GatewayError> {
     let Some(value) = req.headers().get(header::CONTENT_LENGTH) else {
         return Ok(());
     };
@@ -316,7 +316,7 @@ fn check_declared_length(app: &App, req: &Request<Incoming>) -> Result<(), Gatew
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?;
-    let limit = app.config.limits.max_body_bytes;
+    let limit = gw.config.limits.max_body_bytes;
     if len > limit {
         return Err(GatewayError::BodyTooLarge { limit });
     }
@@ -324,8 +324,8 @@ fn check_declared_length(app: &App, req: &Request<Incoming>) -> Result<(), Gatew
 }
 
 /// `limits.max_queue_wait_ms`, lowered by `X-Queue-Timeout-Ms` if sent.
-fn queue_wait_limit(app: &App, req: &Request<Incoming>) -> Result<Duration, GatewayError> {
-    let max = app.config.max_queue_wait();
+fn queue_wait_limit(gw: &Gateway, req: &Request<Incoming>) -> Result<Duration, GatewayError> {
+    let max = gw.config.max_queue_wait();
     let Some(value) = req.headers().get(X_QUEUE_TIMEOUT_MS) else {
         return Ok(max);
     };

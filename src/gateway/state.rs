@@ -1,0 +1,36 @@
+//! What the data plane holds: everything a task needs on its way through
+//! the gateway, and nothing the admin API alone uses.
+
+use std::sync::Arc;
+
+use jiff::tz::TimeZone;
+use tokio_util::task::TaskTracker;
+
+use crate::accounts::Registry;
+use crate::billing::Quota;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::limiter::Limiter;
+use crate::metrics::Metrics;
+use crate::usage::UsageRecorder;
+
+use super::proxy::Backend;
+
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    /// `billing.timezone`: a success's billing month is counted in it.
+    pub tz: TimeZone,
+    /// Keys → principals, kept in step with the store.
+    pub registry: Arc<Registry>,
+    /// Slots and queues: in process, or shared through Redis.
+    pub limiter: Arc<dyn Limiter>,
+    /// Where admission reserves a unit: in process, or shared through Redis.
+    pub quota: Arc<dyn Quota>,
+    pub recorder: UsageRecorder,
+    pub backend: Arc<Backend>,
+    pub metrics: Arc<Metrics>,
+    /// Forwarded tasks, which outlive their client connections; shutdown
+    /// waits for them.
+    pub tasks: TaskTracker,
+}
