@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use jiff::Timestamp;
 use jiff::civil::Date;
+use jiff::{RoundMode, Timestamp, TimestampRound, Unit};
 use rusqlite::{Connection, OpenFlags};
 use rust_decimal::Decimal;
 use tokio_postgres::types::ToSql;
@@ -84,7 +84,9 @@ pub enum MigrateError {
         #[source]
         source: StoreError,
     },
-    #[error("{table}: {read} rows read from SQLite but {stored} in PostgreSQL; nothing was committed")]
+    #[error(
+        "{table}: {read} rows read from SQLite but {stored} in PostgreSQL; nothing was committed"
+    )]
     CountMismatch {
         table: &'static str,
         read: u64,
@@ -248,9 +250,20 @@ impl From<rusqlite::Error> for ReadError {
     }
 }
 
+/// An RFC 3339 timestamp, cut to PostgreSQL's microseconds. Cut, not
+/// rounded (the driver would round): rounding could move a time into the
+/// next millisecond, and the API shows milliseconds, so a view would
+/// change across the move.
 fn ts(s: &str) -> Result<Timestamp, ReadError> {
-    s.parse()
-        .map_err(|e| ReadError::Value(format!("bad timestamp {s:?}: {e}")))
+    let t: Timestamp = s
+        .parse()
+        .map_err(|e| ReadError::Value(format!("bad timestamp {s:?}: {e}")))?;
+    t.round(
+        TimestampRound::new()
+            .smallest(Unit::Microsecond)
+            .mode(RoundMode::Trunc),
+    )
+    .map_err(|e| ReadError::Value(format!("timestamp {s:?}: {e}")))
 }
 
 fn opt_ts(s: Option<String>) -> Result<Option<Timestamp>, ReadError> {
@@ -273,9 +286,9 @@ struct Account {
 
 impl CopyRow for Account {
     const TABLE: &'static str = "accounts";
-    const SELECT: &'static str =
-        "SELECT id, status, created_at, postpaid, balance_usd, arrears_since FROM accounts ORDER BY id";
-    const INSERT: &'static str = "INSERT INTO accounts(id, status, created_at, postpaid, balance_usd, arrears_since)
+    const SELECT: &'static str = "SELECT id, status, created_at, postpaid, balance_usd, arrears_since FROM accounts ORDER BY id";
+    const INSERT: &'static str =
+        "INSERT INTO accounts(id, status, created_at, postpaid, balance_usd, arrears_since)
          VALUES ($1, $2, $3, $4, $5, $6)";
     fn read(r: &rusqlite::Row<'_>) -> Result<Self, ReadError> {
         Ok(Self {
@@ -343,7 +356,8 @@ impl CopyRow for ApiKey {
     const TABLE: &'static str = "api_keys";
     const SELECT: &'static str =
         "SELECT key_id, hash, root, sub, created_at, revoked_at FROM api_keys ORDER BY key_id";
-    const INSERT: &'static str = "INSERT INTO api_keys(key_id, hash, root, sub, created_at, revoked_at)
+    const INSERT: &'static str =
+        "INSERT INTO api_keys(key_id, hash, root, sub, created_at, revoked_at)
          VALUES ($1, $2, $3, $4, $5, $6)";
     fn read(r: &rusqlite::Row<'_>) -> Result<Self, ReadError> {
         let key_id: String = r.get(0)?;
@@ -391,7 +405,8 @@ struct ConcurrencyPackage {
 
 impl CopyRow for ConcurrencyPackage {
     const TABLE: &'static str = "concurrency_packages";
-    const SELECT: &'static str = "SELECT id, account, units, period, start_date, starts_at, ends_at, price_usd,
+    const SELECT: &'static str =
+        "SELECT id, account, units, period, start_date, starts_at, ends_at, price_usd,
          bought_at, refunded_at FROM concurrency_packages ORDER BY id";
     const INSERT: &'static str = "INSERT INTO concurrency_packages
          (id, account, units, period, start_date, starts_at, ends_at, price_usd, bought_at, refunded_at)
@@ -443,7 +458,8 @@ struct ResourcePackage {
 
 impl CopyRow for ResourcePackage {
     const TABLE: &'static str = "resource_packages";
-    const SELECT: &'static str = "SELECT id, account, kind, size, used, effective_at, expires_at, price_usd,
+    const SELECT: &'static str =
+        "SELECT id, account, kind, size, used, effective_at, expires_at, price_usd,
          refunded_at FROM resource_packages ORDER BY id";
     const INSERT: &'static str = "INSERT INTO resource_packages
          (id, account, kind, size, used, effective_at, expires_at, price_usd, refunded_at)
@@ -491,7 +507,8 @@ impl CopyRow for UsageEvent {
     // In seq order: the cursor order on PostgreSQL is the old one.
     const SELECT: &'static str =
         "SELECT seq, id, account, time, charged_to, json FROM usage_events ORDER BY seq";
-    const INSERT: &'static str = "INSERT INTO usage_events(seq, id, account, time, charged_to, json)
+    const INSERT: &'static str =
+        "INSERT INTO usage_events(seq, id, account, time, charged_to, json)
          VALUES ($1, $2, $3, $4, $5, $6)";
     fn read(r: &rusqlite::Row<'_>) -> Result<Self, ReadError> {
         Ok(Self {
@@ -553,7 +570,8 @@ struct Settlement {
 
 impl CopyRow for Settlement {
     const TABLE: &'static str = "settlements";
-    const SELECT: &'static str = "SELECT account, month, calls, postpaid_units, unit_price_usd, amount_usd, settled_at
+    const SELECT: &'static str =
+        "SELECT account, month, calls, postpaid_units, unit_price_usd, amount_usd, settled_at
          FROM settlements ORDER BY account, month";
     const INSERT: &'static str = "INSERT INTO settlements
          (account, month, calls, postpaid_units, unit_price_usd, amount_usd, settled_at)
@@ -594,9 +612,11 @@ struct LedgerEntry {
 
 impl CopyRow for LedgerEntry {
     const TABLE: &'static str = "ledger";
-    const SELECT: &'static str = "SELECT seq, account, kind, amount_usd, balance_after_usd, memo, at
+    const SELECT: &'static str =
+        "SELECT seq, account, kind, amount_usd, balance_after_usd, memo, at
          FROM ledger ORDER BY seq";
-    const INSERT: &'static str = "INSERT INTO ledger(seq, account, kind, amount_usd, balance_after_usd, memo, at)
+    const INSERT: &'static str =
+        "INSERT INTO ledger(seq, account, kind, amount_usd, balance_after_usd, memo, at)
          VALUES ($1, $2, $3, $4, $5, $6, $7)";
     fn read(r: &rusqlite::Row<'_>) -> Result<Self, ReadError> {
         Ok(Self {
@@ -910,6 +930,15 @@ mod tests {
             let p = plan(&args(&from, t)).unwrap();
             assert!(!p.shown.contains("pw"), "{}", p.shown);
         }
+    }
+
+    #[test]
+    fn timestamps_are_cut_to_microseconds_never_rounded_up() {
+        let Ok(t) = ts("2026-03-01T12:00:00.123999999Z") else {
+            panic!("a valid timestamp");
+        };
+        assert_eq!(t.to_string(), "2026-03-01T12:00:00.123999Z");
+        assert!(ts("yesterday").is_err());
     }
 
     #[test]
