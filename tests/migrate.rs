@@ -44,7 +44,7 @@ fn with_password(url: &str) -> String {
 /// What the operator sees of the accounts: views, packages, month usage.
 async fn durable_state(admin: &Admin<'_>, month: &str) -> Value {
     let mut out = serde_json::Map::new();
-    for id in ["acme", "beta"] {
+    for id in ["acme", "beta", "gamma"] {
         let view = admin.wait_idle(id).await;
         let packages = admin
             .call(
@@ -123,6 +123,12 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
             assert_eq!(stack.task(&beta_key, &[]).await.status, StatusCode::OK);
         }
     }
+    // Postpaid past the free units, then settled: a settlement, a negative
+    // balance and an arrears date to move.
+    let gamma_key = stack.account_with_key("gamma").await;
+    for _ in 0..52 {
+        assert_eq!(stack.task(&gamma_key, &[]).await.status, StatusCode::OK);
+    }
     let month = jiff::Timestamp::now().strftime("%Y-%m").to_string();
     admin_ok(
         &admin,
@@ -141,8 +147,12 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         .map(|p| p["used"].as_u64().unwrap())
         .collect();
     assert!(used.contains(&50) && used.contains(&3), "{used:?}");
+    let gamma = &before["gamma"];
+    assert_eq!(gamma["view"]["balance_usd"], "-0.16", "{gamma}");
+    assert!(gamma["view"]["arrears"]["since"].is_string(), "{gamma}");
+    assert_eq!(gamma["usage"]["settled_usd"], "0.16", "{gamma}");
     let events = admin.all_events().await;
-    assert_eq!(events.len(), 59);
+    assert_eq!(events.len(), 111);
     let event_ids: Vec<Value> = events.iter().map(|e| e["id"].clone()).collect();
     let last_cursor = admin
         .call(Method::GET, "/v1/usage-events?limit=1000", None)
@@ -195,9 +205,11 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|n| n.parse::<u64>().ok())
     };
-    assert_eq!(rows("accounts"), Some(2), "{shown}");
-    assert_eq!(rows("api_keys"), Some(4), "revoked one too: {shown}");
-    assert_eq!(rows("usage_events"), Some(59), "{shown}");
+    assert_eq!(rows("accounts"), Some(3), "{shown}");
+    assert_eq!(rows("api_keys"), Some(5), "revoked one too: {shown}");
+    assert_eq!(rows("settlements"), Some(1), "{shown}");
+    assert_eq!(rows("ledger"), Some(2), "a top-up, a settlement: {shown}");
+    assert_eq!(rows("usage_events"), Some(111), "{shown}");
     assert!(shown.contains("usage/*.jsonl"), "{shown}");
     assert_eq!(
         db.query_i64("SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL")
@@ -239,7 +251,7 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         last_cursor,
         "a consumer's cursor stays valid"
     );
-    for key in [&root_key, &sub_key, &beta_key] {
+    for key in [&root_key, &sub_key, &beta_key, &gamma_key] {
         assert_eq!(stack.task(key, &[]).await.status, StatusCode::OK);
     }
     assert_eq!(
@@ -254,9 +266,9 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         )
         .await
         .json();
-    assert_eq!(page["events"].as_array().unwrap().len(), 3, "{page}");
-    let exported = common::wait_for_jsonl(&stack.gw.data_dir, 62).await;
-    assert_eq!(exported.len(), 62, "each event exported once");
+    assert_eq!(page["events"].as_array().unwrap().len(), 4, "{page}");
+    let exported = common::wait_for_jsonl(&stack.gw.data_dir, 115).await;
+    assert_eq!(exported.len(), 115, "each event exported once");
 
     // Never into a database that holds data.
     stack.gw.proc.sigterm_and_wait(Duration::from_secs(15));
@@ -267,7 +279,7 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("already holds data"), "{}", text(&out));
     assert!(!text(&out).contains("s3cret-pw"), "{}", text(&out));
-    assert_eq!(db.query_i64("SELECT count(*) FROM usage_events").await, 62);
+    assert_eq!(db.query_i64("SELECT count(*) FROM usage_events").await, 115);
 }
 
 #[test]
@@ -288,5 +300,25 @@ fn bad_arguments_and_a_missing_source_are_refused() {
         text(&out).contains("no tollgate database"),
         "{}",
         text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_nodes_data_moves_whole() {
+    let mut stack = Stack::start(Opts::default());
+    let key = stack.account_with_key("acme").await;
+    for _ in 0..20 {
+        assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
+    }
+    // kill -9: the WAL may hold commits not yet checkpointed into the file.
+    stack.gw.proc.kill9();
+    let db = pg::TestDb::create().await;
+    let out = migrate(&from(&stack.gw.data_dir), &format!("postgres:{}", db.url));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(db.query_i64("SELECT count(*) FROM usage_events").await, 20);
+    assert_eq!(
+        db.query_i64("SELECT used FROM resource_packages WHERE kind = 'free'")
+            .await,
+        20
     );
 }
