@@ -12,8 +12,12 @@
 //! sequence is set past the largest: a `next` cursor a consumer got from
 //! the single node, and the JSON Lines export's `usage.cursor`, stay valid
 //! on the cluster, so nothing is missed or read twice. The ledger keeps its
-//! numbers the same way. The JSON Lines files (`<data_dir>/usage/*.jsonl`)
-//! are not part of the database and stay where they are.
+//! numbers the same way. (Letting PostgreSQL number them afresh would
+//! keep the order too, but would turn every saved cursor into a wrong one.)
+//! Timestamps are cut to PostgreSQL's microseconds; decimals keep their
+//! scale; SQLite's 0/1 become booleans. The JSON Lines files
+//! (`<data_dir>/usage/*.jsonl`) are not part of the database and stay where
+//! they are.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
