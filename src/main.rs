@@ -1,5 +1,6 @@
 //! The `tollgate` binary: `serve` (the gateway), `loadgen` (the load
-//! generator) and `simulate` (the backend double).
+//! generator), `simulate` (the backend double) and `migrate` (a single
+//! node's SQLite data into PostgreSQL).
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
@@ -48,6 +49,9 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         failure_rate: f64,
     },
+    /// Copy a stopped single node's SQLite data into an empty PostgreSQL
+    /// database (before running several replicas).
+    Migrate(tollgate::store::migrate::MigrateArgs),
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -117,6 +121,19 @@ fn main() -> ExitCode {
                 print!("{}", report.to_text());
             }
             ExitCode::SUCCESS
+        }
+        Command::Migrate(args) => {
+            init_logging(LogFormat::Text, "warn");
+            match runtime.block_on(tollgate::store::migrate::run(&args)) {
+                Ok(summary) => {
+                    print!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate migrate: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
         }
         Command::Simulate {
             listen,

@@ -7,6 +7,7 @@
 //! SQLite one (one node) and PostgreSQL (many replicas sharing one
 //! database, SPEC §8); [`open`] picks one from the config.
 
+pub mod migrate;
 mod postgres;
 mod sqlite;
 

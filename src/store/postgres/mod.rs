@@ -13,6 +13,9 @@ mod schema;
 mod spool;
 mod writer;
 
+// For `tollgate migrate` (`store::migrate`): the same schema, the same locks.
+pub(super) use schema::migrate as migrate_schema;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,8 +37,8 @@ use super::{
 /// Advisory lock keys (`pg_advisory_xact_lock`), one per thing serialized
 /// across replicas. "tollgate" in ASCII, then a number.
 const LOCK_MIGRATIONS: i64 = 0x746f_6c6c_6761_0001;
-const LOCK_EVENTS: i64 = 0x746f_6c6c_6761_0002;
-const LOCK_CHANGES: i64 = 0x746f_6c6c_6761_0003;
+pub(super) const LOCK_EVENTS: i64 = 0x746f_6c6c_6761_0002;
+pub(super) const LOCK_CHANGES: i64 = 0x746f_6c6c_6761_0003;
 
 /// How long the writer spools without trying PostgreSQL after a failure.
 const DOWN_BACKOFF: Duration = Duration::from_millis(500);

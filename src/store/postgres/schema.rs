@@ -2,8 +2,6 @@
 //! an advisory lock, so replicas starting at once apply each migration once
 //! and none starts on a half-made schema.
 
-use deadpool_postgres::Client;
-
 use super::super::StoreError;
 use super::{LOCK_MIGRATIONS, pg_error};
 
@@ -109,7 +107,11 @@ CREATE TABLE changes (
 
 const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
 
-pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+/// Applies the migrations not applied yet. Also what `tollgate migrate`
+/// runs before it copies a single node's data, so both make one schema.
+pub(in crate::store) async fn migrate(
+    client: &mut tokio_postgres::Client,
+) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(pg_error)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_MIGRATIONS])
         .await
