@@ -177,7 +177,12 @@ async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
             .send(
                 method.clone(),
                 &format!("{}{path}", stack.gw.admin),
-                &[("authorization", &auth)],
+                // Declared JSON: what is checked here is the content (an
+                // undeclared body is a 415, see tests/hardening.rs).
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
                 body.unwrap_or("").to_string(),
             )
             .await;
