@@ -33,6 +33,7 @@ SIM=$(grep -o 'http://[0-9.:]*' "$work/sim.out")
 cat >"$work/gw.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
+max_connections = 20000
 [admin]
 listen = "127.0.0.1:0"
 token = "$TOKEN"
@@ -52,7 +53,7 @@ wait_for_lines "$work/gw.out" 2
 GW=$(grep 'data plane' "$work/gw.out" | grep -o 'http://[0-9.:]*')
 ADMIN=$(grep 'admin' "$work/gw.out" | grep -o 'http://[0-9.:]*')
 
-auth=(-H "Authorization: Bearer $TOKEN")
+auth=(-H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json")
 new_account() { # id -> prints its key
   curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts" -d "{\"id\":\"$1\"}" >/dev/null
   curl -sf "${auth[@]}" -X PUT "$ADMIN/v1/accounts/$1/postpaid" -d '{"enabled":true}' >/dev/null

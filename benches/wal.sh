@@ -16,7 +16,7 @@ ACCOUNTS=${2:-100}
 CREATE=${ACCOUNTS_CREATE:-10000}
 BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
 TOKEN=bench-admin-token-0123456789
-cargo build --release --quiet --bin tollgate
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --bin tollgate
 work=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
@@ -71,7 +71,7 @@ OK=$(python3 -c "import json; r=json.load(open('$work/load.json')); print(r['ok_
 LAT=$(python3 -c "import json; l=json.load(open('$work/load.json'))['latency_ms']; print('p50 %.1f / p99 %.1f / p99.9 %.1f / max %.1f ms' % (l['p50'], l['p99'], l['p999'], l['max']))")
 LOAD_PEAK=$(peak "$work/load.samples")
 RESTARTS=$(grep -c 'WAL restart checkpoint' "$work/gw.err" || true)
-HOLD=$(grep 'WAL restart checkpoint' "$work/gw.err" | grep -o 'took_ms=[0-9]*' | cut -d= -f2 | sort -n |
+HOLD=$( { grep 'WAL restart checkpoint' "$work/gw.err" || true; } | { grep -o 'took_ms=[0-9]*' || true; } | cut -d= -f2 | sort -n |
   awk '{a[NR]=$1} END { if (NR) printf "p50 %d ms, max %d ms", a[int((NR+1)/2)], a[NR]; else print "none" }')
 
 echo "2/3 after the load: waiting for the WAL to empty" >&2

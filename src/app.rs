@@ -302,7 +302,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.admin.clone(), admin, stop.clone()));
     tokio::spawn(app.schedule.clone().run(stop.clone()));
-    tokio::spawn(app.accounts.clone().follow_changes(stop.clone()));
+    if config.storage.kind == StorageKind::Postgres {
+        // Other replicas change the shared store: follow them. A single
+        // node's memory is changed by its own admin calls only, after
+        // each commit; re-reading its own changes could only race them.
+        tokio::spawn(app.accounts.clone().follow_changes(stop.clone()));
+    }
     let data_task = tokio::spawn(crate::gateway::serve(
         app.gateway.clone(),
         data,

@@ -177,8 +177,8 @@ async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
             .send(
                 method.clone(),
                 &format!("{}{path}", stack.gw.admin),
-                // Sent as JSON, as the API requires: what is asserted is
-                // how each bad value is refused.
+                // Declared JSON: what is checked here is the content (an
+                // undeclared body is a 415, see tests/hardening.rs).
                 &[
                     ("authorization", &auth),
                     ("content-type", "application/json"),

@@ -839,3 +839,107 @@ async fn the_wal_is_truncated_once_the_load_stops() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The issue's reproduction: with 256 descriptors, 300 idle admin
+/// connections used to stop the data plane from accepting anything. Now the
+/// admin's own cap keeps it from taking them all; and when the data plane
+/// itself runs out, it backs off and warns at most once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_neither_starves_the_data_plane_nor_floods_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::Simulator::start();
+    let gw = common::Gateway::start_via(
+        dir.path(),
+        &sim.url,
+        &Opts::default(),
+        &["prlimit", "--nofile=256:256"],
+    );
+    let http = Http::new();
+    let admin = common::Admin {
+        http: &http,
+        base: &gw.admin,
+    };
+    admin.create_account("acme").await;
+    let key = admin.issue_key("acme", None).await.1;
+    let task = |key: String, url: String| async move {
+        // A fresh client: a new connection the gateway must accept.
+        let client = common::TaskClient {
+            http: Http::new(),
+            url,
+        };
+        tokio::time::timeout(Duration::from_secs(5), client.task(&key, &[]))
+            .await
+            .map(|r| r.status)
+    };
+
+    let admin_addr = gw.admin.trim_start_matches("http://").to_string();
+    let mut idle_admin = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = TcpStream::connect(&admin_addr).await {
+            idle_admin.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            task(key.clone(), gw.url.clone()).await,
+            Ok(StatusCode::OK),
+            "the data plane stopped accepting while the admin was flooded"
+        );
+    }
+    drop(idle_admin);
+
+    // Now exhaust the descriptors through the data plane itself.
+    let data_addr = gw.url.trim_start_matches("http://").to_string();
+    let mut idle_data = Vec::new();
+    for _ in 0..400 {
+        // Once the gateway is out of descriptors it stops accepting, the
+        // kernel's backlog fills, and a connect waits for SYN retries.
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(&data_addr)).await
+        {
+            Ok(Ok(s)) => idle_data.push(s),
+            _ => break,
+        }
+    }
+    let warnings = || {
+        gw.proc
+            .logs()
+            .lines()
+            .filter(|l| l.contains("accept failed"))
+            .count()
+    };
+    // Out of descriptors for a while: the gateway keeps failing to accept.
+    let before = warnings();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let during = warnings() - before;
+    assert!(
+        during <= 4,
+        "{during} accept warnings in 3 s out of descriptors (at most one a second):\n{}",
+        gw.proc.logs()
+    );
+    assert!(
+        warnings() >= 1,
+        "running out of descriptors was never logged"
+    );
+    drop(idle_data);
+    // Descriptors back: both listeners serve again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if task(key.clone(), gw.url.clone()).await == Ok(StatusCode::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the data plane never recovered");
+    }
+    let errors = metric(
+        &Http::new(),
+        &gw.admin,
+        r#"tollgate_accept_errors_total{listener="data"}"#,
+    )
+    .await;
+    assert!(errors > 0.0, "accept errors were not counted");
+    let logs = gw.proc.logs();
+    assert!(
+        logs.contains("suppressed"),
+        "no count of held-back warnings"
+    );
+}

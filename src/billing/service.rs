@@ -20,7 +20,7 @@ use crate::store::{MonthUsage, SettlementLine, Store, StoreError, Write, commit}
 
 /// How often a balance change is recomputed after another replica's
 /// change got there first.
-const BALANCE_RETRIES: u32 = 5;
+const BALANCE_RETRIES: u32 = 20;
 
 use super::{
     Accounts, Bill, Month, PackageKind, ResourcePackage, bill, check_prepaid_refund, prepaid_price,
@@ -33,6 +33,13 @@ pub struct MonthReport {
     pub usage: MonthUsage,
     pub bill: Bill,
     pub settled: Option<Decimal>,
+}
+
+/// A short random pause before recomputing a balance change that lost to
+/// another replica's, so replicas retrying together spread out.
+async fn contention_pause() {
+    let ms = rand::random_range(1..20);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
 }
 
 pub struct BillingService {
@@ -105,7 +112,12 @@ impl BillingService {
             Write::CreateResourcePackage(Box::new(pkg.clone())),
         )
         .await?;
-        self.billing.with(account, |b| b.packages.push(pkg.clone()));
+        // The change feed may have brought it in already.
+        self.billing.with(account, |b| {
+            if !b.packages.iter().any(|p| p.id == pkg.id) {
+                b.packages.push(pkg.clone())
+            }
+        });
         Ok(pkg)
     }
 
@@ -201,6 +213,7 @@ impl BillingService {
                 }
                 Err(StoreError::Conflict(_)) if attempt < BALANCE_RETRIES => {
                     attempt += 1;
+                    contention_pause().await;
                     self.accounts.refresh(account).await?;
                 }
                 Err(e) => return Err(e.into()),
@@ -274,6 +287,7 @@ impl BillingService {
                 // replica): read those accounts again and recompute.
                 Err(StoreError::Conflict(_)) if attempt < BALANCE_RETRIES => {
                     attempt += 1;
+                    contention_pause().await;
                     for l in &lines {
                         self.accounts.refresh(&l.account).await?;
                     }

@@ -34,8 +34,11 @@ impl Book {
         }
     }
 
+    /// Adds a package, or replaces the one with its id (the change feed
+    /// may deliver a package this replica has just added itself).
     pub fn insert(&mut self, pkg: ConcurrencyPackage) {
         let list = self.by_account.entry(pkg.account.clone()).or_default();
+        list.retain(|p| p.id != pkg.id);
         list.push(pkg);
         list.sort_by_key(|p| (p.starts_at, p.id.clone()));
     }

@@ -29,7 +29,25 @@ impl Proc {
     /// Starts `args`, waits for a stdout line containing `marker`, returns
     /// the process and every `http://` address printed until then.
     fn spawn(args: &[&str], env: &[(&str, String)], markers: usize) -> (Self, Vec<String>) {
-        let mut cmd = Command::new(BIN);
+        Self::spawn_via(&[], args, env, markers)
+    }
+
+    /// Like `spawn`, run through `prefix` (a program that execs the rest,
+    /// such as `prlimit --nofile=256`), if not empty.
+    fn spawn_via(
+        prefix: &[&str],
+        args: &[&str],
+        env: &[(&str, String)],
+        markers: usize,
+    ) -> (Self, Vec<String>) {
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -166,6 +184,12 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(dir: &Path, backend: &str, opts: &Opts) -> Self {
+        Self::start_via(dir, backend, opts, &[])
+    }
+
+    /// Like `start`, with the gateway run through `prefix` (e.g.
+    /// `["prlimit", "--nofile=256:256"]`).
+    pub fn start_via(dir: &Path, backend: &str, opts: &Opts, prefix: &[&str]) -> Self {
         let data_dir = dir.join("data");
         let config_path = dir.join("tollgate.toml");
         let toml = format!(
@@ -195,7 +219,7 @@ enabled = false
             opts.extra_toml
         );
         std::fs::write(&config_path, toml).unwrap();
-        Self::start_with_config(&config_path, &data_dir, opts)
+        Self::start_with_config_via(&config_path, &data_dir, opts, prefix)
     }
 
     /// `tollgate serve` with no config file: the embedded defaults (the
@@ -225,7 +249,17 @@ enabled = false
     }
 
     fn start_with_config(config_path: &Path, data_dir: &Path, opts: &Opts) -> Self {
-        let (proc, addrs) = Proc::spawn(
+        Self::start_with_config_via(config_path, data_dir, opts, &[])
+    }
+
+    fn start_with_config_via(
+        config_path: &Path,
+        data_dir: &Path,
+        opts: &Opts,
+        prefix: &[&str],
+    ) -> Self {
+        let (proc, addrs) = Proc::spawn_via(
+            prefix,
             &["serve", "--config", config_path.to_str().unwrap()],
             &opts.env,
             2,
