@@ -135,6 +135,7 @@ measured() { # name: Redis snapshots and machine CPU around a load run
 }
 
 echo "setup: simulator, private Redis :$RPORT, database $DB, gateways" >&2
+measured baseline sleep "$SECS" # Redis's own idle CPU, nobody connected
 start_gw single "$BIN"
 start_gw gw-a "$BIN" cluster
 accounts single "${ADMIN[single]}"
@@ -157,6 +158,22 @@ RATE=$(( MAX / 2 ))
 
 echo "2/5 heartbeat alone: ${SECS}s idle, one replica" >&2
 measured idle sleep "$SECS"
+
+# Which script each call was: MONITOR during a short prepaid run (not
+# measured otherwise: MONITOR costs Redis CPU), calls counted by SHA1.
+L=src/cluster/lua
+{
+  for f in acquire leave refuse set_limit pool_beat; do echo "$(cat $L/pool.lua $L/$f.lua | sha1sum | cut -c1-40) $f"; done
+  for f in reserve settle quota_beat; do echo "$(cat $L/quota.lua $L/$f.lua | sha1sum | cut -c1-40) $f"; done
+  echo "$(sha1sum <$L/instances.lua | cut -c1-40) instances"
+} >"$work/shas.txt"
+redis-cli -p "$RPORT" monitor >"$work/monitor.txt" &
+MON=$!
+sleep 0.2
+lg attr "${GW[gw-a]}" "$work/keys-pre.txt" --connections 32 --duration 2s
+sleep 0.2
+kill "$MON" 2>/dev/null || true
+wait "$MON" 2>/dev/null || true
 
 echo "3/5 latency at $RATE req/s (50 % of (b)), open loop" >&2
 lg lat-sim "$SIM" "$work/keys-single.txt" --rate "$RATE" --duration "${SECS}s"
@@ -231,10 +248,16 @@ def redis(name, tasks):
                        "calls_per_task": calls / tasks if tasks else None,
                        "usec_per_task": usec / tasks if tasks else None}
     cpu_us = (ca - cb) * 1e6
+    top = [k for k in cmds if k in TOP]
+    per = lambda f: sum(cmds[k][f] for k in top) / tasks if tasks else None
     return {"tasks": tasks, "commands": cmds,
-            "calls_per_task": sum(c["calls"] for c in cmds.values()) / tasks if tasks else None,
-            "script_usec_per_task": sum(c["usec"] for c in cmds.values()) / tasks if tasks else None,
+            # What replicas send: scripts (and, rarely, SUBSCRIBE/PING); the
+            # rest ran inside the scripts, and their time is in the script's.
+            "round_trips_per_task": per("calls"),
+            "script_usec_per_task": per("usec"),
+            "inner_calls_per_task": sum(c["calls"] for k, c in cmds.items() if k not in TOP) / tasks if tasks else None,
             "server_cpu_us": cpu_us, "server_cpu_us_per_task": cpu_us / tasks if tasks else None}
+TOP = {"evalsha", "eval", "script|load", "script", "subscribe", "ping", "hello", "client|setinfo", "client|setname", "select"}
 def machine_cpu(name):
     t0, i0, t1, i1 = map(int, open(f"{work}/cpu-{name}.txt").read().split())
     return 1 - (i1 - i0) / (t1 - t0)
@@ -263,10 +286,26 @@ res["events_two"] = {"events": e1 - e0, "ok": tp["c_two"]["ok"], "events_per_s":
 lat = {k: row(load(n)) for k, n in [("simulator", "lat-sim"), ("a_single", "lat-single"), ("b_cluster", "lat-cluster")]}
 res["latency"] = {"rate": rate, **lat}
 res["redis"]["b_open_loop"] = redis("lat-cluster", load("lat-cluster")["requests"])
-idle = redis("idle", 1)
-res["heartbeat_idle"] = {"seconds": secs, "calls_per_s": idle["calls_per_task"] / secs,
+idle, base = redis("idle", 1), redis("baseline", 1)
+res["redis_baseline_cpu_us_per_s"] = base["server_cpu_us"] / secs
+res["heartbeat_idle"] = {"seconds": secs, "scripts_per_s": idle["round_trips_per_task"] / secs,
                          "script_usec_per_s": idle["script_usec_per_task"] / secs,
-                         "server_cpu_us_per_s": idle["server_cpu_us"] / secs, "commands": idle["commands"]}
+                         "server_cpu_us_per_s": idle["server_cpu_us"] / secs,
+                         "server_cpu_us_per_s_over_baseline": (idle["server_cpu_us"] - base["server_cpu_us"]) / secs,
+                         "commands": idle["commands"]}
+shas = dict(l.split() for l in open(f"{work}/shas.txt"))
+attr, inner, attr_tasks = {}, {}, load("attr")["requests"]
+for line in open(f"{work}/monitor.txt", errors="replace"):
+    parts = line.split('"')
+    if len(parts) < 2:
+        continue
+    cmd = parts[1].lower()
+    if "[0 lua]" in parts[0]:
+        inner[cmd] = inner.get(cmd, 0) + 1
+        continue
+    key = f"{cmd} {shas.get(parts[3], parts[3][:12])}" if cmd == "evalsha" and len(parts) > 3 else cmd
+    attr[key] = attr.get(key, 0) + 1
+res["attribution_prepaid"] = {"tasks": attr_tasks, "sent": attr, "inside_scripts": inner}
 try:
     est = json.load(open(f"{work}/recorder-pg.json"))
     ns = est["mean"]["point_estimate"]
@@ -316,16 +355,21 @@ md.append(f"\nShared path added over the local limiter at {rate} req/s: p50 **{b
           f"p99 **{b['p99_ms'] - a['p99_ms']:+.2f} ms** (over the simulator straight: single node {a['p50_ms'] - s['p50_ms']:+.2f} / "
           f"{a['p99_ms'] - s['p99_ms']:+.2f}, cluster {b['p50_ms'] - s['p50_ms']:+.2f} / {b['p99_ms'] - s['p99_ms']:+.2f}).\n")
 md.append("### Redis per task (private redis-server, INFO commandstats and INFO cpu before/after)\n")
-md.append("| run | tasks | commands per task | script µs per task | Redis CPU µs per task (user+sys) | per command: calls per task, µs per task |")
-md.append("|---|---:|---:|---:|---:|---|")
+md.append("| run | tasks | round trips (scripts) per task | script µs per task | Redis CPU µs per task (user+sys) | commands run inside the scripts per task |")
+md.append("|---|---:|---:|---:|---:|---:|")
 for k, label in [("b_cluster", "(b) closed loop"), ("b_prepaid", "(b') closed loop, prepaid"), ("c_two", "(c) two replicas"),
                  ("b_open_loop", f"(b) open loop {rate}/s")]:
     r = res["redis"][k]
-    per = ", ".join(f"{n} {v['calls_per_task']:.3f} / {v['usec_per_task']:.2f}" for n, v in sorted(r["commands"].items()))
-    md.append(f"| {label} | {r['tasks']} | {r['calls_per_task']:.3f} | {r['script_usec_per_task']:.2f} | {r['server_cpu_us_per_task']:.2f} | {per} |")
+    md.append(f"| {label} | {r['tasks']} | {r['round_trips_per_task']:.3f} | {r['script_usec_per_task']:.2f} | {r['server_cpu_us_per_task']:.2f} | {r['inner_calls_per_task']:.1f} |")
 h = res["heartbeat_idle"]
-md.append(f"\nIdle replica (heartbeat only, {secs} s): {h['calls_per_s']:.2f} commands/s, {h['script_usec_per_s']:.1f} µs script "
-          f"and {h['server_cpu_us_per_s']:.0f} µs Redis CPU per second ({', '.join(n + ' ' + str(v['calls']) for n, v in h['commands'].items())}).\n")
+md.append(f"\nRound trips are the scripts replicas send (EVALSHA); a script's µs (commandstats) include the commands it runs. "
+          f"Redis CPU includes its own networking and housekeeping (idle, nobody connected: {res['redis_baseline_cpu_us_per_s']:.0f} µs/s).\n")
+md.append(f"Idle replica, {secs} s after the last load (heartbeat only; pools used in the last 4 leases are still beaten): "
+          f"{h['scripts_per_s']:.2f} scripts/s, {h['script_usec_per_s']:.1f} µs script time/s, "
+          f"{h['server_cpu_us_per_s_over_baseline']:.0f} µs/s Redis CPU over the idle baseline.\n")
+md.append(f"Per script, from MONITOR during a separate 2 s prepaid run ({attr_tasks} tasks; MONITOR's own cost makes this run's "
+          "throughput meaningless), sent per task: " + ", ".join(f"{k} {v / attr_tasks:.3f}" for k, v in sorted(attr.items()))
+          + "; run inside the scripts per task: " + ", ".join(f"{k} {v / attr_tasks:.2f}" for k, v in sorted(inner.items())) + ".\n")
 pg = res["postgres_recorder"]
 md.append("### PostgreSQL group commit\n")
 if pg:
