@@ -208,13 +208,20 @@ fi
 
 if [ -n "${OLD_BIN:-}" ]; then
   echo "+ single node, old ($OLD_BIN) against new, interleaved, 3 rounds" >&2
-  kill "${PID[gw-b]}" "${PID[gw-a]}" 2>/dev/null || true
+  # Both fresh (same data size), started together, order alternated.
+  kill "${PID[gw-b]}" "${PID[gw-a]}" "${PID[single]}" 2>/dev/null || true
   start_gw old "$OLD_BIN"
+  start_gw new "$BIN"
   accounts old "${ADMIN[old]}"
+  accounts new "${ADMIN[new]}"
   lg warm-old "${GW[old]}" "$work/keys-old.txt" --connections 32 --duration "${WARM}s"
+  lg warm-new "${GW[new]}" "$work/keys-new.txt" --connections 32 --duration "${WARM}s"
   for r in 1 2 3; do
-    lg ab-old-$r "${GW[old]}" "$work/keys-old.txt" --connections 32 --duration "${SECS}s"
-    lg ab-new-$r "${GW[single]}" "$work/keys-single.txt" --connections 32 --duration "${SECS}s"
+    order="old new"
+    [ "$r" = 2 ] && order="new old"
+    for v in $order; do
+      lg ab-$v-$r "${GW[$v]}" "$work/keys-$v.txt" --connections 32 --duration "${SECS}s"
+    done
   done
 fi
 
@@ -379,7 +386,7 @@ else:
     md.append("not measured (RECORDER=0 or the bench failed; see recorder.txt with KEEP=1)\n")
 if old_bin:
     o = res["old_vs_new"]
-    md.append("### Single-node default, before and after cluster mode (closed loop, 32 connections, interleaved)\n")
+    md.append("### Single-node default, before and after cluster mode (closed loop, 32 connections; both gateways fresh, started together; rounds old-new, new-old, old-new)\n")
     md.append("| round | old req/s | new req/s | old p50 / p99 ms | new p50 / p99 ms |\n|---:|---:|---:|---|---|")
     for i in range(3):
         md.append(f"| {i+1} | {o['old_rps'][i]:.0f} | {o['new_rps'][i]:.0f} | {o['old_p50'][i]:.2f} / {o['old_p99'][i]:.2f} | {o['new_p50'][i]:.2f} / {o['new_p99'][i]:.2f} |")
