@@ -1,6 +1,13 @@
 //! Usage recorder throughput: events made durable per second through the
-//! group-commit writer (SQLite WAL, `synchronous = FULL`, one fsync per
-//! batch), with many tasks recording at once as the gateway does.
+//! group-commit writer, with many tasks recording at once as the gateway
+//! does. Two stores:
+//!
+//! - `recorder/…`: SQLite (WAL, `synchronous = FULL`, one fsync per batch);
+//! - `recorder-postgres/…`: the PostgreSQL store (one transaction per batch,
+//!   the server's own `fsync` and `synchronous_commit`), only when
+//!   `TOLLGATE_BENCH_POSTGRES` names a database URL (its tables are created
+//!   if missing; use a database of your own, `benches/cluster.sh` makes and
+//!   drops one). Without it that group says so and measures nothing.
 //!
 //! Run: `cargo bench --bench recorder`. Criterion reports elements/s.
 
@@ -13,8 +20,10 @@ use rust_decimal::Decimal;
 use tollgate::accounts::AccountStatus;
 use tollgate::billing::{PackageKind, ResourcePackage};
 use tollgate::metrics::Metrics;
-use tollgate::store::{AccountRow, SqliteStore, Store, Write, commit};
+use tollgate::store::{AccountRow, PostgresStore, SqliteStore, Store, Write, commit};
 use tollgate::usage::{UsageData, UsageEvent, UsageRecorder};
+
+const CONCURRENT: u64 = 512;
 
 fn event(n: u64) -> UsageEvent {
     UsageEvent::new(
@@ -35,19 +44,21 @@ fn event(n: u64) -> UsageEvent {
     )
 }
 
-fn recorder(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+        .expect("runtime")
+}
+
+/// 100 postpaid accounts, as the events name them.
+fn seed(rt: &tokio::runtime::Runtime, store: &dyn Store) {
     rt.block_on(async {
         for i in 0..100 {
             let id = format!("acct-{i}");
             commit(
-                &*store,
+                store,
                 Write::CreateAccount {
                     account: AccountRow {
                         id: id.clone(),
@@ -71,9 +82,12 @@ fn recorder(c: &mut Criterion) {
             .expect("account");
         }
     });
-    let rec = UsageRecorder::new(store.clone(), Arc::new(Metrics::new(false)));
-    const CONCURRENT: u64 = 512;
-    let mut group = c.benchmark_group("recorder");
+}
+
+/// `CONCURRENT` tasks each record one event and wait for its commit.
+fn measure(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime, store: Arc<dyn Store>) {
+    let rec = UsageRecorder::new(store, Arc::new(Metrics::new(false)));
+    let mut group = c.benchmark_group(group);
     group.throughput(Throughput::Elements(CONCURRENT));
     group.measurement_time(Duration::from_secs(8));
     let mut n = 0u64;
@@ -105,8 +119,35 @@ fn recorder(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+fn recorder(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+    seed(&rt, &*store);
+    measure(c, "recorder", &rt, store.clone());
     store.close();
 }
 
-criterion_group!(benches, recorder);
+fn recorder_postgres(c: &mut Criterion) {
+    let Ok(url) = std::env::var("TOLLGATE_BENCH_POSTGRES") else {
+        eprintln!("recorder-postgres skipped: set TOLLGATE_BENCH_POSTGRES to a database URL");
+        return;
+    };
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = match rt.block_on(PostgresStore::open(&url, dir.path(), "bench")) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("recorder-postgres skipped: {e}");
+            return;
+        }
+    };
+    seed(&rt, &*store);
+    measure(c, "recorder-postgres", &rt, store.clone());
+    store.close();
+}
+
+criterion_group!(benches, recorder, recorder_postgres);
 criterion_main!(benches);
