@@ -58,6 +58,14 @@ impl Reserve {
             state: ReserveState::Shared(Box::pin(fut)),
         }
     }
+
+    /// The outcome, if it was decided without a round trip.
+    pub fn take_ready(&mut self) -> Option<Outcome> {
+        match &mut self.state {
+            ReserveState::Ready(o) => o.take(),
+            ReserveState::Shared(_) => None,
+        }
+    }
 }
 
 impl Future for Reserve {

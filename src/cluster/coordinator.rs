@@ -200,6 +200,9 @@ impl Coordinator {
         self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(self.op_timeout * 2, self.tasks.wait()).await;
+        // Committed units not yet settled by a heartbeat: settle them now,
+        // or their lapsing leases would hand their units out again.
+        let _ = tokio::time::timeout(self.op_timeout * 2, self.beat_units()).await;
         if let Err(e) = self.instances_call::<i64>("leave").await {
             tracing::debug!(error = %e, "could not leave the replica registry");
         }

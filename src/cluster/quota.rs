@@ -32,6 +32,10 @@ pub(super) struct UnitState {
     account: Arc<str>,
     renewed_until: Instant,
     lost: bool,
+    /// The success is durable: the next heartbeat drops the record (the
+    /// unit stays taken). Until then it is renewed like any other, so it
+    /// is never given back by a lapsing lease.
+    committed: bool,
 }
 
 impl RedisQuota {
@@ -139,6 +143,7 @@ impl RedisQuota {
                 account,
                 renewed_until: Instant::now() + coord.lease,
                 lost: false,
+                committed: false,
             },
         );
         Ok(Reservation::shared(Box::new(Unit {
@@ -161,6 +166,16 @@ struct Held {
 }
 
 impl Held {
+    /// A committed unit is settled by the next heartbeat, batched with the
+    /// account's renewals: no round trip per success on the way out.
+    fn commit(&self) {
+        match self.coord.units.get_mut(&self.id) {
+            Some(mut u) => u.committed = true,
+            // Not registered (cannot happen for a held unit): settle now.
+            None => self.settle(true),
+        }
+    }
+
     fn settle(&self, commit: bool) {
         self.coord.units.remove(&self.id);
         let c = self.coord.clone();
@@ -202,7 +217,7 @@ impl HeldUnit for Unit {
             return;
         }
         h.committed = true;
-        h.settle(true);
+        h.commit();
         // This replica's admin views count the unit at once; the store
         // catches up when the usage event is recorded.
         if let Some(id) = self.source.package_id() {
@@ -219,13 +234,13 @@ impl Coordinator {
     /// The quota's share of the heartbeat: one script per account renewing
     /// this replica's reservations.
     pub(super) async fn beat_units(&self) {
-        let mut by_account: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+        let mut by_account: HashMap<Arc<str>, Vec<(Arc<str>, bool)>> = HashMap::new();
         for e in self.units.iter() {
             if !e.value().lost {
                 by_account
                     .entry(e.value().account.clone())
                     .or_default()
-                    .push(e.key().clone());
+                    .push((e.key().clone(), e.value().committed));
             }
         }
         let started = Instant::now();
@@ -235,8 +250,12 @@ impl Coordinator {
                 inv.key(k);
             }
             inv.arg(self.lease_ms());
-            for id in &ids {
-                inv.arg(&**id);
+            for (id, committed) in &ids {
+                if *committed {
+                    inv.arg(format!("+{id}"));
+                } else {
+                    inv.arg(&**id);
+                }
             }
             let r = self.call::<Vec<i64>>(Op::Heartbeat, &inv).await;
             (account, ids, r)
@@ -244,7 +263,15 @@ impl Coordinator {
         .await;
         for (account, ids, r) in replies {
             let Ok(flags) = r else { continue };
-            for (id, ok) in ids.iter().zip(flags) {
+            for ((id, committed), ok) in ids.iter().zip(flags) {
+                if *committed {
+                    self.units.remove(id);
+                    if ok != 1 {
+                        self.health.lease_lost();
+                        tracing::warn!(%account, reservation = %id, "a committed unit's reservation had expired before it was settled");
+                    }
+                    continue;
+                }
                 let Some(mut u) = self.units.get_mut(id) else {
                     continue;
                 };

@@ -6,20 +6,24 @@
 
 use super::Gateway;
 use crate::accounts::{AccountStatus, Principal};
-use crate::billing::{Refusal, Reservation};
+use crate::billing::{Refusal, Reserve};
 
 use super::error::GatewayError;
 
-pub async fn check(gw: &Gateway, principal: &Principal) -> Result<Reservation, GatewayError> {
+/// Refuses a deactivated account at once, else starts reserving a unit:
+/// decided at once by the in-process quota, a round trip to Redis with the
+/// shared one (the caller overlaps it with the slot request).
+pub fn check(gw: &Gateway, principal: &Principal) -> Result<Reserve, GatewayError> {
     if principal.root.status() == AccountStatus::Deactivated {
         return Err(GatewayError::StopUsing);
     }
-    gw.quota
-        .reserve(&principal.root.id, gw.clock.now())
-        .await
-        .map_err(|r| match r {
-            Refusal::InArrears => GatewayError::InArrears,
-            Refusal::LowBalance => GatewayError::LowBalance,
-            Refusal::Unavailable => GatewayError::CoordinationUnavailable,
-        })
+    Ok(gw.quota.reserve(&principal.root.id, gw.clock.now()))
+}
+
+pub fn refusal(r: Refusal) -> GatewayError {
+    match r {
+        Refusal::InArrears => GatewayError::InArrears,
+        Refusal::LowBalance => GatewayError::LowBalance,
+        Refusal::Unavailable => GatewayError::CoordinationUnavailable,
+    }
 }

@@ -90,9 +90,7 @@ async fn run(
     let (principal, revoked) = authenticate(gw, &req)?;
     check_declared_length(gw, &req)?;
     let wait_limit = queue_wait_limit(gw, &req)?;
-    // Held until the task ends: dropped (unit given back) on every path but
-    // a recorded success.
-    let reservation = account_gate::check(gw, &principal).await?;
+    let mut reserve = account_gate::check(gw, &principal)?;
 
     let ticket = Ticket {
         account: principal.root.id.clone(),
@@ -103,9 +101,39 @@ async fn run(
             })
         }),
     };
+    // Decided at once (the in-process quota): a refusal never touches the
+    // limiter.
+    let reserved_now = match reserve.take_ready() {
+        Some(Err(r)) => return Err(account_gate::refusal(r)),
+        decided => decided,
+    };
     let queued_at = tokio::time::Instant::now();
     let mut acquire = gw.limiter.acquire(&ticket, queued_at + wait_limit);
-    let granted = match acquire.take_ready() {
+    // Otherwise the unit and the slot are asked for together: with the
+    // shared quota and limiter both scripts leave on one write to Redis
+    // (one round trip, not two). A slot that comes before the unit is
+    // refused is given back by the drop.
+    let mut early_grant = None;
+    let reserved = match reserved_now {
+        Some(decided) => decided,
+        None => tokio::select! {
+            biased;
+            r = &mut reserve => r,
+            g = &mut acquire => {
+                *queue_wait = queued_at.elapsed();
+                early_grant = Some(g);
+                tokio::select! {
+                    r = &mut reserve => r,
+                    () = conn.closed() => return Err(GatewayError::ClientGone),
+                }
+            }
+            () = conn.closed() => return Err(GatewayError::ClientGone),
+        },
+    };
+    // Held until the task ends: dropped (unit given back) on every path but
+    // a recorded success.
+    let reservation = reserved.map_err(account_gate::refusal)?;
+    let granted = match early_grant.or_else(|| acquire.take_ready()) {
         Some(decided) => decided,
         None => {
             let waited = tokio::select! {

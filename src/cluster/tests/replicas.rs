@@ -366,3 +366,39 @@ async fn no_slot_leaks_when_tasks_give_up_across_replicas() {
     let _b = granted(&*ls[2], &t).await;
     cleanup(&p).await;
 }
+
+/// A success's unit is settled by the heartbeat, not by a round trip of
+/// its own: until then it is renewed, so it never comes back when its
+/// first lease would have lapsed, nor after its record is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_units_stay_taken_past_their_lease() {
+    let p = prefix();
+    let now = Timestamp::now();
+    let load = || {
+        let accounts = Arc::new(Accounts::new(Duration::from_secs(86_400)));
+        accounts.insert(
+            "acme",
+            AccountBilling {
+                packages: vec![package("free", "acme", PackageKind::Free, 2, now)],
+                ..AccountBilling::default()
+            },
+        );
+        accounts
+    };
+    let a = replica(&p).await;
+    let qa = RedisQuota::new(a.clone(), load());
+    let qb = RedisQuota::new(replica(&p).await, load());
+    qa.reserve("acme", now).await.expect("a unit").commit();
+    qa.reserve("acme", now).await.expect("a unit").commit();
+    // Three leases later, on another replica: both units are still taken.
+    tokio::time::sleep(LEASE * 3).await;
+    assert_eq!(
+        qb.reserve("acme", now).await.err(),
+        Some(Refusal::LowBalance)
+    );
+    assert!(
+        a.units.is_empty(),
+        "the heartbeat settled the committed units"
+    );
+    cleanup(&p).await;
+}
