@@ -98,7 +98,7 @@ start_gw() { # name binary [cluster]
   ADMIN[$1]=$(grep 'admin' "$work/$1.out" | grep -o 'http://[0-9.:]*')
 }
 
-auth=(-H "Authorization: Bearer $TOKEN")
+auth=(-H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json")
 new_account() { # admin id [prepaid] -> prints its key
   curl -sf "${auth[@]}" -X POST "$1/v1/accounts" -d "{\"id\":\"$2\"}" >/dev/null
   curl -sf "${auth[@]}" -X PUT "$1/v1/accounts/$2/postpaid" -d '{"enabled":true}' >/dev/null
