@@ -71,10 +71,18 @@ pub(super) struct UsageRow<'a> {
 /// returned; and a package with no unit left does not refuse an event the
 /// client was already answered for (it is logged instead).
 pub(super) async fn append_usage(
-    tx: &Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     u: &UsageRow<'_>,
     redelivery: bool,
 ) -> Result<Option<u64>, StoreError> {
+    // The hot path of every success: statements prepared once per
+    // connection, so each one is one round trip (a text query would be a
+    // parse round trip and then an execute round trip).
+    let prepared = |sql: &'static str| async move {
+        tx.prepare_cached(sql)
+            .await
+            .map_err(|e| pg_write_error(e, "a usage statement"))
+    };
     let time: Timestamp = u
         .time
         .parse()
@@ -87,8 +95,9 @@ pub(super) async fn append_usage(
         "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES ($1, $2, $3, $4, $5)
          RETURNING seq"
     };
+    let insert_event = prepared(sql).await?;
     let Some(row) = tx
-        .query_opt(sql, &[&u.id, &u.account, &time, &u.charged_to, &u.json])
+        .query_opt(&insert_event, &[&u.id, &u.account, &time, &u.charged_to, &u.json])
         .await
         .map_err(|e| pg_write_error(e, &what))?
     else {
@@ -96,23 +105,26 @@ pub(super) async fn append_usage(
     };
     let seq: i64 = row.get(0);
     let source = u.charged_to.split(':').next().unwrap_or("postpaid");
-    insert(
-        tx,
+    let count = prepared(
         "INSERT INTO usage_counters(account, month, source, calls) VALUES ($1, $2, $3, 1)
          ON CONFLICT (account, month, source) DO UPDATE SET calls = usage_counters.calls + 1",
-        &[&u.account, &u.month, &source],
-        "usage counter",
     )
     .await?;
+    tx.execute(&count, &[&u.account, &u.month, &source])
+        .await
+        .map_err(|e| pg_write_error(e, "usage counter"))?;
     if let Some(pkg) = u.package {
         // The charge and the event stand or fall together.
-        let charged = update_one(
-            tx,
+        let what = format!("resource package {pkg} with a unit left");
+        let charge = prepared(
             "UPDATE resource_packages SET used = used + 1 WHERE id = $1 AND used < size",
-            &[&pkg],
-            &format!("resource package {pkg} with a unit left"),
         )
-        .await;
+        .await?;
+        let charged = match tx.execute(&charge, &[&pkg]).await {
+            Ok(0) => Err(StoreError::NotFound(what)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(pg_write_error(e, &what)),
+        };
         match charged {
             Err(StoreError::NotFound(what)) if redelivery => {
                 tracing::warn!(event = %u.id, "spooled event delivered without its charge: no {what}");
@@ -126,7 +138,7 @@ pub(super) async fn append_usage(
 /// Applies one write; returns its result and the root accounts whose
 /// durable state it changed (for the change feed).
 pub(super) async fn apply(
-    tx: &Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     write: &Write,
 ) -> Result<(Committed, Vec<String>), StoreError> {
     let mut changed = changed_accounts(write);
