@@ -97,7 +97,10 @@ pub(super) async fn append_usage(
     };
     let insert_event = prepared(sql).await?;
     let Some(row) = tx
-        .query_opt(&insert_event, &[&u.id, &u.account, &time, &u.charged_to, &u.json])
+        .query_opt(
+            &insert_event,
+            &[&u.id, &u.account, &time, &u.charged_to, &u.json],
+        )
         .await
         .map_err(|e| pg_write_error(e, &what))?
     else {
@@ -116,10 +119,9 @@ pub(super) async fn append_usage(
     if let Some(pkg) = u.package {
         // The charge and the event stand or fall together.
         let what = format!("resource package {pkg} with a unit left");
-        let charge = prepared(
-            "UPDATE resource_packages SET used = used + 1 WHERE id = $1 AND used < size",
-        )
-        .await?;
+        let charge =
+            prepared("UPDATE resource_packages SET used = used + 1 WHERE id = $1 AND used < size")
+                .await?;
         let charged = match tx.execute(&charge, &[&pkg]).await {
             Ok(0) => Err(StoreError::NotFound(what)),
             Ok(_) => Ok(()),
