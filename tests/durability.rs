@@ -179,3 +179,38 @@ async fn sigterm_finishes_in_flight_tasks_refuses_queued_ones_and_exits_0() {
     stack.gw.restart(&Opts::default());
     assert_eq!(stack.admin().all_events().await.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_that_lost_its_database_is_refused() {
+    let mut stack = Stack::start(Opts::default());
+    let key = stack.account_with_key("acme").await;
+    assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
+    // The export has the success's line before the gateway stops.
+    common::wait_for_jsonl(&stack.gw.data_dir, 1).await;
+    assert!(
+        stack
+            .gw
+            .proc
+            .sigterm_and_wait(Duration::from_secs(10))
+            .is_some()
+    );
+    let data = stack.gw.data_dir.clone();
+    // Emptied (a failed restore, a full disk): not a fresh start.
+    std::fs::write(data.join("tollgate.db"), b"").unwrap();
+    for side in ["tollgate.db-wal", "tollgate.db-shm"] {
+        let _ = std::fs::remove_file(data.join(side));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config", stack.gw.config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tollgate.db is empty"), "{err}");
+    assert!(err.contains("has held data"), "{err}");
+    assert_eq!(
+        std::fs::metadata(data.join("tollgate.db")).unwrap().len(),
+        0,
+        "nothing was created in its place"
+    );
+}

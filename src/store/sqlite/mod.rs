@@ -168,12 +168,45 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// A data directory that has held data (its usage export has lines, or
+/// its export cursor exists) but whose database is missing or empty lost
+/// its database: starting fresh there would silently drop every account
+/// and key. Refused, naming what to do.
+fn refuse_lost_database(data_dir: &Path, db: &Path) -> Result<(), StoreError> {
+    let db_len = std::fs::metadata(db).map(|m| m.len()).ok();
+    if db_len.is_some_and(|n| n > 0) {
+        return Ok(());
+    }
+    let exported = std::fs::read_dir(data_dir.join("usage"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() > 0))
+        })
+        .unwrap_or(false);
+    let cursor = data_dir.join("usage.cursor").exists();
+    if exported || cursor {
+        let state = if db_len.is_some() {
+            "is empty"
+        } else {
+            "is missing"
+        };
+        return Err(StoreError::Internal(format!(
+            "{} {state}, but {} has held data (usage export or its cursor): \
+             restore the database from a backup, or start on a new storage.data_dir",
+            db.display(),
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (or creates) `<data_dir>/tollgate.db` and starts the writer.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| internal(format!("cannot create {}: {e}", data_dir.display())))?;
         let db = data_dir.join("tollgate.db");
+        refuse_lost_database(data_dir, &db)?;
         let conn = open_connection(&db).map_err(internal)?;
         conn.execute_batch(SCHEMA).map_err(internal)?;
         // The writer never checkpoints; the checkpointer thread does.
