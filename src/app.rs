@@ -115,8 +115,13 @@ impl App {
                 (local.clone(), local)
             }
         };
-        let backend = Backend::new(&config.backend, backend_url, config.limits.max_body_bytes)
-            .map_err(StartError::Backend)?;
+        let backend = Backend::new(
+            &config.backend,
+            backend_url,
+            config.limits.max_body_bytes,
+            Duration::from_millis(config.limits.body_idle_timeout_ms),
+        )
+        .map_err(StartError::Backend)?;
         let tz = TimeZone::get(&config.billing.timezone).map_err(|e| {
             StartError::Config(crate::config::ConfigError::Invalid {
                 key: "billing.timezone".into(),

@@ -174,6 +174,9 @@ pub struct LimitsConfig {
     pub max_queue_per_account: usize,
     pub max_queue_wait_ms: u64,
     pub max_body_bytes: u64,
+    /// Once a task is forwarded, the longest pause allowed in its request
+    /// body: a client that stalls its upload cannot pin a slot.
+    pub body_idle_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -183,6 +186,7 @@ impl Default for LimitsConfig {
             max_queue_per_account: 100,
             max_queue_wait_ms: 60_000,
             max_body_bytes: 10 << 20,
+            body_idle_timeout_ms: 10_000,
         }
     }
 }
@@ -515,6 +519,9 @@ impl Config {
                 "must be at most 1000000",
             ));
         }
+        if self.limits.body_idle_timeout_ms == 0 {
+            return Err(invalid("limits.body_idle_timeout_ms", "must be at least 1"));
+        }
         if self.limits.max_body_bytes == 0 {
             return Err(invalid("limits.max_body_bytes", "must be at least 1"));
         }
@@ -682,6 +689,18 @@ mod tests {
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_names_every_default() {
+        let text = include_str!("../config/tollgate.example.toml");
+        let c = Config::from_toml_and_env(text, no_env()).expect("the example loads");
+        let d = Config::default();
+        assert_eq!(c.limits.body_idle_timeout_ms, d.limits.body_idle_timeout_ms);
+        assert_eq!(c.backend.methods, d.backend.methods);
+        assert_eq!(c.cluster.lease_ms, d.cluster.lease_ms);
+        assert!(!c.cluster.enabled());
+        assert_eq!(c.storage.kind, StorageKind::Sqlite);
     }
 
     #[test]

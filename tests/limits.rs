@@ -271,3 +271,39 @@ async fn a_storm_of_clients_giving_up_leaks_no_slot() {
     assert_eq!(events.len() as u64, sim_requests);
     assert!(events.iter().any(|e| e["data"]["client_gone"] == true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_cut_off_and_frees_its_slot() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[limits]\nbody_idle_timeout_ms = 300\n".into(),
+        ..Opts::default()
+    });
+    let key = stack.account_with_key("acme").await;
+    // Headers and half of the body, then silence: the task gets its slot
+    // (a free one) and starts forwarding, then the body stalls.
+    let mut s = raw_partial_task(&stack.gw.url, &key, "", 1000, 500).await;
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the gateway answered a stalled upload");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains("FailedOperation.RequestBodyTimeout"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The slot and the unit came back: the whole limit runs at once.
+    let idle = stack.admin().wait_idle("acme").await;
+    assert_eq!(idle["concurrency"]["in_flight"], 0);
+    let tasks: Vec<_> = (0..3)
+        .map(|i| stack.client().spawn(&key, 200, &format!("after{i}")))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+}

@@ -29,6 +29,10 @@ pub enum GatewayError {
     QueueTimeout { retry_after: Duration },
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    /// The client stopped sending its body for longer than allowed while
+    /// its task held a slot.
+    #[error("the request body stalled for more than {} ms", idle.as_millis())]
+    BodyTimeout { idle: Duration },
     #[error("{0}")]
     BadRequest(String),
     #[error("{0} is not a task this gateway forwards")]
@@ -60,6 +64,7 @@ impl GatewayError {
             Self::StopUsing | Self::InArrears | Self::LowBalance => StatusCode::FORBIDDEN,
             Self::QueueFull { .. } | Self::QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BackendUnavailable => StatusCode::BAD_GATEWAY,
@@ -82,6 +87,7 @@ impl GatewayError {
             Self::QueueFull { .. } => "RequestLimitExceeded.JobNumExceed",
             Self::QueueTimeout { .. } => "RequestLimitExceeded.QueueTimeout",
             Self::BodyTooLarge { .. } => "FailedOperation.RequestEntityTooLarge",
+            Self::BodyTimeout { .. } => "FailedOperation.RequestBodyTimeout",
             Self::BadRequest(_) => "InvalidParameter.InvalidParameter",
             Self::MethodNotAllowed(_) => "UnsupportedOperation.MethodNotAllowed",
             Self::BackendUnavailable => "FailedOperation.BackendUnavailable",
@@ -159,6 +165,9 @@ mod tests {
             GatewayError::InArrears,
             GatewayError::LowBalance,
             GatewayError::BodyTooLarge { limit: 1 },
+            GatewayError::BodyTimeout {
+                idle: Duration::from_secs(1),
+            },
             GatewayError::BadRequest("x".into()),
             GatewayError::MethodNotAllowed(http::Method::TRACE),
             GatewayError::BackendUnavailable,

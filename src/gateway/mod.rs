@@ -8,6 +8,7 @@ pub mod error;
 mod pipeline;
 pub mod proxy;
 mod shared_stream;
+mod slow_body;
 mod state;
 mod tally;
 

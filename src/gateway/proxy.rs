@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+
+use super::slow_body::{BodyStalled, IdleTimeout};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -76,14 +78,21 @@ impl Answer {
 }
 
 pub struct Backend {
-    client: Client<HttpConnector, Limited<Incoming>>,
+    client: Client<HttpConnector, IdleTimeout<Limited<Incoming>>>,
     base: BackendUrl,
     max_response_bytes: usize,
     max_body_bytes: u64,
+    /// `limits.body_idle_timeout_ms`: the longest pause in a request body.
+    body_idle_timeout: Duration,
 }
 
 impl Backend {
-    pub fn new(config: &BackendConfig, url: &str, max_body_bytes: u64) -> Result<Self, String> {
+    pub fn new(
+        config: &BackendConfig,
+        url: &str,
+        max_body_bytes: u64,
+        body_idle_timeout: Duration,
+    ) -> Result<Self, String> {
         let base = BackendUrl::parse(url)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -97,6 +106,7 @@ impl Backend {
             base,
             max_response_bytes: config.max_response_bytes,
             max_body_bytes,
+            body_idle_timeout,
         })
     }
 
@@ -157,7 +167,10 @@ impl Backend {
                 .as_ref()
                 .map_or(HeaderValue::from_static(""), |s| header_value(&s.id)),
         );
-        let mut upstream = Request::new(Limited::new(body, self.max_body_bytes as usize));
+        let mut upstream = Request::new(IdleTimeout::new(
+            Limited::new(body, self.max_body_bytes as usize),
+            self.body_idle_timeout,
+        ));
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.version_mut() = Version::HTTP_11;
@@ -200,6 +213,9 @@ impl Backend {
         while let Some(s) = next {
             chain.push(s);
             next = s.source();
+        }
+        if let Some(stalled) = chain.iter().find_map(|s| s.downcast_ref::<BodyStalled>()) {
+            return GatewayError::BodyTimeout { idle: stalled.0 };
         }
         if chain.iter().any(|s| s.is::<LengthLimitError>()) {
             return GatewayError::BodyTooLarge {
