@@ -11,7 +11,7 @@
 //! same state twice changes nothing, so a replica's own changes arriving
 //! back through the feed are harmless.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::sync::broadcast::error::RecvError;
@@ -22,8 +22,7 @@ use crate::clock::Clock;
 use crate::entitlements::schedule::Schedule;
 use crate::limiter::Limiter;
 use crate::store::{
-    AccountRow, AccountSnapshot, Change, KeyRow, Snapshot, Store, StoreError, SubAccountRow, Write,
-    commit,
+    AccountRow, AccountSnapshot, Change, KeyRow, Store, StoreError, SubAccountRow, Write, commit,
 };
 
 use super::{
@@ -367,7 +366,7 @@ impl AccountService {
     /// missed).
     pub async fn refresh_all(&self) -> Result<usize, StoreError> {
         let snap = self.store.load(self.clock.now()).await?;
-        let accounts = split(snap);
+        let accounts = snap.into_accounts();
         let n = accounts.len();
         for a in accounts {
             self.apply(a);
@@ -403,34 +402,4 @@ impl AccountService {
             }
         }
     }
-}
-
-/// Splits a whole-store snapshot into one snapshot per account.
-pub fn split(snap: Snapshot) -> Vec<AccountSnapshot> {
-    let mut subs: HashMap<String, Vec<SubAccountRow>> = HashMap::new();
-    for s in snap.sub_accounts {
-        subs.entry(s.root.clone()).or_default().push(s);
-    }
-    let mut keys: HashMap<String, Vec<KeyRow>> = HashMap::new();
-    for k in snap.keys {
-        keys.entry(k.root.clone()).or_default().push(k);
-    }
-    let mut cps: HashMap<String, Vec<_>> = HashMap::new();
-    for p in snap.concurrency_packages {
-        cps.entry(p.account.clone()).or_default().push(p);
-    }
-    let mut rps: HashMap<String, Vec<ResourcePackage>> = HashMap::new();
-    for p in snap.resource_packages {
-        rps.entry(p.account.clone()).or_default().push(p);
-    }
-    snap.accounts
-        .into_iter()
-        .map(|a| AccountSnapshot {
-            sub_accounts: subs.remove(&a.id).unwrap_or_default(),
-            keys: keys.remove(&a.id).unwrap_or_default(),
-            concurrency_packages: cps.remove(&a.id).unwrap_or_default(),
-            resource_packages: rps.remove(&a.id).unwrap_or_default(),
-            account: a,
-        })
-        .collect()
 }

@@ -11,6 +11,7 @@ pub mod migrate;
 mod postgres;
 mod sqlite;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -196,6 +197,65 @@ pub struct Snapshot {
     pub concurrency_packages: Vec<ConcurrencyPackage>,
     /// Every resource package, refunded ones included.
     pub resource_packages: Vec<ResourcePackage>,
+}
+
+impl Snapshot {
+    /// One snapshot per account, each with its own rows.
+    pub fn into_accounts(self) -> Vec<AccountSnapshot> {
+        fn by<T>(rows: Vec<T>, key: impl Fn(&T) -> &str) -> HashMap<String, Vec<T>> {
+            let mut m: HashMap<String, Vec<T>> = HashMap::new();
+            for r in rows {
+                m.entry(key(&r).to_string()).or_default().push(r);
+            }
+            m
+        }
+        let mut subs = by(self.sub_accounts, |s| &s.root);
+        let mut keys = by(self.keys, |k| &k.root);
+        let mut cps = by(self.concurrency_packages, |p| &p.account);
+        let mut rps = by(self.resource_packages, |p| &p.account);
+        self.accounts
+            .into_iter()
+            .map(|a| AccountSnapshot {
+                sub_accounts: subs.remove(&a.id).unwrap_or_default(),
+                keys: keys.remove(&a.id).unwrap_or_default(),
+                concurrency_packages: cps.remove(&a.id).unwrap_or_default(),
+                resource_packages: rps.remove(&a.id).unwrap_or_default(),
+                account: a,
+            })
+            .collect()
+    }
+
+    /// The one account a snapshot read for a single account holds.
+    pub fn into_single(self) -> Option<AccountSnapshot> {
+        self.into_accounts().into_iter().next()
+    }
+}
+
+impl MonthUsage {
+    /// Folds counter rows `(account, source, calls)`, ordered by account,
+    /// into one line per account.
+    pub fn fold(rows: impl IntoIterator<Item = (String, String, u64)>) -> Vec<Self> {
+        let mut out: Vec<Self> = Vec::new();
+        for (account, source, calls) in rows {
+            let u = match out.last_mut() {
+                Some(u) if u.account == account => u,
+                _ => {
+                    out.push(Self {
+                        account,
+                        ..Self::default()
+                    });
+                    out.last_mut().expect("just pushed")
+                }
+            };
+            u.calls += calls;
+            match source.as_str() {
+                "free" => u.free += calls,
+                "prepaid" => u.prepaid += calls,
+                _ => u.postpaid += calls,
+            }
+        }
+        out
+    }
 }
 
 /// One root account's whole durable state, as [`Snapshot`] holds it for

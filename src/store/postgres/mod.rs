@@ -250,17 +250,7 @@ impl Store for PostgresStore {
     ) -> BoxFuture<'a, Result<Option<AccountSnapshot>, StoreError>> {
         Box::pin(async move {
             let snap = read::snapshot(&self.shared.pool, now, Some(id)).await?;
-            Ok(snap
-                .accounts
-                .into_iter()
-                .next()
-                .map(|account| AccountSnapshot {
-                    account,
-                    sub_accounts: snap.sub_accounts,
-                    keys: snap.keys,
-                    concurrency_packages: snap.concurrency_packages,
-                    resource_packages: snap.resource_packages,
-                }))
+            Ok(snap.into_single())
         })
     }
 

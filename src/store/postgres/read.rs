@@ -184,26 +184,13 @@ pub(super) async fn month_usage(
         )
         .await
         .map_err(pg_error)?;
-    let mut out: Vec<MonthUsage> = Vec::new();
-    for r in rows {
-        let account: String = r.get(0);
-        let source: String = r.get(1);
-        let calls = r.get::<_, i64>(2) as u64;
-        if out.last().is_none_or(|u| u.account != account) {
-            out.push(MonthUsage {
-                account,
-                ..MonthUsage::default()
-            });
-        }
-        let u = out.last_mut().expect("just pushed");
-        u.calls += calls;
-        match source.as_str() {
-            "free" => u.free += calls,
-            "prepaid" => u.prepaid += calls,
-            _ => u.postpaid += calls,
-        }
-    }
-    Ok(out)
+    Ok(MonthUsage::fold(rows.iter().map(|r| {
+        (
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, i64>(2) as u64,
+        )
+    })))
 }
 
 pub(super) async fn settled(

@@ -174,23 +174,7 @@ pub(super) fn month_usage(
             ))
         },
     )?;
-    let mut out: Vec<MonthUsage> = Vec::new();
-    for (account, source, calls) in counters {
-        if out.last().is_none_or(|u| u.account != account) {
-            out.push(MonthUsage {
-                account,
-                ..MonthUsage::default()
-            });
-        }
-        let u = out.last_mut().expect("just pushed");
-        u.calls += calls;
-        match source.as_str() {
-            "free" => u.free += calls,
-            "prepaid" => u.prepaid += calls,
-            _ => u.postpaid += calls,
-        }
-    }
-    Ok(out)
+    Ok(MonthUsage::fold(counters))
 }
 
 pub(super) fn settled(

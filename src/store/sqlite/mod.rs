@@ -266,17 +266,7 @@ impl Store for SqliteStore {
         let id = id.to_string();
         self.read(move |c| {
             let snap = load::snapshot(c, now, Some(&id))?;
-            Ok(snap
-                .accounts
-                .into_iter()
-                .next()
-                .map(|account| AccountSnapshot {
-                    account,
-                    sub_accounts: snap.sub_accounts,
-                    keys: snap.keys,
-                    concurrency_packages: snap.concurrency_packages,
-                    resource_packages: snap.resource_packages,
-                }))
+            Ok(snap.into_single())
         })
     }
 
