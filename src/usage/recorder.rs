@@ -62,7 +62,14 @@ impl UsageRecorder {
             month,
         };
         let committed = commit(&*self.store, write).await;
-        self.failing.store(committed.is_err(), Ordering::Relaxed);
+        // Only a store that cannot record counts: a refusal of this one
+        // event (a package's last unit taken by another replica, a
+        // duplicate id) says nothing about the next success.
+        let broken = matches!(
+            committed,
+            Err(StoreError::Unavailable { .. } | StoreError::Internal(_) | StoreError::Closed)
+        );
+        self.failing.store(broken, Ordering::Relaxed);
         match committed? {
             Committed::Usage { seq } => {
                 self.metrics.usage_events_total.inc();

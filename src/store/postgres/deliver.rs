@@ -30,6 +30,11 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// One delivery attempt of everything spooled.
 pub(super) async fn deliver(shared: &Shared) -> Result<u64, StoreError> {
+    // Reach PostgreSQL before taking the spool's lock: the writer appends
+    // under the same lock, and while PostgreSQL is down each attempt here
+    // would otherwise hold it for a whole connect timeout, stalling every
+    // success behind it.
+    drop(client(&shared.pool).await?);
     let locked = shared.spool.lock().await;
     let events = locked
         .read()

@@ -62,6 +62,7 @@ impl Spool {
             count: AtomicU64::new(0),
             file: Mutex::new(()),
         };
+        cut_torn_tail(&spool.path)?;
         let n = read(&spool.path)?.len() as u64;
         spool.count.store(n, Ordering::Relaxed);
         Ok(spool)
@@ -116,6 +117,29 @@ impl Locked<'_> {
     }
 }
 
+/// Cuts a last line left without its newline by a crash mid-append (never
+/// acknowledged: the fsync comes after the whole line). Left in place, the
+/// next append would glue a new, acknowledged event onto it and make that
+/// line unreadable.
+fn cut_torn_tail(path: &Path) -> io::Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!(
+        bytes = bytes.len() - keep,
+        "a torn last line of the usage spool cut"
+    );
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.set_len(keep as u64)?;
+    f.sync_data()
+}
+
 /// The spooled events; a torn last line (a crash mid-append, before the
 /// fsync, so never acknowledged) is skipped.
 fn read(path: &Path) -> io::Result<Vec<SpooledEvent>> {
@@ -135,4 +159,52 @@ fn read(path: &Path) -> io::Result<Vec<SpooledEvent>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> SpooledEvent {
+        SpooledEvent {
+            id: id.into(),
+            account: "acme".into(),
+            time: "2026-11-27T00:00:00Z".into(),
+            charged_to: "postpaid".into(),
+            json: "{}".into(),
+            package: None,
+            month: "2026-11".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_after_a_torn_line_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path()).unwrap();
+            spool.lock().await.append(&[event("e1")]).unwrap();
+        }
+        // A crash in the middle of the next append.
+        let path = dir.path().join("events.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"id":"torn","acc"#).unwrap();
+        drop(f);
+
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.count(), 1);
+        spool.lock().await.append(&[event("e2")]).unwrap();
+        let ids: Vec<String> = spool
+            .lock()
+            .await
+            .read()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(
+            ids,
+            ["e1", "e2"],
+            "the acknowledged event after the tear is kept"
+        );
+    }
 }
