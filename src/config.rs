@@ -519,6 +519,12 @@ impl Config {
                 "must be at most 1000000",
             ));
         }
+        if self.limits.max_queue_wait_ms > 86_400_000 {
+            return Err(invalid(
+                "limits.max_queue_wait_ms",
+                "must be at most 86400000 (one day)",
+            ));
+        }
         if self.limits.body_idle_timeout_ms == 0 {
             return Err(invalid("limits.body_idle_timeout_ms", "must be at least 1"));
         }
@@ -572,8 +578,11 @@ impl Config {
                     "must be non-empty, without braces or spaces",
                 ));
             }
-            if self.cluster.lease_ms < 1_000 {
-                return Err(invalid("cluster.lease_ms", "must be at least 1000"));
+            if !(1_000..=3_600_000).contains(&self.cluster.lease_ms) {
+                return Err(invalid(
+                    "cluster.lease_ms",
+                    "must be between 1000 and 3600000",
+                ));
             }
             if self.storage.kind != StorageKind::Postgres {
                 return Err(invalid(
@@ -689,6 +698,24 @@ mod tests {
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    #[test]
+    fn waits_and_leases_too_long_to_add_to_a_clock_are_refused() {
+        let err = Config::from_toml_and_env(
+            "[limits]\nmax_queue_wait_ms = 9223372036854775807\n",
+            no_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("limits.max_queue_wait_ms"), "{err}");
+        let err = Config::from_toml_and_env(
+            "[storage]\nkind = \"postgres\"\npostgres_url = \"postgres://x@127.0.0.1/db\"\n[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\nlease_ms = 99999999999\n",
+            no_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cluster.lease_ms"), "{err}");
     }
 
     #[test]

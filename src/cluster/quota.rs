@@ -169,10 +169,19 @@ impl Held {
     /// A committed unit is settled by the next heartbeat, batched with the
     /// account's renewals: no round trip per success on the way out.
     fn commit(&self) {
-        match self.coord.units.get_mut(&self.id) {
-            Some(mut u) => u.committed = true,
+        let lost = match self.coord.units.get_mut(&self.id) {
+            Some(mut u) => {
+                u.committed = true;
+                u.lost
+            }
             // Not registered (cannot happen for a held unit): settle now.
-            None => self.settle(true),
+            None => return self.settle(true),
+        };
+        // Already lost (its lease lapsed: Redis gave the unit back and the
+        // heartbeat no longer renews it): nothing will settle it, so it
+        // must not stay in the map.
+        if lost {
+            self.coord.units.remove(&self.id);
         }
     }
 

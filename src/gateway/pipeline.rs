@@ -108,7 +108,11 @@ async fn run(
         decided => decided,
     };
     let queued_at = tokio::time::Instant::now();
-    let mut acquire = gw.limiter.acquire(&ticket, queued_at + wait_limit);
+    // A far deadline for a wait too long to add (a huge configured wait).
+    let deadline = queued_at
+        .checked_add(wait_limit)
+        .unwrap_or_else(|| queued_at + Duration::from_secs(86_400 * 365));
+    let mut acquire = gw.limiter.acquire(&ticket, deadline);
     // Otherwise the unit and the slot are asked for together: with the
     // shared quota and limiter both scripts leave on one write to Redis
     // (one round trip, not two). A slot that comes before the unit is
@@ -121,7 +125,10 @@ async fn run(
             r = &mut reserve => r,
             g = &mut acquire => {
                 *queue_wait = queued_at.elapsed();
-                early_grant = Some(g);
+                // A refusal of the slot answers at once; dropping `reserve`
+                // gives back the unit it may hold.
+                let g = g.map_err(limit_error)?;
+                early_grant = Some(Ok(g));
                 tokio::select! {
                     r = &mut reserve => r,
                     () = conn.closed() => return Err(GatewayError::ClientGone),
