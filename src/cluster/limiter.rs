@@ -5,11 +5,11 @@
 //! limiter with the limit divided among the live replicas, or
 //! `Unavailable`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::coordinator::Coordinator;
@@ -42,6 +42,10 @@ struct Core {
     /// wait for them, so a task that joins after `refuse_queued` returned
     /// is never refused by it.
     refusing: DashMap<Arc<str>, Arc<Barrier>>,
+    /// Accounts whose limit changed, written to Redis in order by one task
+    /// that sends each account's newest limit: writes spawned one by one
+    /// could land out of order and leave an older, larger limit in Redis.
+    limit_writes: mpsc::UnboundedSender<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -73,17 +77,19 @@ impl RedisLimiter {
     /// `default_limit` is `limits.default_concurrency`, `max_queue`
     /// `limits.max_queue_per_account` (bounding the cluster-wide queue).
     pub fn new(coord: Arc<Coordinator>, default_limit: u32, max_queue: usize) -> Self {
-        Self {
-            core: Arc::new(Core {
-                coord,
-                default_limit,
-                max_queue,
-                limits: DashMap::new(),
-                fallback: LocalLimiter::new(default_limit, max_queue),
-                shutting_down: AtomicBool::new(false),
-                refusing: DashMap::new(),
-            }),
-        }
+        let (limit_writes, rx) = mpsc::unbounded_channel();
+        let core = Arc::new(Core {
+            coord,
+            default_limit,
+            max_queue,
+            limits: DashMap::new(),
+            fallback: LocalLimiter::new(default_limit, max_queue),
+            shutting_down: AtomicBool::new(false),
+            refusing: DashMap::new(),
+            limit_writes,
+        });
+        tokio::spawn(write_limits(Arc::downgrade(&core), rx));
+        Self { core }
     }
 
     pub fn coordinator(&self) -> &Arc<Coordinator> {
@@ -238,19 +244,7 @@ impl Limiter for RedisLimiter {
             let share = (limit / core.coord.live_replicas()).max(1);
             core.fallback.set_limit(&account, share);
         }
-        let coord = core.coord.clone();
-        core.coord.spawn(async move {
-            let mut inv = SET_LIMIT.prepare_invoke();
-            for k in keys::pool(&coord.prefix, &account) {
-                inv.key(k);
-            }
-            inv.arg(limit)
-                .arg(coord.lease_ms())
-                .arg(&coord.channel_prefix);
-            if let Ok((_, stats)) = coord.call::<(i64, Vec<i64>)>(Op::Acquire, &inv).await {
-                coord.note_pool(&account, &stats);
-            }
-        });
+        let _ = core.limit_writes.send(account);
     }
 
     fn stats(&self, account: &str) -> GateStats {
@@ -304,6 +298,29 @@ impl Limiter for RedisLimiter {
         core.shutting_down.store(true, Ordering::Release);
         core.coord.refuse_local(LimitError::ShuttingDown);
         core.fallback.shut_down();
+    }
+}
+
+/// Writes limit changes to Redis one after the other, each with the
+/// account's newest limit at the time it is sent, until the limiter is
+/// dropped.
+async fn write_limits(core: Weak<Core>, mut changed: mpsc::UnboundedReceiver<Arc<str>>) {
+    while let Some(account) = changed.recv().await {
+        let Some(core) = core.upgrade() else { return };
+        let Some(limit) = core.limits.get(&account).map(|l| *l) else {
+            continue;
+        };
+        let coord = &core.coord;
+        let mut inv = SET_LIMIT.prepare_invoke();
+        for k in keys::pool(&coord.prefix, &account) {
+            inv.key(k);
+        }
+        inv.arg(limit)
+            .arg(coord.lease_ms())
+            .arg(&coord.channel_prefix);
+        if let Ok((_, stats)) = coord.call::<(i64, Vec<i64>)>(Op::Acquire, &inv).await {
+            coord.note_pool(&account, &stats);
+        }
     }
 }
 

@@ -37,14 +37,22 @@ impl Waiting {
     pub(super) fn granted(mut self) -> Permit {
         self.armed = false;
         let coord = self.coord.clone();
-        coord.tickets.insert(
-            self.ticket.clone(),
-            TicketState::Held {
-                account: self.account.clone(),
-                renewed_until: Instant::now() + coord.lease,
-                lost: false,
-            },
-        );
+        let held = || TicketState::Held {
+            account: self.account.clone(),
+            renewed_until: Instant::now() + coord.lease,
+            lost: false,
+        };
+        // A grant signal already made it `Held`, and the heartbeat may have
+        // renewed or lost it since: keep that, never reset it.
+        coord
+            .tickets
+            .entry(self.ticket.clone())
+            .and_modify(|s| {
+                if matches!(s, TicketState::Queued { .. }) {
+                    *s = held();
+                }
+            })
+            .or_insert_with(held);
         Permit::shared(Box::new(RedisLease {
             coord,
             account: self.account.clone(),
