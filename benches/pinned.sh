@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# Exact side-by-side CPU cost per request: tollgate vs nginx vs HAProxy.
+#
+# The server side (a static nginx backend answering 2 KiB to POST, plus the
+# proxy under test) is pinned to cpu0; the load generator (wrk -t1 -c64,
+# POST, keep-alive) runs alone on cpu1. Targets are interleaved round by
+# round and the median of the rounds is reported. CPU per request on cpu0 is
+# the busy jiffies /proc/stat counts on cpu0 during the wrk window divided by
+# the requests wrk completed (the backend's share is included for every
+# target, so differences between targets are the proxies' own).
+#
+# Then, open loop at 50 % of tollgate's measured maximum (tollgate loadgen on
+# cpu1): p50/p99 latency of the backend straight and through tollgate; the
+# difference is tollgate's added latency.
+#
+# tollgate runs with everything on: key auth, per-account limiter, billing
+# reservation (postpaid accounts), a durable usage event (SQLite, fsync'd
+# before the answer) per success. Its data directory is on the same disk as
+# the repository (not tmpfs).
+#
+# Usage: benches/pinned.sh [seconds per run] [rounds]
+# Writes target/bench/pinned.md and pinned.json. Needs 2 or more cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+ROUNDS=${2:-3}
+ACCOUNTS=64
+BIN=${BENCH_BIN:-target/release/tollgate}
+TOKEN=bench-admin-token-0123456789
+OUT=target/bench
+mkdir -p "$OUT"
+[ -n "${BENCH_BIN:-}" ] || cargo build --release --quiet --bin tollgate
+for tool in wrk nginx haproxy; do
+  command -v $tool >/dev/null 2>&1 || [ -x /usr/sbin/$tool ] || {
+    echo "installing $tool from Debian's packages" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $tool >/dev/null
+  }
+done
+export PATH=$PATH:/usr/sbin
+work=$(mktemp -d -p "$PWD/target")
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -s -o /dev/null "$1" && return; sleep 0.05; done; echo "timeout: $1" >&2; exit 1; }
+nginx_common() { # $1 = dir
+  cat <<CONF
+worker_processes 1;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+CONF
+}
+temp_paths() {
+  echo "client_body_temp_path $1/body; proxy_temp_path $1/proxy; fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;"
+}
+
+# The backend: static nginx, 2 KiB JSON reply to any method.
+BPORT=$(free_port)
+mkdir -p "$work/backend"
+REPLY=$(python3 -c 'print("{\"Response\":{\"ResultImage\":\"" + "A" * 2000 + "\",\"RequestId\":\"r\"}}")')
+cat >"$work/backend/nginx.conf" <<CONF
+$(nginx_common "$work/backend")
+http {
+  access_log off;
+  $(temp_paths "$work/backend")
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$BPORT;
+    client_max_body_size 10m;
+    location / { default_type application/json; return 200 '$REPLY'; }
+  }
+}
+CONF
+taskset -c 0 nginx -c "$work/backend/nginx.conf" -g 'daemon off;' &
+BACKEND="http://127.0.0.1:$BPORT"
+wait_http "$BACKEND/"
+
+# nginx as a plain reverse proxy, one worker, upstream keep-alive.
+NPORT=$(free_port)
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<CONF
+$(nginx_common "$work/nginx")
+http {
+  access_log off;
+  $(temp_paths "$work/nginx")
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BPORT; keepalive 128; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NPORT;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+taskset -c 0 nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+NGINX="http://127.0.0.1:$NPORT"
+
+# HAProxy, one thread.
+HPORT=$(free_port)
+cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HPORT
+  default_backend be
+backend be
+  server b 127.0.0.1:$BPORT maxconn 10000
+CONF
+taskset -c 0 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+HAPROXY="http://127.0.0.1:$HPORT"
+
+# tollgate, everything on, the whole process on cpu0. With BENCH_BASE_BIN
+# set, a second build runs beside it ("tollgate-base", on a copy of the same
+# data directory, so the same keys work) for an A/B in the same run.
+start_gw() { # name binary -> sets GW_<name>, ADMIN_<name>
+  local name=$1 bin=$2
+  cat >"$work/$name.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+max_connections = 20000
+[admin]
+listen = "127.0.0.1:0"
+token = "$TOKEN"
+[backend]
+url = "$BACKEND"
+[limits]
+max_queue_per_account = 20000
+[storage]
+data_dir = "$work/data-$name"
+[log]
+level = "warn"
+TOML
+  taskset -c 0 "$bin" serve --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
+  for _ in $(seq 200); do [ "$(grep -c http "$work/$name.out" 2>/dev/null)" -ge 2 ] && break; sleep 0.05; done
+  printf -v "GW_$name" '%s' "$(grep 'data plane' "$work/$name.out" | grep -o 'http://[0-9.:]*')"
+  printf -v "ADMIN_$name" '%s' "$(grep 'admin' "$work/$name.out" | grep -o 'http://[0-9.:]*')"
+}
+start_gw tollgate "$BIN"
+GW=$GW_tollgate
+ADMIN=$ADMIN_tollgate
+wait_http "$NGINX/"
+wait_http "$HAPROXY/"
+
+# 64 postpaid accounts, one key each: every task is paid.
+auth=(-H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json")
+for i in $(seq 1 $ACCOUNTS); do
+  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts" -d "{\"id\":\"pin-$i\"}" >/dev/null
+  curl -sf "${auth[@]}" -X PUT "$ADMIN/v1/accounts/pin-$i/postpaid" -d '{"enabled":true}' >/dev/null
+  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts/pin-$i/keys" -d '{}' | sed 's/.*"api_key":"\([^"]*\)".*/\1/'
+  echo
+done >"$work/keys.txt"
+TARGETS=(backend nginx haproxy tollgate)
+declare -A URL=([backend]="$BACKEND" [nginx]="$NGINX" [haproxy]="$HAPROXY" [tollgate]="$GW")
+if [ -n "${BENCH_BASE_BIN:-}" ]; then
+  kill "$(pgrep -f "$work/tollgate.toml")"; wait "$(pgrep -f "$work/tollgate.toml")" 2>/dev/null || sleep 1
+  cp -r "$work/data-tollgate" "$work/data-base"
+  start_gw tollgate "$BIN"
+  start_gw base "$BENCH_BASE_BIN"
+  URL[tollgate]=$GW_tollgate
+  URL[tollgate-base]=$GW_base
+  TARGETS+=(tollgate-base)
+fi
+
+# wrk: POST, 200-byte JSON body; requests take the 64 keys in turn, so the
+# 64 requests in flight belong to (nearly always) distinct accounts and none
+# waits in a queue (an account's limit is 3).
+python3 - "$work/keys.txt" >"$work/post.lua" <<'PY'
+import sys
+keys = [k.strip() for k in open(sys.argv[1]) if k.strip()]
+print("local keys = {" + ",".join('"%s"' % k for k in keys) + "}")
+print('''
+local n = 0
+local body = '{"Image":"' .. string.rep("x", 180) .. '","Style":"ink"}'
+request = function()
+  n = n + 1
+  local k = keys[(n % #keys) + 1]
+  return wrk.format("POST", "/v1/style-transfer", {["Authorization"] = "Bearer " .. k, ["Content-Type"] = "application/json"}, body)
+end''')
+PY
+
+cpu0() { awk '$1=="cpu0" {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc/stat; }
+measure() { # name url -> appends "name rps us_per_req" to results
+  local name=$1 url=$2 before after out rps reqs
+  before=$(cpu0)
+  out=$(taskset -c 1 wrk -t1 -c64 -d"${SECS}s" -s "$work/post.lua" "$url/v1/style-transfer")
+  after=$(cpu0)
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  python3 - "$name" "$before" "$after" "$reqs" "$rps" "${non2xx:-0}" >>"$work/results.txt" <<'PY'
+import os, sys
+name, before, after, reqs, rps, bad = sys.argv[1:]
+b0, t0 = map(int, before.split()); b1, t1 = map(int, after.split())
+hz = os.sysconf("SC_CLK_TCK")
+busy_s = (b1 - b0) / hz
+print(name, rps, f"{busy_s * 1e6 / max(int(reqs), 1):.2f}", f"{(b1 - b0) / max(t1 - t0, 1):.3f}", bad)
+PY
+  tail -1 "$work/results.txt" >&2
+}
+
+# warm every target (connection pools, page cache, SQLite file size)
+for t in "${TARGETS[@]}"; do
+  taskset -c 1 wrk -t1 -c64 -d2s -s "$work/post.lua" "${URL[$t]}/v1/style-transfer" >/dev/null
+done
+for r in $(seq 1 "$ROUNDS"); do
+  echo "round $r/$ROUNDS" >&2
+  for t in "${TARGETS[@]}"; do measure "$t" "${URL[$t]}"; done
+done
+
+# open loop at 50 % of tollgate's maximum: added latency
+MAX=$(awk '$1=="tollgate" {print $2}' "$work/results.txt" | sort -n | awk '{a[NR]=$1} END {print int(a[int((NR+1)/2)])}')
+RATE=$(( MAX / 2 ))
+echo "open loop at $RATE req/s" >&2
+for t in backend tollgate ${BENCH_BASE_BIN:+tollgate-base}; do
+  url=${URL[$t]}
+  taskset -c 1 "$BIN" loadgen --json --duration "${SECS}s" --keys-file "$work/keys.txt" --body-size 200 \
+    --rate "$RATE" --url "$url/v1/style-transfer" >"$work/lat-$t.json"
+done
+
+
+python3 - "$work" "$SECS" "$ROUNDS" "$OUT" "$RATE" <<'PY'
+import json, os, platform, statistics, sys
+work, secs, rounds, out, rate = sys.argv[1:]
+rows = {}
+for line in open(f"{work}/results.txt"):
+    name, rps, us, frac, bad = line.split()
+    rows.setdefault(name, []).append((float(rps), float(us), float(frac), int(bad)))
+med = {n: {"rps": statistics.median(r[0] for r in v), "us_per_req": statistics.median(r[1] for r in v),
+           "cpu0_busy": statistics.median(r[2] for r in v), "non_2xx": sum(r[3] for r in v),
+           "rounds": [{"rps": r[0], "us_per_req": r[1]} for r in v]} for n, v in rows.items()}
+lat = {t: json.load(open(f"{work}/lat-{t}.json")) for t in ["backend", "tollgate", "tollgate-base"] if os.path.exists(f"{work}/lat-{t}.json")}
+res = {"machine": {"cores": os.cpu_count(), "kernel": platform.release()}, "seconds": int(secs), "rounds": int(rounds),
+       "targets": med, "open_loop": {"rate": int(rate), **{t: {"p50_ms": l["latency_ms"]["p50"], "p99_ms": l["latency_ms"]["p99"],
+       "statuses": l["statuses"]} for t, l in lat.items()}}}
+json.dump(res, open(f"{out}/pinned.json", "w"), indent=2)
+md = [f"Pinned side by side: server side on cpu0, wrk -t1 -c64 on cpu1, POST 200 B, 2 KiB reply, {secs} s x {rounds} interleaved rounds, median.\n",
+      "| target | req/s | CPU µs per request on cpu0 (backend included) | cpu0 busy | x nginx throughput |", "|---|---:|---:|---:|---:|"]
+n = med["nginx"]["rps"]
+for t in ["backend", "nginx", "haproxy", "tollgate", "tollgate-base"]:
+    if t not in med:
+        continue
+    m = med[t]
+    md.append(f"| {t} | {m['rps']:,.0f} | {m['us_per_req']:.1f} | {m['cpu0_busy']:.0%} | {m['rps'] / n:.2f} |")
+bad = med["tollgate"]["non_2xx"]
+md.append(f"\ntollgate non-2xx answers over all rounds: {bad}\n")
+
+b = res["open_loop"]["backend"]
+md.append(f"Open loop at {rate} req/s (50 % of tollgate's maximum), backend straight: p50 {b['p50_ms']:.3f} ms / p99 {b['p99_ms']:.3f} ms\n")
+for t in ["tollgate", "tollgate-base"]:
+    if t in res["open_loop"]:
+        g = res["open_loop"][t]
+        md.append(f"- through {t}: p50 {g['p50_ms']:.3f} ms / p99 {g['p99_ms']:.3f} ms; **added p50 {g['p50_ms'] - b['p50_ms']:.3f} ms, p99 {g['p99_ms'] - b['p99_ms']:.3f} ms**; statuses {g['statuses']}")
+open(f"{out}/pinned.md", "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+PY
