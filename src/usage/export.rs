@@ -138,6 +138,10 @@ async fn catch_up(
             *slot = Some(sink);
             return Ok(());
         }
+        // A short page reached the end of the feed as it was: stop there
+        // rather than chase the few events committed meanwhile (under load
+        // that chase never ends and each round trip carries a handful).
+        let caught_up = page.len() < PAGE;
         let dir = dir.to_path_buf();
         let (s, r) = tokio::task::spawn_blocking(move || {
             let r = append_page(&mut sink, &dir, &page);
@@ -147,6 +151,9 @@ async fn catch_up(
         .map_err(|_| ExportError::Task)?;
         *slot = Some(s);
         r?;
+        if caught_up {
+            break;
+        }
     }
     Ok(())
 }

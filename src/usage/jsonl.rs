@@ -84,25 +84,50 @@ impl JsonlSink {
         Ok(())
     }
 
-    /// Appends events (in commit order); skips any already exported.
+    /// Appends events (in commit order); skips any already exported. The
+    /// lines of one day go out in one `write`, not one per event.
     pub fn append<'a>(
         &mut self,
         events: impl IntoIterator<Item = ExportedEvent<'a>>,
     ) -> io::Result<()> {
+        let mut lines = Vec::new();
+        let mut day: Option<&'a str> = None;
+        let mut last: Option<(u64, &'a str)> = None;
         for ev in events {
-            if ev.seq <= self.exported_up_to {
+            if ev.seq <= last.map_or(self.exported_up_to, |l| l.0) {
                 continue;
             }
-            let day = ev.time.get(..10).unwrap_or("unknown-day");
-            let file = self.file_for(day)?;
-            let mut line = Vec::with_capacity(ev.json.len() + 1);
-            line.extend_from_slice(ev.json.as_bytes());
-            line.push(b'\n');
-            file.write_all(&line)?;
-            self.unsynced = true;
-            self.exported_up_to = ev.seq;
-            self.last_id = Some(ev.id.to_string());
+            let ev_day = ev.time.get(..10).unwrap_or("unknown-day");
+            if day.is_some_and(|d| d != ev_day) {
+                self.write_lines(day, &mut lines, last)?;
+            }
+            day = Some(ev_day);
+            lines.extend_from_slice(ev.json.as_bytes());
+            lines.push(b'\n');
+            last = Some((ev.seq, ev.id));
         }
+        self.write_lines(day, &mut lines, last)
+    }
+
+    /// Writes one day's gathered lines; the cursor moves only once they are
+    /// written, so a failed write is retried whole.
+    fn write_lines(
+        &mut self,
+        day: Option<&str>,
+        lines: &mut Vec<u8>,
+        last: Option<(u64, &str)>,
+    ) -> io::Result<()> {
+        let (Some(day), Some((seq, id))) = (day, last) else {
+            return Ok(());
+        };
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.file_for(day)?.write_all(lines)?;
+        lines.clear();
+        self.unsynced = true;
+        self.exported_up_to = seq;
+        self.last_id = Some(id.to_string());
         Ok(())
     }
 
@@ -185,5 +210,30 @@ mod tests {
         assert_eq!(last.as_deref(), Some("b"));
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(text, "{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+    }
+
+    #[test]
+    fn a_batch_spanning_midnight_goes_to_each_days_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, _) = JsonlSink::open(dir.path()).unwrap();
+        let at = |seq, id, time, json| ExportedEvent {
+            seq,
+            id,
+            time,
+            json,
+        };
+        sink.append([
+            at(1, "a", "2026-11-26T23:59:59.999Z", r#"{"id":"a"}"#),
+            at(2, "b", "2026-11-26T23:59:59.999Z", r#"{"id":"b"}"#),
+            at(3, "c", "2026-11-27T00:00:00.000Z", r#"{"id":"c"}"#),
+            at(2, "b", "2026-11-26T23:59:59.999Z", r#"{"id":"b"}"#),
+        ])
+        .unwrap();
+        sink.sync().unwrap();
+        let day =
+            |d: &str| fs::read_to_string(dir.path().join(format!("events-{d}.jsonl"))).unwrap();
+        assert_eq!(day("2026-11-26"), "{\"id\":\"a\"}\n{\"id\":\"b\"}\n");
+        assert_eq!(day("2026-11-27"), "{\"id\":\"c\"}\n");
+        assert_eq!((sink.exported_up_to(), sink.last_id()), (3, Some("c")));
     }
 }

@@ -18,6 +18,14 @@ pub(super) fn run(
     changes: broadcast::Sender<Change>,
 ) {
     while let Ok(first) = jobs.recv() {
+        // The first write wakes this thread, which the kernel tends to run
+        // at once, ahead of the runtime worker that holds the other
+        // finished tasks: a commit would then carry one or two events and
+        // cost its own fsync, WAL frames and locks. Yielding once lets the
+        // worker hand over what its round finishes, so one commit carries
+        // them all (pinned bench: see BENCHMARKS.md). Where cores are idle
+        // the yield returns at once.
+        std::thread::yield_now();
         let mut closing = false;
         let mut batch = Vec::new();
         let mut next = Some(first);
