@@ -135,15 +135,18 @@ impl App {
         ));
         let registry = Arc::new(Registry::new());
         let billing = Arc::new(billing::Accounts::new(config.billing.arrears_grace));
-        let accounts = Arc::new(AccountService::new(
-            store.clone(),
-            registry.clone(),
-            billing.clone(),
-            schedule.clone(),
-            limiter.clone(),
-            clock.clone(),
-            config.storage.kind == StorageKind::Postgres,
-        ));
+        let accounts = Arc::new(
+            AccountService::new(
+                store.clone(),
+                registry.clone(),
+                billing.clone(),
+                schedule.clone(),
+                limiter.clone(),
+                clock.clone(),
+                config.storage.kind == StorageKind::Postgres,
+            )
+            .with_sealer(config.auth.sealer()?),
+        );
         let billing_service = billing::BillingService::new(
             store.clone(),
             billing.clone(),
@@ -171,6 +174,7 @@ impl App {
             backend: backend.clone(),
             metrics: metrics.clone(),
             tasks: TaskTracker::new(),
+            buffers: Default::default(),
         });
         let admin = Arc::new(AdminState {
             config: config.clone(),
@@ -202,6 +206,17 @@ impl App {
             stopping,
         };
         app.accounts.refresh_all().await?;
+        let unopened = app.accounts.unopened_tc3_keys();
+        if unopened > 0 {
+            return Err(StartError::Config(crate::config::ConfigError::Invalid {
+                key: "auth.secret_encryption_key".into(),
+                reason: format!(
+                    "the store holds {unopened} TC3 key(s) whose secret this key cannot decrypt \
+                     (missing or wrong key; give the key they were issued under, or list it in \
+                     auth.previous_secret_encryption_keys)"
+                ),
+            }));
+        }
         Ok(Arc::new(app))
     }
 
@@ -224,6 +239,7 @@ impl App {
                 root: id,
                 sub: None,
                 created_at: self.admin.clock.now(),
+                sealed_secret: None,
             };
             match self.accounts.add_known_key(row).await {
                 // Revoked earlier by an operator: stay revoked.

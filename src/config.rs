@@ -29,6 +29,7 @@ const SECTIONS: &[&str] = &[
     "simulator",
     "demo",
     "cluster",
+    "auth",
 ];
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -45,6 +46,72 @@ pub struct Config {
     pub simulator: SimulatorConfig,
     pub demo: DemoConfig,
     pub cluster: ClusterConfig,
+    pub auth: AuthConfig,
+}
+
+/// The API 3.0 (TC3-HMAC-SHA256) front (SPEC §9).
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// 64 hex digits (`openssl rand -hex 32`) that seal TC3 secret keys at
+    /// rest; best given as `TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY`. Without
+    /// it TC3 keys cannot be issued.
+    pub secret_encryption_key: String,
+    /// Earlier keys, still able to open the secrets they sealed (rotation).
+    pub previous_secret_encryption_keys: Vec<String>,
+    /// How far `X-TC-Timestamp` may be from the gateway's clock.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret_encryption_key: String::new(),
+            previous_secret_encryption_keys: Vec::new(),
+            max_clock_skew_ms: 300_000,
+        }
+    }
+}
+
+// Never prints the keys.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "secret_encryption_key",
+                &(!self.secret_encryption_key.is_empty()).then_some("<set>"),
+            )
+            .field(
+                "previous_secret_encryption_keys",
+                &self.previous_secret_encryption_keys.len(),
+            )
+            .field("max_clock_skew_ms", &self.max_clock_skew_ms)
+            .finish()
+    }
+}
+
+impl AuthConfig {
+    /// The sealer the keys make (validated at load, so this cannot fail
+    /// on a loaded config).
+    pub fn sealer(&self) -> Result<crate::auth::sealed::Sealer, ConfigError> {
+        use crate::auth::sealed::{Sealer, SealingKey};
+        let current = if self.secret_encryption_key.is_empty() {
+            None
+        } else {
+            Some(
+                SealingKey::parse(&self.secret_encryption_key)
+                    .map_err(|r| invalid("auth.secret_encryption_key", r))?,
+            )
+        };
+        let previous = self
+            .previous_secret_encryption_keys
+            .iter()
+            .map(|k| {
+                SealingKey::parse(k).map_err(|r| invalid("auth.previous_secret_encryption_keys", r))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Sealer::new(current, previous))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +218,12 @@ pub struct BackendConfig {
     /// before anything is reserved. CONNECT, TRACE and OPTIONS are never
     /// tasks.
     pub methods: Vec<String>,
+    /// API 3.0: the service a TC3 credential must name.
+    pub service: String,
+    /// API 3.0: the `X-TC-Action`s accepted; the action is the event's `api`.
+    pub actions: Vec<String>,
+    /// API 3.0: the `X-TC-Version` accepted.
+    pub api_version: String,
 }
 
 impl Default for BackendConfig {
@@ -163,6 +236,9 @@ impl Default for BackendConfig {
             api_name: "ImageStyleTransfer".into(),
             pool_max_idle: 1024,
             methods: vec!["POST".into(), "GET".into()],
+            service: "aiart".into(),
+            actions: vec!["ImageToImage".into()],
+            api_version: "2022-12-29".into(),
         }
     }
 }
@@ -174,6 +250,9 @@ pub struct LimitsConfig {
     pub max_queue_per_account: usize,
     pub max_queue_wait_ms: u64,
     pub max_body_bytes: u64,
+    /// API 3.0 bodies are read (and their signature verified) before a
+    /// task queues: all bodies held at once together stay under this.
+    pub max_buffered_bytes: u64,
     /// Once a task is forwarded, the longest pause allowed in its request
     /// body: a client that stalls its upload cannot pin a slot.
     pub body_idle_timeout_ms: u64,
@@ -186,6 +265,7 @@ impl Default for LimitsConfig {
             max_queue_per_account: 100,
             max_queue_wait_ms: 60_000,
             max_body_bytes: 10 << 20,
+            max_buffered_bytes: 256 << 20,
             body_idle_timeout_ms: 10_000,
         }
     }
@@ -486,6 +566,28 @@ impl Config {
         if !self.backend.url.is_empty() {
             BackendUrl::parse(&self.backend.url).map_err(|r| invalid("backend.url", r))?;
         }
+        self.auth.sealer()?;
+        if !(1_000..=86_400_000).contains(&self.auth.max_clock_skew_ms) {
+            return Err(invalid(
+                "auth.max_clock_skew_ms",
+                "must be between 1000 and 86400000",
+            ));
+        }
+        if self.backend.actions.is_empty() || self.backend.actions.iter().any(|a| a.is_empty()) {
+            return Err(invalid("backend.actions", "must name at least one action"));
+        }
+        if self.backend.service.is_empty() || self.backend.api_version.is_empty() {
+            return Err(invalid(
+                "backend.service",
+                "backend.service and backend.api_version must not be empty",
+            ));
+        }
+        if self.limits.max_buffered_bytes < self.limits.max_body_bytes {
+            return Err(invalid(
+                "limits.max_buffered_bytes",
+                "must be at least limits.max_body_bytes",
+            ));
+        }
         if self.backend.methods.is_empty() {
             return Err(invalid("backend.methods", "must name at least one method"));
         }
@@ -649,8 +751,22 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
     // like numbers (a token of digits, an instance named `1`).
     let value = match (key, &parsed) {
         (
-            "token" | "instance" | "url" | "account" | "timezone" | "level" | "data_dir"
-            | "arrears_grace" | "listen" | "kind" | "redis_url" | "key_prefix" | "postgres_url",
+            "token"
+            | "instance"
+            | "url"
+            | "account"
+            | "timezone"
+            | "level"
+            | "data_dir"
+            | "arrears_grace"
+            | "listen"
+            | "kind"
+            | "redis_url"
+            | "key_prefix"
+            | "postgres_url"
+            | "secret_encryption_key"
+            | "service"
+            | "api_version",
             v,
         ) if !v.is_str() => toml::Value::String(value.to_string()),
         _ => parsed,

@@ -13,6 +13,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api_error;
 pub mod app;
+pub mod auth;
 pub mod billing;
 pub mod clock;
 pub mod cluster;

@@ -41,6 +41,8 @@ fn key(id: &str, root: &str, sub: Option<&str>) -> KeyRow {
         root: root.into(),
         sub: sub.map(String::from),
         created_at: Timestamp::now(),
+        // A TC3 key's sealed secret is stored and read back as is.
+        sealed_secret: (id == "k2").then(|| format!("v1.sealed-{id}")),
     }
 }
 
@@ -146,6 +148,7 @@ async fn conformance(store: Arc<dyn Store>) {
         ["k2"]
     );
     assert_eq!(snap.keys[0].hash, hash_key("secret-k2"));
+    assert_eq!(snap.keys[0].sealed_secret.as_deref(), Some("v1.sealed-k2"));
     assert_eq!(snap.concurrency_packages.len(), 1);
     assert_eq!(
         snap.concurrency_packages[0].price_usd,

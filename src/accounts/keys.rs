@@ -19,6 +19,16 @@ pub fn generate_api_key() -> String {
     format!("tg_{}", hex::encode(secret))
 }
 
+/// A TC3 key pair in the service's shape: a 36-character `AKID…` SecretId
+/// and a 32-character SecretKey (128 random bits each part).
+pub fn generate_tc3_pair() -> (String, String) {
+    let mut id = [0u8; 16];
+    let mut key = [0u8; 16];
+    rand::rng().fill_bytes(&mut id);
+    rand::rng().fill_bytes(&mut key);
+    (format!("AKID{}", hex::encode(id)), hex::encode(key))
+}
+
 pub fn new_key_id() -> String {
     format!("key_{}", uuid::Uuid::now_v7().simple())
 }

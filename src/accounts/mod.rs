@@ -14,9 +14,10 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 pub use keys::{
-    KeyHash, MAX_PRESENTED_KEY_LEN, generate_api_key, hash_key, new_key_id, secrets_match,
+    KeyHash, MAX_PRESENTED_KEY_LEN, generate_api_key, generate_tc3_pair, hash_key, new_key_id,
+    secrets_match,
 };
-pub use service::{AccountService, ChangeError, IssuedKey};
+pub use service::{AccountService, ChangeError, IssuedKey, IssuedTc3Key};
 
 /// Ids of accounts and sub-accounts: 1 to 64 characters of `A-Z a-z 0-9 . _ -`,
 /// starting with a letter or digit (they appear in headers, URLs and labels).
@@ -117,12 +118,44 @@ pub struct Principal {
     pub sub: Option<Arc<SubAccount>>,
 }
 
-/// An issued, unrevoked key. The secret itself is never kept.
+/// An issued, unrevoked key. An API key's secret is never kept (only its
+/// hash); a TC3 key's secret is, in memory only, because verifying a
+/// signature needs it (at rest it is sealed, see `auth::sealed`).
 #[derive(Debug)]
 pub struct KeyEntry {
     pub key_id: String,
+    /// API key: SHA-256 of the secret. TC3: [`tc3_lookup_hash`] of the
+    /// SecretId.
     pub hash: KeyHash,
     pub principal: Principal,
+    pub tc3_secret: Option<Tc3Secret>,
+}
+
+/// A TC3 secret key in memory; `Debug` never shows it.
+#[derive(Clone)]
+pub struct Tc3Secret(Arc<str>);
+
+impl Tc3Secret {
+    pub fn new(secret: String) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Tc3Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tc3Secret(..)")
+    }
+}
+
+/// Where a TC3 key sits in the registry: a hash of its SecretId in its own
+/// domain (no Bearer value can hash to it: the prefix holds a NUL, which no
+/// header value carries).
+pub fn tc3_lookup_hash(secret_id: &str) -> KeyHash {
+    hash_key(&format!("tc3\0{secret_id}"))
 }
 
 #[derive(Default)]
@@ -224,7 +257,25 @@ impl Registry {
     /// is revoked from now on (queued tasks must not outlive their key).
     pub fn authenticate_watched(&self, presented: &str) -> Option<(Principal, CancellationToken)> {
         let principal = self.authenticate(presented)?;
-        let hash = hash_key(presented);
+        self.watch(hash_key(presented), principal)
+    }
+
+    /// The TC3 key of a SecretId, if issued and not revoked.
+    pub fn tc3_key(&self, secret_id: &str) -> Option<Arc<KeyEntry>> {
+        if secret_id.is_empty() || secret_id.len() > MAX_PRESENTED_KEY_LEN {
+            return None;
+        }
+        let entry = self.keys.get(&tc3_lookup_hash(secret_id))?.clone();
+        entry.tc3_secret.is_some().then_some(entry)
+    }
+
+    /// A token cancelled when the key with `hash` is revoked; `None` if it
+    /// is already gone.
+    pub fn watch(
+        &self,
+        hash: KeyHash,
+        principal: Principal,
+    ) -> Option<(Principal, CancellationToken)> {
         let revoked = self.revocations.entry(hash).or_default().clone();
         // `revoke_key` removes the key before it cancels the token. If the
         // key is still here, any revocation cancels the token taken above;
@@ -248,7 +299,9 @@ impl Registry {
         let entry = self.keys.get(&hash)?;
         // The map is keyed by the hash, so a lookup's timing says nothing
         // about the secret; the constant-time check guards the match itself.
-        keys::hashes_match(&entry.hash, &hash).then(|| entry.principal.clone())
+        // A TC3 key never authenticates as a Bearer value.
+        (entry.tc3_secret.is_none() && keys::hashes_match(&entry.hash, &hash))
+            .then(|| entry.principal.clone())
     }
 }
 
@@ -279,6 +332,7 @@ mod tests {
             key_id: "k1".into(),
             hash: hash_key(&secret),
             principal: Principal { root, sub: None },
+            tc3_secret: None,
         });
         assert_eq!(&*reg.authenticate(&secret).unwrap().root.id, "acme");
         assert!(reg.authenticate("tg_wrong").is_none());

@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +27,10 @@ use crate::store::{
 };
 
 use super::{
-    AccountStatus, KeyEntry, Principal, Registry, RootAccount, SubAccount, generate_api_key,
-    hash_key, new_key_id, validate_id,
+    AccountStatus, KeyEntry, Principal, Registry, RootAccount, SubAccount, Tc3Secret,
+    generate_api_key, generate_tc3_pair, hash_key, new_key_id, tc3_lookup_hash, validate_id,
 };
+use crate::auth::sealed::Sealer;
 
 /// Why an admin change was not made. Nothing was changed in any case.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,13 @@ pub struct IssuedKey {
     pub api_key: String,
 }
 
+/// A TC3 key pair just issued: the secret key is shown this once.
+pub struct IssuedTc3Key {
+    pub key_id: String,
+    pub secret_id: String,
+    pub secret_key: String,
+}
+
 pub struct AccountService {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
@@ -69,6 +78,11 @@ pub struct AccountService {
     /// The store is shared with other replicas: memory may lag it by up
     /// to the change feed's delay, so admin calls read the account first.
     shared: bool,
+    /// Seals new TC3 secrets and opens stored ones.
+    sealer: Arc<Sealer>,
+    /// Stored TC3 keys whose secret could not be opened (wrong or missing
+    /// `auth.secret_encryption_key`); a start refuses to go on with any.
+    unopened: AtomicUsize,
 }
 
 impl AccountService {
@@ -89,7 +103,21 @@ impl AccountService {
             limiter,
             clock,
             shared,
+            sealer: Arc::new(Sealer::default()),
+            unopened: AtomicUsize::new(0),
         }
+    }
+
+    /// With `auth.secret_encryption_key` (and earlier keys): TC3 keys can
+    /// be issued and stored ones opened.
+    pub fn with_sealer(mut self, sealer: Sealer) -> Self {
+        self.sealer = Arc::new(sealer);
+        self
+    }
+
+    /// How many stored TC3 keys could not be opened so far.
+    pub fn unopened_tc3_keys(&self) -> usize {
+        self.unopened.load(Ordering::Relaxed)
     }
 
     /// The account as the store holds it now: with a shared store, a
@@ -197,11 +225,9 @@ impl AccountService {
         Ok(row)
     }
 
-    pub async fn issue_key(
-        &self,
-        root_id: &str,
-        sub: Option<&str>,
-    ) -> Result<IssuedKey, ChangeError> {
+    /// Checks that the account exists and `sub`, if given, is one of its
+    /// sub-accounts.
+    async fn key_owner(&self, root_id: &str, sub: Option<&str>) -> Result<(), ChangeError> {
         self.root(root_id).await?;
         if let Some(sub) = sub {
             match self.registry.sub(sub) {
@@ -213,6 +239,15 @@ impl AccountService {
                 }
             }
         }
+        Ok(())
+    }
+
+    pub async fn issue_key(
+        &self,
+        root_id: &str,
+        sub: Option<&str>,
+    ) -> Result<IssuedKey, ChangeError> {
+        self.key_owner(root_id, sub).await?;
         let secret = generate_api_key();
         let row = KeyRow {
             key_id: new_key_id(),
@@ -220,6 +255,7 @@ impl AccountService {
             root: root_id.to_string(),
             sub: sub.map(str::to_string),
             created_at: self.clock.now(),
+            sealed_secret: None,
         };
         commit(&*self.store, Write::CreateKey(row.clone())).await?;
         let key_id = row.key_id.clone();
@@ -227,6 +263,44 @@ impl AccountService {
         Ok(IssuedKey {
             key_id,
             api_key: secret,
+        })
+    }
+
+    /// Issues a TC3 key pair (SPEC §9); refused without an encryption key,
+    /// since the secret must be stored sealed.
+    pub async fn issue_tc3_key(
+        &self,
+        root_id: &str,
+        sub: Option<&str>,
+    ) -> Result<IssuedTc3Key, ChangeError> {
+        if !self.sealer.can_seal() {
+            return Err(ChangeError::Conflict {
+                code: "FailedOperation.EncryptionKeyMissing",
+                message: "TC3 keys need auth.secret_encryption_key (TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY) to store their secret encrypted".into(),
+            });
+        }
+        self.key_owner(root_id, sub).await?;
+        let (secret_id, secret_key) = generate_tc3_pair();
+        let key_id = new_key_id();
+        let sealed = self.sealer.seal(&key_id, &secret_key).map_err(|e| {
+            ChangeError::Store(StoreError::Internal(format!(
+                "sealing the secret failed: {e}"
+            )))
+        })?;
+        let row = KeyRow {
+            key_id: key_id.clone(),
+            hash: tc3_lookup_hash(&secret_id),
+            root: root_id.to_string(),
+            sub: sub.map(str::to_string),
+            created_at: self.clock.now(),
+            sealed_secret: Some(sealed),
+        };
+        commit(&*self.store, Write::CreateKey(row.clone())).await?;
+        self.insert_key(row);
+        Ok(IssuedTc3Key {
+            key_id,
+            secret_id,
+            secret_key,
         })
     }
 
@@ -306,10 +380,22 @@ impl AccountService {
             },
             None => None,
         };
+        let tc3_secret = match &k.sealed_secret {
+            None => None,
+            Some(sealed) => match self.sealer.open(&k.key_id, sealed) {
+                Ok(secret) => Some(Tc3Secret::new(secret)),
+                Err(e) => {
+                    self.unopened.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(key_id = %k.key_id, error = %e, "TC3 key skipped: its secret cannot be decrypted");
+                    return;
+                }
+            },
+        };
         self.registry.insert_key(KeyEntry {
             key_id: k.key_id,
             hash: k.hash,
             principal: Principal { root, sub },
+            tc3_secret,
         });
     }
 

@@ -124,6 +124,17 @@ pub async fn create_sub_account(
 #[serde(deny_unknown_fields)]
 struct NewKey {
     sub_account: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: KeyKind,
+}
+
+/// `"api_key"` (a Bearer key, the default) or `"tc3"` (an API 3.0 key pair).
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum KeyKind {
+    #[default]
+    ApiKey,
+    Tc3,
 }
 
 pub async fn issue_key(
@@ -137,6 +148,24 @@ pub async fn issue_key(
     } else {
         parse_json(&body)?
     };
+    if let KeyKind::Tc3 = req.kind {
+        let issued = app
+            .accounts
+            .issue_tc3_key(&root_id, req.sub_account.as_deref())
+            .await?;
+        tracing::info!(account = %root_id, key_id = %issued.key_id, "TC3 key pair issued");
+        return Ok((
+            StatusCode::CREATED,
+            Json(json!({
+                "key_id": issued.key_id,
+                "type": "tc3",
+                "secret_id": issued.secret_id,
+                "secret_key": issued.secret_key,
+                "account": root_id,
+                "sub_account": req.sub_account,
+            })),
+        ));
+    }
     let issued = app
         .accounts
         .issue_key(&root_id, req.sub_account.as_deref())

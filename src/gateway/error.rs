@@ -11,6 +11,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
 use crate::api_error::error_body;
+use crate::auth::tc3::Tc3Error;
 use crate::metrics::Outcome;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -55,6 +56,17 @@ pub enum GatewayError {
     ClientGone,
     #[error("internal error")]
     Internal,
+    /// An API 3.0 (TC3-HMAC-SHA256) request whose signature does not hold.
+    #[error("{}", .0.message())]
+    Tc3(Tc3Error),
+    #[error("the action {0:?} is not offered here")]
+    InvalidAction(String),
+    #[error("X-TC-Version must be {0}")]
+    InvalidVersion(String),
+    /// Verified bodies waiting for a slot already hold
+    /// `limits.max_buffered_bytes`.
+    #[error("too many request bodies are waiting; try again shortly")]
+    BuffersFull,
 }
 
 impl GatewayError {
@@ -74,6 +86,9 @@ impl GatewayError {
             }
             Self::ClientGone => StatusCode::from_u16(499).expect("in range"),
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Tc3(_) => StatusCode::UNAUTHORIZED,
+            Self::InvalidAction(_) | Self::InvalidVersion(_) => StatusCode::BAD_REQUEST,
+            Self::BuffersFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -97,6 +112,10 @@ impl GatewayError {
             Self::CoordinationUnavailable => "FailedOperation.CoordinationUnavailable",
             Self::ClientGone => "FailedOperation.ClientGone",
             Self::Internal => "InternalError",
+            Self::Tc3(e) => e.code(),
+            Self::InvalidAction(_) => "InvalidAction",
+            Self::InvalidVersion(_) => "InvalidParameterValue",
+            Self::BuffersFull => "RequestLimitExceeded",
         }
     }
 
@@ -134,6 +153,15 @@ impl GatewayError {
                 HeaderValue::from(after.as_secs().max(1)),
             );
         }
+        resp
+    }
+
+    /// The answer on the API 3.0 front: the same body and headers, with
+    /// HTTP 200 as the service gives them (its SDKs raise the error code
+    /// from the body only on a 200 with `application/json`).
+    pub fn into_tc3_response(self, request_id: &str) -> Response<Full<Bytes>> {
+        let mut resp = self.into_response(request_id);
+        *resp.status_mut() = StatusCode::OK;
         resp
     }
 }
@@ -175,9 +203,16 @@ mod tests {
             GatewayError::UsageRecordFailed,
             GatewayError::ShuttingDown,
             GatewayError::CoordinationUnavailable,
+            GatewayError::Tc3(Tc3Error::SignatureFailure),
+            GatewayError::InvalidAction("Other".into()),
+            GatewayError::InvalidVersion("2022-12-29".into()),
+            GatewayError::BuffersFull,
         ];
         for e in all {
-            assert!(e.code().contains('.'), "{e:?}");
+            assert!(
+                e.code().starts_with(|c: char| c.is_ascii_uppercase()),
+                "{e:?}"
+            );
             assert_ne!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
         }
     }

@@ -11,6 +11,7 @@ mod shared_stream;
 mod slow_body;
 mod state;
 mod tally;
+pub mod tc3_front;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -14,11 +14,11 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Gateway;
-use crate::accounts::{Principal, bearer_token};
+use crate::accounts::Principal;
+use crate::auth;
 use crate::billing::{Month, Reservation};
 use crate::limiter::{LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
@@ -28,8 +28,9 @@ use super::account_gate;
 use super::client_gone::ConnWatch;
 use super::detach::DetachOnDrop;
 use super::error::GatewayError;
-use super::proxy::{Answer, X_API_KEY, X_QUEUE_TIMEOUT_MS, X_REQUEST_ID};
+use super::proxy::{Answer, TaskBody, X_QUEUE_TIMEOUT_MS, X_REQUEST_ID};
 use super::tally::Tally;
+use super::tc3_front::{self, BufferShare};
 
 const X_QUEUE_WAIT_MS: http::HeaderName = http::HeaderName::from_static("x-queue-wait-ms");
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -46,6 +47,8 @@ pub async fn handle(
     if req.uri().path() == "/healthz" && req.method() == http::Method::GET {
         return healthz(&request_id);
     }
+    // Errors on the API 3.0 front are answered as the service does.
+    let tc3 = tc3_front::is_tc3(req.headers());
     // At info level so warnings and errors inside the task carry its id.
     let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());
     let mut queue_wait = Duration::ZERO;
@@ -66,7 +69,12 @@ pub async fn handle(
                 t.error(&err);
             }
             span.in_scope(|| tracing::debug!(code = err.code(), "task refused or failed"));
-            err.into_response(request_id.to_str().unwrap_or_default())
+            let id = request_id.to_str().unwrap_or_default();
+            if tc3 {
+                err.into_tc3_response(id)
+            } else {
+                err.into_response(id)
+            }
         }
     };
     let headers = resp.headers_mut();
@@ -87,8 +95,21 @@ async fn run(
     tally: &mut Option<Tally>,
 ) -> TaskResult {
     check_task_shape(gw, &req)?;
-    let (principal, revoked) = authenticate(gw, &req)?;
-    check_declared_length(gw, &req)?;
+    let (principal, revoked, req, action, buffer) = if tc3_front::is_tc3(req.headers()) {
+        let v = tc3_front::verify(gw, req).await?;
+        (
+            v.principal,
+            v.revoked,
+            v.request,
+            Some(v.action),
+            Some(v.share),
+        )
+    } else {
+        let (principal, revoked) = auth::api_key::authenticate(&gw.registry, req.headers())
+            .ok_or(GatewayError::Unauthorized)?;
+        check_declared_length(gw, &req)?;
+        (principal, revoked, req.map(TaskBody::Streaming), None, None)
+    };
     let wait_limit = queue_wait_limit(gw, &req)?;
     let mut reserve = account_gate::check(gw, &principal)?;
 
@@ -172,6 +193,8 @@ async fn run(
         request_id: request_id.clone(),
         queue_wait: *queue_wait,
         tally: tally.take(),
+        action,
+        _buffer: buffer,
     };
     DetachOnDrop::new(
         gw.tasks.clone(),
@@ -198,12 +221,17 @@ struct Task {
     queue_wait: Duration,
     /// The task's outcome count, which goes with it if it is detached.
     tally: Option<Tally>,
+    /// API 3.0: the action, which names the usage event's `api`.
+    action: Option<String>,
+    /// API 3.0: the body's share of `limits.max_buffered_bytes`, held until
+    /// the task ends.
+    _buffer: Option<BufferShare>,
 }
 
 impl Task {
     async fn run(
         mut self,
-        req: Request<Incoming>,
+        req: Request<TaskBody>,
         permit: Permit,
         reservation: Reservation,
         client_gone: Arc<AtomicBool>,
@@ -221,7 +249,7 @@ impl Task {
 
     async fn forward(
         self,
-        req: Request<Incoming>,
+        req: Request<TaskBody>,
         permit: Permit,
         reservation: Reservation,
         client_gone: Arc<AtomicBool>,
@@ -255,7 +283,10 @@ impl Task {
             UsageData {
                 account: self.principal.root.id.to_string(),
                 sub_account: self.principal.sub.as_ref().map(|s| s.id.to_string()),
-                api: gw.config.backend.api_name.clone(),
+                api: self
+                    .action
+                    .clone()
+                    .unwrap_or_else(|| gw.config.backend.api_name.clone()),
                 units: 1,
                 request_id: self.request_id.to_str().unwrap_or_default().to_string(),
                 status: answer.status.as_u16(),
@@ -293,30 +324,11 @@ fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
         })
 }
 
-/// The key's principal, and a token cancelled if the key is revoked while
-/// the task waits.
-fn authenticate(
-    gw: &Gateway,
-    req: &Request<Incoming>,
-) -> Result<(Principal, CancellationToken), GatewayError> {
-    let headers = req.headers();
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .or_else(|| headers.get(X_API_KEY).and_then(|v| v.to_str().ok()))
-        .map(str::trim)
-        .ok_or(GatewayError::Unauthorized)?;
-    gw.registry
-        .authenticate_watched(presented)
-        .ok_or(GatewayError::Unauthorized)
-}
-
 /// A task is one request in origin form (`/path?query`, or absolute form
 /// naming a path) with one of `backend.methods`. `OPTIONS *`, CONNECT
 /// (authority form), TRACE and upgrades are refused before anything is
 /// reserved.
-fn check_task_shape(gw: &Gateway, req: &Request<Incoming>) -> Result<(), GatewayError> {
+fn check_task_shape<B>(gw: &Gateway, req: &Request<B>) -> Result<(), GatewayError> {
     let method = req.method();
     if !gw
         .config
@@ -342,7 +354,7 @@ fn check_task_shape(gw: &Gateway, req: &Request<Incoming>) -> Result<(), Gateway
 
 /// Refuses a body declared too large before the task takes a queue place;
 /// an undeclared (chunked) one is cut off while it streams.
-fn check_declared_length(gw: &Gateway, req: &Request<Incoming>) -> Result<(), GatewayError> {
+fn check_declared_length<B>(gw: &Gateway, req: &Request<B>) -> Result<(), GatewayError> {
     let Some(value) = req.headers().get(header::CONTENT_LENGTH) else {
         return Ok(());
     };
@@ -359,7 +371,7 @@ fn check_declared_length(gw: &Gateway, req: &Request<Incoming>) -> Result<(), Ga
 }
 
 /// `limits.max_queue_wait_ms`, lowered by `X-Queue-Timeout-Ms` if sent.
-fn queue_wait_limit(gw: &Gateway, req: &Request<Incoming>) -> Result<Duration, GatewayError> {
+fn queue_wait_limit<B>(gw: &Gateway, req: &Request<B>) -> Result<Duration, GatewayError> {
     let max = gw.config.max_queue_wait();
     let Some(value) = req.headers().get(X_QUEUE_TIMEOUT_MS) else {
         return Ok(max);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 
 use super::slow_body::{BodyStalled, IdleTimeout};
 use hyper::body::Incoming;
@@ -41,6 +41,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// A task's request body: streamed through as it arrives (Bearer), or
+/// already read whole and verified (API 3.0, whose signature covers it).
+pub enum TaskBody {
+    Streaming(Incoming),
+    Buffered(Bytes),
+}
+
+type UpstreamBody = Either<IdleTimeout<Limited<Incoming>>, Full<Bytes>>;
 
 /// The backend's complete answer.
 pub struct Answer {
@@ -78,7 +87,7 @@ impl Answer {
 }
 
 pub struct Backend {
-    client: Client<HttpConnector, IdleTimeout<Limited<Incoming>>>,
+    client: Client<HttpConnector, UpstreamBody>,
     base: BackendUrl,
     max_response_bytes: usize,
     max_body_bytes: u64,
@@ -126,7 +135,7 @@ impl Backend {
     /// Sends the task and reads the whole answer. The caller bounds the time.
     pub async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<TaskBody>,
         principal: &Principal,
         request_id: &HeaderValue,
     ) -> Result<Answer, GatewayError> {
@@ -167,10 +176,14 @@ impl Backend {
                 .as_ref()
                 .map_or(HeaderValue::from_static(""), |s| header_value(&s.id)),
         );
-        let mut upstream = Request::new(IdleTimeout::new(
-            Limited::new(body, self.max_body_bytes as usize),
-            self.body_idle_timeout,
-        ));
+        let body = match body {
+            TaskBody::Streaming(body) => Either::Left(IdleTimeout::new(
+                Limited::new(body, self.max_body_bytes as usize),
+                self.body_idle_timeout,
+            )),
+            TaskBody::Buffered(bytes) => Either::Right(Full::new(bytes)),
+        };
+        let mut upstream = Request::new(body);
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         *upstream.version_mut() = Version::HTTP_11;

@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::usage::UsageRecorder;
 
 use super::proxy::Backend;
+use super::tc3_front::BufferBudget;
 
 pub struct Gateway {
     pub config: Arc<Config>,
@@ -33,4 +34,6 @@ pub struct Gateway {
     /// Forwarded tasks, which outlive their client connections; shutdown
     /// waits for them.
     pub tasks: TaskTracker,
+    /// Bytes of API 3.0 bodies held (read and verified before queueing).
+    pub buffers: BufferBudget,
 }

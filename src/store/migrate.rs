@@ -238,6 +238,11 @@ trait CopyRow: Sized {
     const TABLE: &'static str;
     const SELECT: &'static str;
     const INSERT: &'static str;
+    /// The query for this source: `SELECT`, unless the source was made by
+    /// an earlier version that lacks a column (which then reads as NULL).
+    fn select(_src: &rusqlite::Connection) -> String {
+        Self::SELECT.to_string()
+    }
     fn read(row: &rusqlite::Row<'_>) -> Result<Self, ReadError>;
     fn params(&self) -> Vec<&(dyn ToSql + Sync)>;
 }
@@ -354,15 +359,31 @@ struct ApiKey {
     sub: Option<String>,
     created_at: Timestamp,
     revoked_at: Option<Timestamp>,
+    sealed_secret: Option<String>,
 }
 
 impl CopyRow for ApiKey {
     const TABLE: &'static str = "api_keys";
     const SELECT: &'static str =
-        "SELECT key_id, hash, root, sub, created_at, revoked_at FROM api_keys ORDER BY key_id";
+        "SELECT key_id, hash, root, sub, created_at, revoked_at, sealed_secret
+         FROM api_keys ORDER BY key_id";
     const INSERT: &'static str =
-        "INSERT INTO api_keys(key_id, hash, root, sub, created_at, revoked_at)
-         VALUES ($1, $2, $3, $4, $5, $6)";
+        "INSERT INTO api_keys(key_id, hash, root, sub, created_at, revoked_at, sealed_secret)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    fn select(src: &rusqlite::Connection) -> String {
+        let has_sealed = src
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('api_keys') WHERE name = 'sealed_secret'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .is_ok_and(|n| n > 0);
+        if has_sealed {
+            Self::SELECT.to_string()
+        } else {
+            Self::SELECT.replace(", sealed_secret", ", NULL")
+        }
+    }
     fn read(r: &rusqlite::Row<'_>) -> Result<Self, ReadError> {
         let key_id: String = r.get(0)?;
         let hash: Vec<u8> = r.get(1)?;
@@ -380,6 +401,7 @@ impl CopyRow for ApiKey {
             sub: r.get(3)?,
             created_at: ts(&r.get::<_, String>(4)?)?,
             revoked_at: opt_ts(r.get(5)?)?,
+            sealed_secret: r.get(6)?,
         })
     }
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
@@ -390,6 +412,7 @@ impl CopyRow for ApiKey {
             &self.sub,
             &self.created_at,
             &self.revoked_at,
+            &self.sealed_secret,
         ]
     }
 }
@@ -690,7 +713,7 @@ async fn copy<R: CopyRow>(
         source,
     };
     let insert = to.tx.prepare(R::INSERT).await.map_err(|e| to.pg(e))?;
-    let mut st = src.prepare(R::SELECT).map_err(sqlite)?;
+    let mut st = src.prepare(&R::select(src)).map_err(sqlite)?;
     let mut rows = st.query([]).map_err(sqlite)?;
     let mut copied = 0u64;
     loop {

@@ -82,6 +82,8 @@ pub struct KeyRow {
     pub root: String,
     pub sub: Option<String>,
     pub created_at: Timestamp,
+    /// A TC3 key's secret, sealed (`auth::sealed`); `None` for an API key.
+    pub sealed_secret: Option<String>,
 }
 
 /// One durable change.

@@ -179,8 +179,9 @@ pub(super) async fn apply(
             let hash: &[u8] = &k.hash[..];
             insert(
                 tx,
-                "INSERT INTO api_keys(key_id, hash, root, sub, created_at) VALUES ($1, $2, $3, $4, $5)",
-                &[&k.key_id, &hash, &k.root, &k.sub, &k.created_at],
+                "INSERT INTO api_keys(key_id, hash, root, sub, created_at, sealed_secret)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&k.key_id, &hash, &k.root, &k.sub, &k.created_at, &k.sealed_secret],
                 &format!("key {}", k.key_id),
             )
             .await?

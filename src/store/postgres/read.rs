@@ -68,8 +68,10 @@ pub(super) async fn snapshot(
     })
     .collect();
     let mut keys = Vec::new();
-    for r in q("SELECT key_id, hash, root, sub, created_at FROM api_keys
-                WHERE revoked_at IS NULL AND ($1::text IS NULL OR root = $1) ORDER BY key_id")
+    for r in q(
+        "SELECT key_id, hash, root, sub, created_at, sealed_secret FROM api_keys
+                WHERE revoked_at IS NULL AND ($1::text IS NULL OR root = $1) ORDER BY key_id",
+    )
     .await?
     {
         let key_id: String = r.get(0);
@@ -82,6 +84,7 @@ pub(super) async fn snapshot(
             root: r.get(2),
             sub: r.get(3),
             created_at: r.get(4),
+            sealed_secret: r.get(5),
         });
     }
     let mut concurrency_packages = Vec::new();

@@ -105,7 +105,10 @@ CREATE TABLE changes (
 );
 ";
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+/// Migration 2: TC3 key pairs keep their secret sealed beside the key.
+const V2: &str = "ALTER TABLE api_keys ADD COLUMN sealed_secret text;";
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 /// Applies the migrations not applied yet. Also what `tollgate migrate`
 /// runs before it copies a single node's data, so both make one schema.

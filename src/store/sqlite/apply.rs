@@ -108,13 +108,15 @@ pub(super) fn apply(
         )?,
         Write::CreateKey(k) => insert(
             conn,
-            "INSERT INTO api_keys(key_id, hash, root, sub, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO api_keys(key_id, hash, root, sub, created_at, sealed_secret)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 k.key_id,
                 &k.hash[..],
                 k.root,
                 k.sub,
-                k.created_at.to_string()
+                k.created_at.to_string(),
+                k.sealed_secret
             ],
             &format!("key {}", k.key_id),
         )?,

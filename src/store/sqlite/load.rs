@@ -79,7 +79,7 @@ pub(super) fn snapshot(
     )?;
     let keys = rows(
         conn,
-        "SELECT key_id, hash, root, sub, created_at FROM api_keys
+        "SELECT key_id, hash, root, sub, created_at, sealed_secret FROM api_keys
          WHERE revoked_at IS NULL AND (?1 IS NULL OR root = ?1) ORDER BY key_id",
         params![account],
         |r| {
@@ -93,6 +93,7 @@ pub(super) fn snapshot(
                 root: col(r, 2)?,
                 sub: col(r, 3)?,
                 created_at: parse_ts(&col::<String>(r, 4)?)?,
+                sealed_secret: col(r, 5)?,
             })
         },
     )?;

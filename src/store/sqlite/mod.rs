@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     root       TEXT NOT NULL REFERENCES accounts(id),
     sub        TEXT REFERENCES sub_accounts(id),
     created_at TEXT NOT NULL,
-    revoked_at TEXT
+    revoked_at TEXT,
+    sealed_secret TEXT
 );
 CREATE TABLE IF NOT EXISTS usage_events (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -172,6 +173,20 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 /// its export cursor exists) but whose database is missing or empty lost
 /// its database: starting fresh there would silently drop every account
 /// and key. Refused, naming what to do.
+/// Brings a database made by an earlier version up to [`SCHEMA`] (columns
+/// `CREATE TABLE IF NOT EXISTS` cannot add).
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let has_sealed: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('api_keys') WHERE name = 'sealed_secret'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_sealed {
+        conn.execute_batch("ALTER TABLE api_keys ADD COLUMN sealed_secret TEXT")?;
+    }
+    Ok(())
+}
+
 fn refuse_lost_database(data_dir: &Path, db: &Path) -> Result<(), StoreError> {
     let db_len = std::fs::metadata(db).map(|m| m.len()).ok();
     if db_len.is_some_and(|n| n > 0) {
@@ -209,6 +224,7 @@ impl SqliteStore {
         refuse_lost_database(data_dir, &db)?;
         let conn = open_connection(&db).map_err(internal)?;
         conn.execute_batch(SCHEMA).map_err(internal)?;
+        upgrade(&conn).map_err(internal)?;
         // The writer never checkpoints; the checkpointer thread does.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(internal)?;
