@@ -36,6 +36,7 @@ fn setup(accounts: usize) -> (Registry, Accounts, LocalLimiter, Vec<String>) {
             key_id: format!("k{i}"),
             hash: hash_key(&key),
             principal: Principal { root, sub: None },
+            tc3_secret: None,
         });
         billing.insert(
             &id,

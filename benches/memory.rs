@@ -51,6 +51,7 @@ fn main() {
             key_id: format!("key_{i:032}"),
             hash: hash_key(&generate_api_key()),
             principal: Principal { root, sub: None },
+            tc3_secret: None,
         });
         billing.insert(
             &id,

@@ -487,3 +487,90 @@ async fn tc3_keys_need_the_encryption_key_and_a_start_without_it_is_refused() {
         assert!(!stderr.contains(&"1".repeat(64)), "the key is never echoed");
     }
 }
+
+#[tokio::test]
+async fn bodies_waiting_to_be_verified_are_bounded_and_hold_no_slot() {
+    let stack = Stack::start(Opts {
+        env: vec![(
+            "TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY",
+            ENCRYPTION_KEY.to_string(),
+        )],
+        extra_toml: "[limits]\nmax_body_bytes = 4000\nmax_buffered_bytes = 6000\nbody_idle_timeout_ms = 60000\n".into(),
+    });
+    stack.admin().create_account("acme").await;
+    let pair = tc3_pair(&stack, "acme", None).await;
+
+    // A client that declares 4,000 bytes and sends 10: its body is being
+    // read (and books its 4,000 bytes), but it holds no slot.
+    let ts = jiff::Timestamp::now().as_second().to_string();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("host", endpoint(&stack).parse().unwrap());
+    let auth = sign(
+        &pair.secret_id,
+        &pair.secret_key,
+        "aiart",
+        &SignedRequest {
+            method: "POST",
+            path: "/",
+            query: "",
+            headers: &headers,
+            body: b"{}",
+            timestamp: &ts,
+        },
+    )
+    .unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAuthorization: {auth}\r\nX-TC-Action: ImageToImage\r\nX-TC-Version: 2022-12-29\r\nX-TC-Timestamp: {ts}\r\nContent-Length: 4000\r\n\r\n0123456789",
+        endpoint(&stack)
+    );
+    let mut slow = tokio::net::TcpStream::connect(endpoint(&stack))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
+        .await
+        .unwrap();
+
+    // Another 4,000-byte body would go over the 6,000-byte budget.
+    let big = format!(r#"{{"Image":"{}"}}"#, "x".repeat(3000));
+    let mut refused = None;
+    for _ in 0..100 {
+        let r = signed_task(&stack, &pair, &big, &big).await;
+        if r.error_code() == "RequestLimitExceeded" {
+            refused = Some(r);
+            break;
+        }
+        // The slow body may not have been booked yet.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("the budget refuses a body it cannot hold");
+    assert_eq!(refused.status, StatusCode::OK);
+    // Small bodies still fit, and the slow upload holds no slot: all three
+    // slots serve them.
+    let a = stack.admin().account("acme").await;
+    assert_eq!(a["concurrency"]["in_flight"], 0, "{a}");
+    let small = signed_task(&stack, &pair, r#"{"Style":"201"}"#, r#"{"Style":"201"}"#).await;
+    assert!(
+        small.json()["Response"]["Error"].is_null(),
+        "{:?}",
+        small.json()
+    );
+
+    // An oversized body is refused at once.
+    let huge = "x".repeat(5000);
+    let r = signed_task(&stack, &pair, &huge, &huge).await;
+    assert_eq!(r.error_code(), "FailedOperation.RequestEntityTooLarge");
+
+    // Once the slow client goes, its share is given back.
+    drop(slow);
+    let mut fits = false;
+    for _ in 0..100 {
+        let r = signed_task(&stack, &pair, &big, &big).await;
+        if r.json()["Response"]["Error"].is_null() {
+            fits = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(fits, "the budget is given back when the upload ends");
+}
