@@ -121,7 +121,8 @@ impl App {
             config.limits.max_body_bytes,
             Duration::from_millis(config.limits.body_idle_timeout_ms),
         )
-        .map_err(StartError::Backend)?;
+        .map_err(StartError::Backend)?
+        .with_min_body_rate(config.limits.min_body_rate_bytes_per_s);
         let tz = TimeZone::get(&config.billing.timezone).map_err(|e| {
             StartError::Config(crate::config::ConfigError::Invalid {
                 key: "billing.timezone".into(),
@@ -175,6 +176,7 @@ impl App {
             metrics: metrics.clone(),
             tasks: TaskTracker::new(),
             buffers: Default::default(),
+            waiting: Default::default(),
         });
         let admin = Arc::new(AdminState {
             config: config.clone(),

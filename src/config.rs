@@ -210,6 +210,9 @@ pub struct BackendConfig {
     /// Backend answers are read whole before they are classified and
     /// released; this bounds that buffer.
     pub max_response_bytes: usize,
+    /// All answers being read at once together (each already bounded by
+    /// `max_response_bytes`); past it a task fails uncharged (503).
+    pub max_buffered_response_bytes: u64,
     /// The `data.api` of usage events.
     pub api_name: String,
     /// Idle keep-alive connections kept to the backend.
@@ -233,6 +236,7 @@ impl Default for BackendConfig {
             timeout_ms: 120_000,
             success: SuccessMode::Status,
             max_response_bytes: 64 << 20,
+            max_buffered_response_bytes: 512 << 20,
             api_name: "ImageStyleTransfer".into(),
             pool_max_idle: 1024,
             methods: vec!["POST".into(), "GET".into()],
@@ -253,9 +257,15 @@ pub struct LimitsConfig {
     /// API 3.0 bodies are read (and their signature verified) before a
     /// task queues: all bodies held at once together stay under this.
     pub max_buffered_bytes: u64,
+    /// Tasks waiting for a slot across all accounts; past it a task is
+    /// refused (503 `RequestLimitExceeded`) instead of queued.
+    pub max_queued_tasks: u64,
     /// Once a task is forwarded, the longest pause allowed in its request
     /// body: a client that stalls its upload cannot pin a slot.
     pub body_idle_timeout_ms: u64,
+    /// The slowest average a request body may arrive at, enforced once the
+    /// first `body_idle_timeout_ms` has passed (0: off).
+    pub min_body_rate_bytes_per_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -266,7 +276,9 @@ impl Default for LimitsConfig {
             max_queue_wait_ms: 60_000,
             max_body_bytes: 10 << 20,
             max_buffered_bytes: 256 << 20,
+            max_queued_tasks: 10_000,
             body_idle_timeout_ms: 10_000,
+            min_body_rate_bytes_per_s: 1024,
         }
     }
 }
@@ -605,6 +617,14 @@ impl Config {
         }
         if self.backend.timeout_ms == 0 {
             return Err(invalid("backend.timeout_ms", "must be at least 1"));
+        }
+        if (self.backend.max_buffered_response_bytes as u128)
+            < self.backend.max_response_bytes as u128
+        {
+            return Err(invalid(
+                "backend.max_buffered_response_bytes",
+                "must be at least backend.max_response_bytes",
+            ));
         }
         if self.backend.max_response_bytes == 0 {
             return Err(invalid("backend.max_response_bytes", "must be at least 1"));

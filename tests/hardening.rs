@@ -943,3 +943,83 @@ async fn running_out_of_descriptors_neither_starves_the_data_plane_nor_floods_th
         "no count of held-back warnings"
     );
 }
+
+/// A backend that answers every request with `Content-Length: 3000` and
+/// only 10 bytes of it, then holds the connection open.
+async fn stalling_backend() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n0123456789")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_being_read_share_one_budget_and_past_it_nothing_is_charged() {
+    let backend = stalling_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = common::Gateway::start(
+        dir.path(),
+        &backend,
+        &Opts {
+            extra_toml: "".into(),
+            env: vec![
+                ("TOLLGATE_BACKEND_MAX_RESPONSE_BYTES", "4096".into()),
+                ("TOLLGATE_BACKEND_MAX_BUFFERED_RESPONSE_BYTES", "5000".into()),
+                ("TOLLGATE_BACKEND_TIMEOUT_MS", "3000".into()),
+            ],
+        },
+    );
+    let http = Http::new();
+    let admin = common::Admin {
+        http: &http,
+        base: &gw.admin,
+    };
+    admin.create_account("acme").await;
+    let key = admin.issue_key("acme", None).await.1;
+    let url = format!("{}/v1/style-transfer", gw.url);
+    let auth = format!("Bearer {key}");
+    // The first answer books its declared 3,000 bytes while it trickles.
+    let first = {
+        let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
+        tokio::spawn(async move {
+            http.send(Method::POST, &url, &[("authorization", &auth)], "{}")
+                .await
+        })
+    };
+    wait_for(&admin, "acme", "first in flight", |a| {
+        a["concurrency"]["in_flight"] == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second 3,000 would pass the 5,000-byte budget: refused at once,
+    // not charged.
+    let started = Instant::now();
+    let second = http
+        .send(Method::POST, &url, &[("authorization", &auth)], "{}")
+        .await;
+    assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.error_code(), "FailedOperation.GatewayBusy");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The first ends at the backend timeout, also uncharged; no event.
+    assert_eq!(first.await.unwrap().status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(admin.all_events().await.is_empty());
+    let a = admin.wait_idle("acme").await;
+    assert_eq!(a["concurrency"]["in_flight"], 0);
+}

@@ -307,3 +307,116 @@ async fn a_stalled_upload_is_cut_off_and_frees_its_slot() {
         assert_eq!(t.await.unwrap().status, StatusCode::OK);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upload_below_the_minimum_rate_is_cut_off_and_frees_its_slot() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[limits]\nbody_idle_timeout_ms = 500\nmin_body_rate_bytes_per_s = 1000\n"
+            .into(),
+        ..Opts::default()
+    });
+    let key = stack.account_with_key("acme").await;
+    // One byte every 100 ms: never idle for 500 ms, but ~10 bytes/s, far
+    // below the 1,000 bytes/s minimum.
+    let mut s = raw_partial_task(&stack.gw.url, &key, "", 100_000, 1).await;
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tokio::io::AsyncWriteExt::write_all(&mut s, b"x")
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(
+            Duration::from_millis(1),
+            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+        )
+        .await
+        {
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || !answer.is_empty() {
+                break;
+            }
+        }
+    }
+    if answer.is_empty() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut s, &mut answer),
+        )
+        .await;
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains("FailedOperation.RequestBodyTimeout"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut once the first idle window showed the rate"
+    );
+    let idle = stack.admin().wait_idle("acme").await;
+    assert_eq!(idle["concurrency"]["in_flight"], 0);
+}
+
+/// Descriptors the process holds now.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_task_costs_one_descriptor_and_the_queue_across_accounts_is_capped() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[limits]\nmax_queued_tasks = 40\nmax_queue_per_account = 100\n".into(),
+        ..Opts::default()
+    });
+    let key = stack.account_with_key("acme").await;
+    let held = stack.hold_slots("acme", &key, 3, 5_000).await;
+    let before = open_fds(stack.gw.proc.pid());
+    // 30 queued tasks, each on its own connection, bodies unread.
+    let mut queued = Vec::new();
+    for _ in 0..30 {
+        queued.push(raw_partial_task(&stack.gw.url, &key, "", 10, 10).await);
+    }
+    wait_for(&stack.admin(), "acme", "30 queued", |a| {
+        a["concurrency"]["queued"] == 30
+    })
+    .await;
+    let added = open_fds(stack.gw.proc.pid()) - before;
+    assert!(
+        added <= 36,
+        "30 queued tasks took {added} descriptors (one each expected, not two)"
+    );
+    // 10 more fit the 40 across accounts; past that, a clear refusal.
+    let admin = stack.admin();
+    admin.create_account("other").await;
+    let other = admin.issue_key("other", None).await.1;
+    let other_held = stack.hold_slots("other", &other, 3, 5_000).await;
+    for _ in 0..10 {
+        queued.push(raw_partial_task(&stack.gw.url, &other, "", 10, 10).await);
+    }
+    wait_for(&admin, "other", "10 queued", |a| {
+        a["concurrency"]["queued"] == 10
+    })
+    .await;
+    let r = stack.task(&other, &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error_code(), "RequestLimitExceeded");
+    // Hang-ups still leave the queue at once (no second descriptor needed).
+    drop(queued);
+    wait_for(&admin, "acme", "queue empty", |a| {
+        a["concurrency"]["queued"] == 0
+    })
+    .await;
+    for h in held.into_iter().chain(other_held) {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    let r = stack.task(&other, &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+}

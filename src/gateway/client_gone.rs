@@ -2,18 +2,28 @@
 //!
 //! hyper does not read a connection while its request body is unread, and
 //! the body is not read while queued, so hyper alone would not notice a
-//! client that hangs up. A queued task duplicates its connection's socket
-//! descriptor, registers the duplicate with the reactor and waits for the
-//! peer's hang-up (`EPOLLRDHUP`), never reading a byte; the duplicate is
-//! closed when the task leaves the queue.
+//! client that hangs up. A queued task waits on the connection's own
+//! socket (shared with hyper, see `shared_stream`) for the peer's hang-up
+//! (`EPOLLRDHUP`), never reading a byte and never taking a second
+//! descriptor: a queued task costs one descriptor, its connection's.
+//!
+//! The readiness the reactor records is shared with hyper, so it is never
+//! cleared here (hyper would then wait for a new edge while the body sits
+//! in the kernel's buffer). When data is waiting (the body, a pipelined
+//! request), the readiness stays set and the watcher looks again every
+//! [`RECHECK`]: a hang-up after data is noticed within that, a hang-up on
+//! an idle socket at once.
 
 use std::future::pending;
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+/// How often a watcher whose socket holds unread data looks again.
+pub const RECHECK: Duration = Duration::from_millis(100);
 
 pub struct ConnWatch {
     stream: Arc<TcpStream>,
@@ -28,29 +38,19 @@ impl ConnWatch {
     pub async fn closed(&self) {
         match self.watch().await {
             Ok(()) => {}
-            // Cannot watch (out of descriptors): never fire; the queue
-            // deadline still applies.
+            // The socket cannot be watched: never fire; the queue deadline
+            // still applies.
             Err(_) => pending().await,
         }
     }
 
     async fn watch(&self) -> io::Result<()> {
-        // A second handle on the same socket, registered with the reactor
-        // for as long as this task waits. It shares the socket's
-        // non-blocking mode, and it only ever waits: it never reads.
-        let fd = self.stream.as_fd().try_clone_to_owned()?;
-        let socket = TcpStream::from_std(std::net::TcpStream::from(fd))?;
         loop {
-            let ready = socket.ready(Interest::READABLE).await?;
+            let ready = self.stream.ready(Interest::READABLE).await?;
             if ready.is_read_closed() || ready.is_error() {
                 return Ok(());
             }
-            // Only data arrived (the body, a pipelined request). Clear the
-            // readiness so the next wait sleeps until a new event instead of
-            // spinning: the reactor is edge-triggered.
-            let _ = socket.try_io(Interest::READABLE, || {
-                Err::<(), _>(io::ErrorKind::WouldBlock.into())
-            });
+            tokio::time::sleep(RECHECK).await;
         }
     }
 }

@@ -34,6 +34,9 @@ pub enum GatewayError {
     /// its task held a slot.
     #[error("the request body stalled for more than {} ms", idle.as_millis())]
     BodyTimeout { idle: Duration },
+    /// The body kept arriving, but slower on average than allowed.
+    #[error("the request body arrived slower than {min_rate} bytes/s")]
+    BodyTooSlow { min_rate: u64 },
     #[error("{0}")]
     BadRequest(String),
     #[error("{0} is not a task this gateway forwards")]
@@ -67,6 +70,13 @@ pub enum GatewayError {
     /// `limits.max_buffered_bytes`.
     #[error("too many request bodies are waiting; try again shortly")]
     BuffersFull,
+    /// Answers being read from the backend already hold
+    /// `backend.max_buffered_response_bytes`.
+    #[error("too many large backend answers are being read; the task is not charged")]
+    AnswersFull,
+    /// `limits.max_queued_tasks` tasks already wait, across accounts.
+    #[error("the gateway already holds its maximum of queued tasks; try again shortly")]
+    GatewayQueueFull,
 }
 
 impl GatewayError {
@@ -76,7 +86,7 @@ impl GatewayError {
             Self::StopUsing | Self::InArrears | Self::LowBalance => StatusCode::FORBIDDEN,
             Self::QueueFull { .. } | Self::QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyTimeout { .. } | Self::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BackendUnavailable => StatusCode::BAD_GATEWAY,
@@ -88,7 +98,9 @@ impl GatewayError {
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Tc3(_) => StatusCode::UNAUTHORIZED,
             Self::InvalidAction(_) | Self::InvalidVersion(_) => StatusCode::BAD_REQUEST,
-            Self::BuffersFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BuffersFull | Self::GatewayQueueFull | Self::AnswersFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -102,7 +114,9 @@ impl GatewayError {
             Self::QueueFull { .. } => "RequestLimitExceeded.JobNumExceed",
             Self::QueueTimeout { .. } => "RequestLimitExceeded.QueueTimeout",
             Self::BodyTooLarge { .. } => "FailedOperation.RequestEntityTooLarge",
-            Self::BodyTimeout { .. } => "FailedOperation.RequestBodyTimeout",
+            Self::BodyTimeout { .. } | Self::BodyTooSlow { .. } => {
+                "FailedOperation.RequestBodyTimeout"
+            }
             Self::BadRequest(_) => "InvalidParameter.InvalidParameter",
             Self::MethodNotAllowed(_) => "UnsupportedOperation.MethodNotAllowed",
             Self::BackendUnavailable => "FailedOperation.BackendUnavailable",
@@ -115,7 +129,8 @@ impl GatewayError {
             Self::Tc3(e) => e.code(),
             Self::InvalidAction(_) => "InvalidAction",
             Self::InvalidVersion(_) => "InvalidParameterValue",
-            Self::BuffersFull => "RequestLimitExceeded",
+            Self::BuffersFull | Self::GatewayQueueFull => "RequestLimitExceeded",
+            Self::AnswersFull => "FailedOperation.GatewayBusy",
         }
     }
 
@@ -124,6 +139,7 @@ impl GatewayError {
             Self::BackendUnavailable
             | Self::BackendTimeout
             | Self::UsageRecordFailed
+            | Self::AnswersFull
             | Self::Internal => Outcome::Error,
             _ => Outcome::Rejected,
         }
@@ -207,6 +223,9 @@ mod tests {
             GatewayError::InvalidAction("Other".into()),
             GatewayError::InvalidVersion("2022-12-29".into()),
             GatewayError::BuffersFull,
+            GatewayError::GatewayQueueFull,
+            GatewayError::AnswersFull,
+            GatewayError::BodyTooSlow { min_rate: 1 },
         ];
         for e in all {
             assert!(

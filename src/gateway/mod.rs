@@ -2,6 +2,7 @@
 //! runs each request through the admission pipeline.
 
 mod account_gate;
+pub mod budget;
 pub mod client_gone;
 mod detach;
 pub mod error;

@@ -25,12 +25,13 @@ use crate::metrics::Outcome;
 use crate::usage::{UsageData, UsageEvent};
 
 use super::account_gate;
+use super::budget::Share;
 use super::client_gone::ConnWatch;
 use super::detach::DetachOnDrop;
 use super::error::GatewayError;
 use super::proxy::{Answer, TaskBody, X_QUEUE_TIMEOUT_MS, X_REQUEST_ID};
 use super::tally::Tally;
-use super::tc3_front::{self, BufferShare};
+use super::tc3_front;
 
 const X_QUEUE_WAIT_MS: http::HeaderName = http::HeaderName::from_static("x-queue-wait-ms");
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -139,9 +140,14 @@ async fn run(
     // (one round trip, not two). A slot that comes before the unit is
     // refused is given back by the drop.
     let mut early_grant = None;
+    // Held while the task waits (for the shared quota and slot, or in the
+    // queue): bounds waiting tasks across accounts.
+    let mut waiting = None;
     let reserved = match reserved_now {
         Some(decided) => decided,
-        None => tokio::select! {
+        None => {
+            waiting = Some(wait_share(gw)?);
+            tokio::select! {
             biased;
             r = &mut reserve => r,
             g = &mut acquire => {
@@ -156,7 +162,8 @@ async fn run(
                 }
             }
             () = conn.closed() => return Err(GatewayError::ClientGone),
-        },
+            }
+        }
     };
     // Held until the task ends: dropped (unit given back) on every path but
     // a recorded success.
@@ -164,6 +171,9 @@ async fn run(
     let granted = match early_grant.or_else(|| acquire.take_ready()) {
         Some(decided) => decided,
         None => {
+            if waiting.is_none() {
+                waiting = Some(wait_share(gw)?);
+            }
             let waited = tokio::select! {
                 r = &mut acquire => r,
                 // The response will never be read; leaving here drops the
@@ -177,6 +187,7 @@ async fn run(
             waited
         }
     };
+    drop(waiting);
     let permit = granted.map_err(limit_error)?;
     if revoked.is_cancelled() {
         // Revoked between the grant and here: the permit and the
@@ -204,6 +215,14 @@ async fn run(
     .await
 }
 
+/// A place among the tasks waiting across accounts
+/// (`limits.max_queued_tasks`): each holds a connection and its descriptor.
+fn wait_share(gw: &Gateway) -> Result<Share, GatewayError> {
+    gw.waiting
+        .take(1, gw.config.limits.max_queued_tasks)
+        .ok_or(GatewayError::GatewayQueueFull)
+}
+
 fn limit_error(e: LimitError) -> GatewayError {
     match e {
         LimitError::QueueFull { retry_after } => GatewayError::QueueFull { retry_after },
@@ -225,7 +244,7 @@ struct Task {
     action: Option<String>,
     /// API 3.0: the body's share of `limits.max_buffered_bytes`, held until
     /// the task ends.
-    _buffer: Option<BufferShare>,
+    _buffer: Option<Share>,
 }
 
 impl Task {

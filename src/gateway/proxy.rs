@@ -8,12 +8,13 @@
 use std::error::Error as _;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 
-use super::slow_body::{BodyStalled, IdleTimeout};
+use super::budget::Budget;
+use super::slow_body::{BodyStalled, BodyTooSlow, IdleTimeout};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -93,6 +94,12 @@ pub struct Backend {
     max_body_bytes: u64,
     /// `limits.body_idle_timeout_ms`: the longest pause in a request body.
     body_idle_timeout: Duration,
+    /// `limits.min_body_rate_bytes_per_s`: the slowest average upload.
+    min_body_rate: u64,
+    /// Bytes of answers being read now, against `max_buffered_answers`
+    /// (`backend.max_buffered_response_bytes`).
+    answers: Budget,
+    max_buffered_answers: u64,
 }
 
 impl Backend {
@@ -116,7 +123,15 @@ impl Backend {
             max_response_bytes: config.max_response_bytes,
             max_body_bytes,
             body_idle_timeout,
+            min_body_rate: 0,
+            answers: Budget::default(),
+            max_buffered_answers: config.max_buffered_response_bytes,
         })
+    }
+
+    pub fn with_min_body_rate(mut self, bytes_per_s: u64) -> Self {
+        self.min_body_rate = bytes_per_s;
+        self
     }
 
     /// Whether the backend accepts a TCP connection now (for `/readyz`):
@@ -177,10 +192,13 @@ impl Backend {
                 .map_or(HeaderValue::from_static(""), |s| header_value(&s.id)),
         );
         let body = match body {
-            TaskBody::Streaming(body) => Either::Left(IdleTimeout::new(
-                Limited::new(body, self.max_body_bytes as usize),
-                self.body_idle_timeout,
-            )),
+            TaskBody::Streaming(body) => Either::Left(
+                IdleTimeout::new(
+                    Limited::new(body, self.max_body_bytes as usize),
+                    self.body_idle_timeout,
+                )
+                .with_min_rate(self.min_body_rate),
+            ),
             TaskBody::Buffered(bytes) => Either::Right(Full::new(bytes)),
         };
         let mut upstream = Request::new(body);
@@ -201,14 +219,7 @@ impl Backend {
             return Err(GatewayError::BackendUnavailable);
         }
         let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, self.max_response_bytes)
-            .collect()
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "reading the backend's answer failed");
-                GatewayError::BackendUnavailable
-            })?
-            .to_bytes();
+        let body = self.read_answer(&parts.headers, body).await?;
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         // The length is set again from the buffered body.
@@ -220,6 +231,57 @@ impl Backend {
         })
     }
 
+    /// Reads a whole answer within `backend.max_response_bytes`, and all
+    /// answers being read at once within `backend.max_buffered_response_bytes`
+    /// (a declared length is booked up front, an undeclared one as it
+    /// arrives); past either, the task fails uncharged.
+    async fn read_answer(
+        &self,
+        headers: &HeaderMap,
+        mut body: Incoming,
+    ) -> Result<Bytes, GatewayError> {
+        let max = self.max_response_bytes as u64;
+        let declared: u64 = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let too_large = || {
+            tracing::warn!(limit = max, "the backend's answer is larger than backend.max_response_bytes");
+            GatewayError::BackendUnavailable
+        };
+        if declared > max {
+            return Err(too_large());
+        }
+        let mut booked = self
+            .answers
+            .take(declared, self.max_buffered_answers)
+            .ok_or(GatewayError::AnswersFull)?;
+        let mut buf = BytesMut::with_capacity(declared as usize);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                tracing::warn!(error = %e, "reading the backend's answer failed");
+                GatewayError::BackendUnavailable
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let len = (buf.len() + data.len()) as u64;
+            if len > max {
+                return Err(too_large());
+            }
+            if len > booked.amount()
+                && !self
+                    .answers
+                    .grow(&mut booked, len - booked.amount(), self.max_buffered_answers)
+            {
+                return Err(GatewayError::AnswersFull);
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    }
+
     fn map_send_error(&self, e: &hyper_util::client::legacy::Error) -> GatewayError {
         let mut chain: Vec<&(dyn std::error::Error + 'static)> = Vec::new();
         let mut next = e.source();
@@ -229,6 +291,9 @@ impl Backend {
         }
         if let Some(stalled) = chain.iter().find_map(|s| s.downcast_ref::<BodyStalled>()) {
             return GatewayError::BodyTimeout { idle: stalled.0 };
+        }
+        if let Some(slow) = chain.iter().find_map(|s| s.downcast_ref::<BodyTooSlow>()) {
+            return GatewayError::BodyTooSlow { min_rate: slow.0 };
         }
         if chain.iter().any(|s| s.is::<LengthLimitError>()) {
             return GatewayError::BodyTooLarge {

@@ -2,9 +2,9 @@
 //! on the same socket.
 //!
 //! The handler needs the socket only when a task has to queue: it then
-//! watches for the client's hang-up on a duplicate of the descriptor (see
-//! `client_gone`). Sharing the stream through an `Arc` lets it make that
-//! duplicate lazily, so an ordinary connection costs one descriptor, not two.
+//! waits on it for the client's hang-up (see `client_gone`). Sharing the
+//! stream through an `Arc` keeps that at one descriptor per connection,
+//! queued or not.
 
 use std::io;
 use std::pin::Pin;

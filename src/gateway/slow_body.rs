@@ -20,11 +20,23 @@ use tokio::time::{Instant, Sleep};
 #[error("the request body stalled for more than {0:?}")]
 pub struct BodyStalled(pub Duration);
 
+/// The error a body trickling in below the minimum rate ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body arrived slower than {0} bytes/s")]
+pub struct BodyTooSlow(pub u64);
+
 pub struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
     // Made on the first poll (inside the runtime), reset on every frame.
     timer: Option<Pin<Box<Sleep>>>,
+    /// `limits.min_body_rate_bytes_per_s` (0: off), averaged from the first
+    /// poll and enforced once `idle` has passed: a client sending one byte
+    /// just inside every idle window would otherwise hold its slot for as
+    /// long as it likes.
+    min_rate: u64,
+    started: Option<Instant>,
+    received: u64,
 }
 
 impl<B> IdleTimeout<B> {
@@ -33,7 +45,27 @@ impl<B> IdleTimeout<B> {
             inner,
             idle,
             timer: None,
+            min_rate: 0,
+            started: None,
+            received: 0,
         }
+    }
+
+    /// Also fails the body when its average rate falls below `bytes_per_s`
+    /// after the first idle window.
+    pub fn with_min_rate(mut self, bytes_per_s: u64) -> Self {
+        self.min_rate = bytes_per_s;
+        self
+    }
+
+    fn too_slow(&self, now: Instant) -> bool {
+        let Some(started) = self.started else {
+            return false;
+        };
+        let elapsed = now.saturating_duration_since(started);
+        self.min_rate > 0
+            && elapsed > self.idle
+            && (self.received as f64) < self.min_rate as f64 * elapsed.as_secs_f64()
     }
 }
 
@@ -50,9 +82,17 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        let now = Instant::now();
+        this.started.get_or_insert(now);
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let next = Instant::now() + this.idle;
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                }
+                if this.too_slow(now) && !this.inner.is_end_stream() {
+                    return Poll::Ready(Some(Err(Box::new(BodyTooSlow(this.min_rate)))));
+                }
+                let next = now + this.idle;
                 match this.timer.as_mut() {
                     Some(t) => t.as_mut().reset(next),
                     None => this.timer = Some(Box::pin(tokio::time::sleep_until(next))),

@@ -14,8 +14,8 @@ use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::usage::UsageRecorder;
 
+use super::budget::Budget;
 use super::proxy::Backend;
-use super::tc3_front::BufferBudget;
 
 pub struct Gateway {
     pub config: Arc<Config>,
@@ -35,5 +35,7 @@ pub struct Gateway {
     /// waits for them.
     pub tasks: TaskTracker,
     /// Bytes of API 3.0 bodies held (read and verified before queueing).
-    pub buffers: BufferBudget,
+    pub buffers: Budget,
+    /// Tasks waiting for a slot, across accounts (`limits.max_queued_tasks`).
+    pub waiting: Budget,
 }

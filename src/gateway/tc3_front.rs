@@ -4,9 +4,6 @@
 //! the task is gated or queued; nothing unverified takes a slot or a unit
 //! or reaches the backend.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::{HeaderMap, Request};
@@ -18,46 +15,10 @@ use crate::accounts::Principal;
 use crate::auth::tc3::{self, Expect, SignedRequest, Tc3Error};
 
 use super::Gateway;
+use super::budget::Share;
 use super::error::GatewayError;
 use super::proxy::TaskBody;
-use super::slow_body::{BodyStalled, IdleTimeout};
-
-/// Bytes of verified bodies held now, against `limits.max_buffered_bytes`.
-#[derive(Default)]
-pub struct BufferBudget {
-    used: Arc<AtomicU64>,
-}
-
-/// A share of the budget, given back when the task ends.
-pub struct BufferShare {
-    used: Arc<AtomicU64>,
-    bytes: u64,
-}
-
-impl Drop for BufferShare {
-    fn drop(&mut self) {
-        self.used.fetch_sub(self.bytes, Ordering::AcqRel);
-    }
-}
-
-impl BufferBudget {
-    /// Takes `bytes` if the total stays within `limit`.
-    fn take(&self, bytes: u64, limit: u64) -> Option<BufferShare> {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                u.checked_add(bytes).filter(|t| *t <= limit)
-            })
-            .ok()
-            .map(|_| BufferShare {
-                used: self.used.clone(),
-                bytes,
-            })
-    }
-
-    pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
-    }
-}
+use super::slow_body::{BodyStalled, BodyTooSlow, IdleTimeout};
 
 /// A request whose signature held.
 pub struct Verified {
@@ -66,7 +27,7 @@ pub struct Verified {
     pub request: Request<TaskBody>,
     /// `X-TC-Action`: the usage event's `api`.
     pub action: String,
-    pub share: BufferShare,
+    pub share: Share,
 }
 
 /// Whether a request is on the API 3.0 front.
@@ -124,11 +85,14 @@ pub async fn verify(gw: &Gateway, req: Request<Incoming>) -> Result<Verified, Ga
     let (parts, body) = req.into_parts();
     let idle = std::time::Duration::from_millis(limits.body_idle_timeout_ms);
     let body: Bytes = IdleTimeout::new(Limited::new(body, limits.max_body_bytes as usize), idle)
+        .with_min_rate(limits.min_body_rate_bytes_per_s)
         .collect()
         .await
         .map_err(|e| {
             if e.downcast_ref::<BodyStalled>().is_some() {
                 GatewayError::BodyTimeout { idle }
+            } else if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
+                GatewayError::BodyTooSlow { min_rate: slow.0 }
             } else if e.is::<http_body_util::LengthLimitError>() {
                 GatewayError::BodyTooLarge {
                     limit: limits.max_body_bytes,
