@@ -41,6 +41,9 @@ pub struct App {
     pub stopping: CancellationToken,
 }
 
+/// The demo key's id in the store.
+const DEMO_KEY_ID: &str = "key_demo";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -222,6 +225,31 @@ impl App {
         Ok(Arc::new(app))
     }
 
+    /// With the demo off, the public demo key must not authenticate: a data
+    /// directory first used by the demo (`tollgate serve`, no config) and
+    /// then by a real backend would otherwise forward anyone holding the
+    /// README's key. Revoked in the store, so it stays revoked.
+    async fn retire_demo_key(&self) -> Result<(), StoreError> {
+        let Some(k) = self.admin.registry.key(DEMO_KEY_ID) else {
+            return Ok(());
+        };
+        if k.hash != hash_key(DEMO_API_KEY) {
+            return Ok(());
+        }
+        match self.accounts.revoke_key(DEMO_KEY_ID).await {
+            Ok(()) => {
+                tracing::warn!(
+                    key_id = DEMO_KEY_ID,
+                    "the demo is off: the public demo key was revoked and no longer authenticates"
+                );
+                Ok(())
+            }
+            Err(ChangeError::Store(e)) => Err(e),
+            // Revoked meanwhile by another replica.
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Creates the demo account and its public key if they are missing.
     async fn seed_demo(&self) -> Result<(), StoreError> {
         let id = self.config.demo.account.clone();
@@ -236,7 +264,7 @@ impl App {
         }
         if self.admin.registry.authenticate(DEMO_API_KEY).is_none() {
             let row = KeyRow {
-                key_id: "key_demo".into(),
+                key_id: DEMO_KEY_ID.into(),
                 hash: hash_key(DEMO_API_KEY),
                 root: id,
                 sub: None,
@@ -304,6 +332,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     );
     if config.demo_enabled() {
         app.seed_demo().await?;
+    } else {
+        app.retire_demo_key().await?;
     }
     let data = bind(config.server.listen).await?;
     let admin = bind(config.admin.listen).await?;

@@ -743,6 +743,10 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
     let Some(rest) = name.strip_prefix("TOLLGATE_") else {
         return Ok(());
     };
+    // `TOLLGATE_CONFIG` names the file (`--config`), not a key.
+    if rest == "CONFIG" {
+        return Ok(());
+    }
     let rest = rest.to_ascii_lowercase();
     let Some((section, key)) = SECTIONS.iter().find_map(|s| {
         rest.strip_prefix(s)

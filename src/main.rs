@@ -30,7 +30,7 @@ enum Command {
     /// Run the gateway (data plane and admin listener).
     Serve {
         /// TOML config file; without one, the embedded defaults run the demo.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Load-test a tollgate deployment (or any HTTP endpoint).
@@ -68,22 +68,7 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-/// Large buffers (bodies, backend answers of many MiB) are mapped on their
-/// own and unmapped when freed, so their memory goes back to the system at
-/// once. glibc's default threshold rises after each large free (up to
-/// 32 MiB), after which such buffers come from the heap and stay in the
-/// process long after the answers are gone.
-fn give_large_buffers_back() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before any
-    // other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
 fn main() -> ExitCode {
-    give_large_buffers_back();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

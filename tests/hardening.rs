@@ -981,7 +981,10 @@ async fn answers_being_read_share_one_budget_and_past_it_nothing_is_charged() {
             extra_toml: "".into(),
             env: vec![
                 ("TOLLGATE_BACKEND_MAX_RESPONSE_BYTES", "4096".into()),
-                ("TOLLGATE_BACKEND_MAX_BUFFERED_RESPONSE_BYTES", "5000".into()),
+                (
+                    "TOLLGATE_BACKEND_MAX_BUFFERED_RESPONSE_BYTES",
+                    "5000".into(),
+                ),
                 ("TOLLGATE_BACKEND_TIMEOUT_MS", "3000".into()),
             ],
         },
@@ -1022,4 +1025,40 @@ async fn answers_being_read_share_one_budget_and_past_it_nothing_is_charged() {
     assert!(admin.all_events().await.is_empty());
     let a = admin.wait_idle("acme").await;
     assert_eq!(a["concurrency"]["in_flight"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_demo_key_stops_working_once_the_demo_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let auth = format!("Bearer {}", tollgate::config::DEMO_API_KEY);
+    // First `tollgate serve` with no config: the demo answers.
+    let mut demo = common::Gateway::start_defaults(
+        dir.path(),
+        &[
+            ("TOLLGATE_SIMULATOR_LATENCY_MS", "0".into()),
+            ("TOLLGATE_SIMULATOR_LATENCY_JITTER_MS", "0".into()),
+        ],
+    );
+    let url = format!("{}/v1/style-transfer", demo.url);
+    let r = http
+        .send(Method::POST, &url, &[("authorization", &auth)], "{}")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    demo.proc.kill9();
+    // Then a real backend in the same directory, demo off.
+    let sim = common::Simulator::start();
+    let real = common::Gateway::start(dir.path(), &sim.url, &Opts::default());
+    let url = format!("{}/v1/style-transfer", real.url);
+    let r = http
+        .send(Method::POST, &url, &[("authorization", &auth)], "{}")
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        real.proc.logs().contains("public demo key was revoked"),
+        "{}",
+        real.proc.logs()
+    );
+    let stats = sim.stats(&http).await;
+    assert!(stats["accounts"]["demo"].is_null(), "{stats}");
 }

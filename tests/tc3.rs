@@ -534,16 +534,23 @@ async fn bodies_waiting_to_be_verified_are_bounded_and_hold_no_slot() {
     // Another 4,000-byte body would go over the 6,000-byte budget.
     let big = format!(r#"{{"Image":"{}"}}"#, "x".repeat(3000));
     let mut refused = None;
-    for _ in 0..100 {
+    let mut last = None;
+    for _ in 0..300 {
         let r = signed_task(&stack, &pair, &big, &big).await;
         if r.error_code() == "RequestLimitExceeded" {
             refused = Some(r);
             break;
         }
+        last = Some((r.status, r.json()));
         // The slow body may not have been booked yet.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let refused = refused.expect("the budget refuses a body it cannot hold");
+    let refused = refused.unwrap_or_else(|| {
+        panic!(
+            "the budget never refused a body it cannot hold; last answer {last:?}; logs: {}",
+            stack.gw.proc.logs()
+        )
+    });
     assert_eq!(refused.status, StatusCode::OK);
     // Small bodies still fit, and the slow upload holds no slot: all three
     // slots serve them.

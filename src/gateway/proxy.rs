@@ -247,7 +247,10 @@ impl Backend {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let too_large = || {
-            tracing::warn!(limit = max, "the backend's answer is larger than backend.max_response_bytes");
+            tracing::warn!(
+                limit = max,
+                "the backend's answer is larger than backend.max_response_bytes"
+            );
             GatewayError::BackendUnavailable
         };
         if declared > max {
@@ -270,10 +273,11 @@ impl Backend {
             if len > max {
                 return Err(too_large());
             }
-            if len > booked.amount()
+            let short = len.saturating_sub(booked.amount());
+            if short > 0
                 && !self
                     .answers
-                    .grow(&mut booked, len - booked.amount(), self.max_buffered_answers)
+                    .grow(&mut booked, short, self.max_buffered_answers)
             {
                 return Err(GatewayError::AnswersFull);
             }
