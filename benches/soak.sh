@@ -5,7 +5,7 @@
 # Load, all at once for the whole run, against one gateway (release build)
 # in front of the simulator (20 ± 10 ms, 5 % backend 500s):
 #   - 48 connections over 20 postpaid accounts (limit 3 each: queueing);
-#   - 8 connections over 5 accounts on their 50 free units (then LowBalance);
+#   - 100 req/s over 5 accounts on their 50 free units (then LowBalance);
 #   - clients that give up: tasks of 2 s cancelled after 50 ms, mostly
 #     while queued;
 #   - backend faults on request (X-Sim-Status: 500, 502);
@@ -73,7 +73,7 @@ echo "soak: $SECS s against $GW (RSS at start $RSS0 KiB)" >&2
 
 $BIN loadgen --json --duration "${SECS}s" --keys-file "$work/paid.txt" --connections 48 --url "$GW/v1/style-transfer" >"$work/lg-paid.json" &
 LG1=$!
-$BIN loadgen --json --duration "${SECS}s" --keys-file "$work/free.txt" --connections 8 --url "$GW/v1/style-transfer" >"$work/lg-free.json" &
+$BIN loadgen --json --duration "${SECS}s" --keys-file "$work/free.txt" --rate 100 --url "$GW/v1/style-transfer" >"$work/lg-free.json" &
 LG2=$!
 end=$(( $(date +%s) + SECS ))
 # Clients that give up, and backend faults: one curl each, counted.
