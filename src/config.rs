@@ -886,6 +886,47 @@ mod tests {
     }
 
     #[test]
+    fn tc3_settings_are_checked_and_the_key_never_echoed() {
+        let key = "ab".repeat(32);
+        let c = Config::from_toml_and_env(
+            "",
+            vec![("TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY".into(), key.clone())],
+        )
+        .unwrap();
+        assert!(c.auth.sealer().unwrap().can_seal());
+        assert!(!format!("{:?}", c.auth).contains(&key));
+        for (name, value, names) in [
+            (
+                "TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY",
+                "not-hex-at-all",
+                "auth.secret_encryption_key",
+            ),
+            (
+                "TOLLGATE_AUTH_MAX_CLOCK_SKEW_MS",
+                "0",
+                "auth.max_clock_skew_ms",
+            ),
+            ("TOLLGATE_BACKEND_ACTIONS", "[]", "backend.actions"),
+            (
+                "TOLLGATE_LIMITS_MAX_BUFFERED_BYTES",
+                "1",
+                "limits.max_buffered_bytes",
+            ),
+            (
+                "TOLLGATE_BACKEND_MAX_BUFFERED_RESPONSE_BYTES",
+                "1",
+                "backend.max_buffered_response_bytes",
+            ),
+        ] {
+            let e = Config::from_toml_and_env("", vec![(name.into(), value.into())])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(names), "{name}: {e}");
+            assert!(!e.contains("not-hex-at-all"), "{e}");
+        }
+    }
+
+    #[test]
     fn env_overrides_file_and_keeps_types() {
         let c = Config::from_toml_and_env(
             "[limits]\nmax_queue_per_account = 7\n",
@@ -894,6 +935,8 @@ mod tests {
                 ("TOLLGATE_ADMIN_TOKEN".into(), "1234567890123456".into()),
                 ("TOLLGATE_BILLING_ARREARS_GRACE".into(), "90s".into()),
                 ("PATH".into(), "/bin".into()),
+                // Names the file (`--config`), not a key: not an error.
+                ("TOLLGATE_CONFIG".into(), "/etc/tollgate.toml".into()),
             ],
         )
         .unwrap();
