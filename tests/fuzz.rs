@@ -40,7 +40,23 @@ async fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The answer past any interim `1xx` heads (`100 Continue` for a client
+/// that sent `Expect: 100-continue`), which carry no body.
+fn final_answer(mut raw: &[u8]) -> &[u8] {
+    while raw.starts_with(b"HTTP/1.1 1") {
+        match raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) => raw = &raw[end + 4..],
+            None => break,
+        }
+    }
+    raw
+}
+
 fn first_answer_complete(raw: &[u8]) -> bool {
+    let raw = final_answer(raw);
+    if raw.is_empty() {
+        return false;
+    }
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
         return false;
     };
@@ -56,6 +72,7 @@ fn first_answer_complete(raw: &[u8]) -> bool {
 /// Checks one raw answer (possibly several pipelined answers: the first
 /// is enough) against the rule above.
 fn check_answer(raw: &[u8]) -> Result<(), String> {
+    let raw = final_answer(raw);
     if raw.is_empty() {
         return Ok(()); // closed without an answer: allowed for garbage
     }
