@@ -65,13 +65,20 @@ pub enum StartError {
         "server.instance `{0}` is already used by a live replica; give each replica its own name"
     )]
     InstanceTaken(String),
+    /// Another tollgate process holds the data directory.
+    #[error(
+        "storage.data_dir {0} is in use by another tollgate process; give each instance its own directory"
+    )]
+    DataDirInUse(String),
+    #[error("storage.data_dir {path}: {reason}")]
+    DataDir { path: String, reason: String },
 }
 
 impl StartError {
     /// 2 for what the operator must fix in the configuration, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::InstanceTaken(_) => 2,
+            Self::Config(_) | Self::InstanceTaken(_) | Self::DataDirInUse(_) => 2,
             _ => 1,
         }
     }
@@ -302,8 +309,38 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 /// order: stop accepting, refuse queued tasks, let in-flight ones finish
 /// within the grace period, flush the store. Tests run gateways in process
 /// through this.
+/// Holds `<data_dir>/tollgate.lock` (an advisory `flock`) for as long as
+/// the returned file lives: a second process on the same directory would
+/// enforce its own limits and keep its own counters, diverging silently.
+/// The kernel lets go of the lock when the process dies, `kill -9` too.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let failed = |reason: String| StartError::DataDir {
+        path: dir.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| failed(format!("cannot create it: {e}")))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("tollgate.lock"))
+        .map_err(|e| failed(format!("cannot open its lock file: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StartError::DataDirInUse(dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(failed(format!("cannot lock it: {e}"))),
+    }
+}
+
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     let stop = CancellationToken::new();
+    // The directory and the ports first: a start that cannot have them
+    // fails before the store is opened (and repaired) at all.
+    let _data_dir_lock = lock_data_dir(&config.storage.data_dir)?;
+    let data = bind(config.server.listen).await?;
+    let admin = bind(config.admin.listen).await?;
     let backend_url = if config.uses_embedded_simulator() {
         let listener = bind(config.simulator.listen).await?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -335,8 +372,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     } else {
         app.retire_demo_key().await?;
     }
-    let data = bind(config.server.listen).await?;
-    let admin = bind(config.admin.listen).await?;
     let data_addr = data.local_addr().ok();
     let admin_addr = admin.local_addr().ok();
     // Machine-readable lines on stdout (logs go to stderr), so scripts and
@@ -351,6 +386,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         accounts = app.admin.registry.root_count(),
         "tollgate serving"
     );
+    if config.admin.token.is_empty() {
+        tracing::warn!(
+            "the admin API is disabled: admin.token is empty, so every /v1/ call is refused \
+             (metrics and health stay open); set TOLLGATE_ADMIN_TOKEN to enable it"
+        );
+    }
 
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.admin.clone(), admin, stop.clone()));

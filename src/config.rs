@@ -578,6 +578,12 @@ impl Config {
         if !self.backend.url.is_empty() {
             BackendUrl::parse(&self.backend.url).map_err(|r| invalid("backend.url", r))?;
         }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                "is not a log filter (e.g. \"info\", \"warn\", \"tollgate=debug,info\")",
+            ));
+        }
         self.auth.sealer()?;
         if !(1_000..=86_400_000).contains(&self.auth.max_clock_skew_ms) {
             return Err(invalid(

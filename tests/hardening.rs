@@ -1062,3 +1062,70 @@ async fn the_public_demo_key_stops_working_once_the_demo_is_off() {
     let stats = sim.stats(&http).await;
     assert!(stats["accounts"]["demo"].is_null(), "{stats}");
 }
+
+/// Runs `tollgate serve --config <path>` expecting it to refuse to start:
+/// its exit code and stderr (bounded: a start that goes on is killed).
+fn refused_start(config: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..200 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        status.and_then(|s| s.code()),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_data_directory_serves_one_process_and_ports_come_before_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = common::Simulator::start();
+    let first = common::Gateway::start(dir.path(), &sim.url, &Opts::default());
+    // The same directory again (its own free ports): refused, exit 2.
+    let (code, stderr) = refused_start(&first.config_path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("in use by another tollgate"), "{stderr}");
+    // The first still serves.
+    let r = Http::new()
+        .send(Method::GET, &format!("{}/healthz", first.url), &[], "")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // A port already taken: refused before the store is touched (no
+    // database is created in the new directory).
+    let other = tempfile::tempdir().unwrap();
+    let data_dir = other.path().join("data");
+    let taken = first.url.trim_start_matches("http://");
+    let config = other.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{taken}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[backend]\nurl = \"{}\"\n[storage]\ndata_dir = \"{}\"\n",
+            sim.url,
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    let (code, stderr) = refused_start(&config);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    assert!(
+        !data_dir.join("tollgate.db").exists(),
+        "the store was opened before the ports were bound"
+    );
+}
