@@ -104,7 +104,7 @@ async fn every_success_has_exactly_one_event_and_failures_none() {
         let n: u64 = e["data"]["request_id"].as_str().unwrap()[4..]
             .parse()
             .unwrap();
-        let expected_sub = if n % 2 == 0 {
+        let expected_sub = if n.is_multiple_of(2) {
             Value::Null
         } else {
             Value::from("acme-dev")

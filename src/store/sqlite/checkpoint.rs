@@ -62,7 +62,7 @@ pub(super) fn run(conn: Connection, wal: PathBuf, stop: mpsc::Receiver<()>) {
         ticks = ticks.wrapping_add(1);
         let size = wal_size();
         let over = size > RESTART_AT;
-        if !over && ticks % PASSIVE_EVERY != 0 {
+        if !over && !ticks.is_multiple_of(PASSIVE_EVERY) {
             continue;
         }
         let started = Instant::now();
