@@ -55,9 +55,17 @@ pub async fn handle(
     let mut queue_wait = Duration::ZERO;
     // Counted once: here, by the forwarded task, or on drop (hang-up).
     let mut tally = Some(Tally::new(gw.metrics.clone()));
-    let result = run(&gw, &conn, req, &request_id, &mut queue_wait, &mut tally)
-        .instrument(span.clone())
-        .await;
+    let result = run(
+        &gw,
+        &conn,
+        req,
+        tc3,
+        &request_id,
+        &mut queue_wait,
+        &mut tally,
+    )
+    .instrument(span.clone())
+    .await;
     let mut resp = match result {
         Ok((answer, outcome)) => {
             if let Some(t) = tally.take() {
@@ -91,12 +99,13 @@ async fn run(
     gw: &Arc<Gateway>,
     conn: &ConnWatch,
     req: Request<Incoming>,
+    tc3: bool,
     request_id: &HeaderValue,
     queue_wait: &mut Duration,
     tally: &mut Option<Tally>,
 ) -> TaskResult {
     check_task_shape(gw, &req)?;
-    let (principal, revoked, req, action, buffer) = if tc3_front::is_tc3(req.headers()) {
+    let (principal, revoked, req, action, buffer) = if tc3 {
         let v = tc3_front::verify(gw, req).await?;
         (
             v.principal,

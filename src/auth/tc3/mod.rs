@@ -230,8 +230,7 @@ pub struct Expect<'a> {
 }
 
 /// Checks everything but the secret: the service, the timestamp against the
-/// clock and against the credential's date, no unsigned payload. Returns
-/// the timestamp's seconds.
+/// clock and against the credential's date, no unsigned payload.
 pub fn check_context(
     auth: &Tc3Authorization,
     headers: &HeaderMap,
