@@ -29,7 +29,7 @@ async fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     let mut buf = [0u8; 8192];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     loop {
-        if first_answer_complete(&out) {
+        if common::complete_answer(&out).is_some() {
             break;
         }
         match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
@@ -40,54 +40,23 @@ async fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The answer past any interim `1xx` heads (`100 Continue` for a client
-/// that sent `Expect: 100-continue`), which carry no body.
-fn final_answer(mut raw: &[u8]) -> &[u8] {
-    while raw.starts_with(b"HTTP/1.1 1") {
-        match raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            Some(end) => raw = &raw[end + 4..],
-            None => break,
-        }
-    }
-    raw
-}
-
-fn first_answer_complete(raw: &[u8]) -> bool {
-    let raw = final_answer(raw);
-    if raw.is_empty() {
-        return false;
-    }
-    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    raw.len() >= end + 4 + len
-}
-
 /// Checks one raw answer (possibly several pipelined answers: the first
 /// is enough) against the rule above.
 fn check_answer(raw: &[u8]) -> Result<(), String> {
-    let raw = final_answer(raw);
-    if raw.is_empty() {
-        return Ok(()); // closed without an answer: allowed for garbage
-    }
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no end of head")?;
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
-    let lower = head.to_ascii_lowercase();
+    let Some((status, head, body)) = common::complete_answer(raw) else {
+        // Closed without an answer (allowed for garbage), or after only an
+        // interim `100 Continue`.
+        return if raw.is_empty() || raw.starts_with(b"HTTP/1.1 1") {
+            Ok(())
+        } else {
+            Err(format!("an incomplete answer: {text}"))
+        };
+    };
     if status >= 500 && status != 502 && status != 503 && status != 504 {
         return Err(format!("status {status}: {text}"));
     }
-    if !lower.contains("x-request-id:") {
+    if !head.contains("x-request-id:") {
         // hyper's own parse errors.
         return if [400, 414, 431, 501, 505].contains(&status) {
             Ok(())
@@ -96,12 +65,7 @@ fn check_answer(raw: &[u8]) -> Result<(), String> {
         };
     }
     if status >= 400 {
-        let len: usize = lower
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| format!("no length: {head}"))?;
-        let json: Value = serde_json::from_str(&body[..len.min(body.len())])
+        let json: Value = serde_json::from_slice(body)
             .map_err(|e| format!("error body is not JSON ({e}): {text}"))?;
         if json["Response"]["Error"]["Code"]
             .as_str()

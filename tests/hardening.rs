@@ -41,27 +41,11 @@ async fn raw_exchange(addr: &str, request: &str) -> RawAnswer {
     let mut buf = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let status = head
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                return RawAnswer {
-                    status,
-                    body: buf[end + 4..end + 4 + len].to_vec(),
-                };
-            }
+        if let Some((status, _, body)) = common::complete_answer(&buf) {
+            return RawAnswer {
+                status,
+                body: body.to_vec(),
+            };
         }
         let mut chunk = [0u8; 4096];
         let left = deadline.saturating_duration_since(Instant::now());
@@ -505,27 +489,12 @@ async fn raw_exchange_streaming(addr: &str, head: String, body: Vec<u8>) -> RawA
     let mut chunk = [0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                writer.abort();
-                return RawAnswer {
-                    status: head
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0),
-                    body: buf[end + 4..end + 4 + len].to_vec(),
-                };
-            }
+        if let Some((status, _, body)) = common::complete_answer(&buf) {
+            writer.abort();
+            return RawAnswer {
+                status,
+                body: body.to_vec(),
+            };
         }
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, rd.read(&mut chunk)).await {
@@ -1063,31 +1032,16 @@ async fn the_public_demo_key_stops_working_once_the_demo_is_off() {
     assert!(stats["accounts"]["demo"].is_null(), "{stats}");
 }
 
-/// Runs `tollgate serve --config <path>` expecting it to refuse to start:
-/// its exit code and stderr (bounded: a start that goes on is killed).
+/// `tollgate serve --config <path>`, which must refuse to start.
 fn refused_start(config: &std::path::Path) -> (Option<i32>, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut status = None;
-    for _ in 0..200 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        status.and_then(|s| s.code()),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    common::refused_start(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
     )
 }
 

@@ -188,7 +188,6 @@ async fn the_official_sdk_succeeds_and_its_task_is_recorded_once() {
             entry.display()
         );
     }
-    let _ = pair.key_id;
 }
 
 fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
@@ -319,19 +318,13 @@ async fn parallel_sdk_calls_never_exceed_the_limit_at_the_backend() {
     stack.admin().wait_idle("busy").await;
 }
 
-/// A request signed as the SDK signs it (the signer is checked byte for
-/// byte against the SDK in the unit tests), sent over HTTP.
-async fn signed_task(
-    stack: &Stack,
-    pair: &Pair,
-    signed_body: &str,
-    sent_body: &str,
-) -> common::Resp {
-    let host = endpoint(stack);
+/// `Authorization` and `X-TC-Timestamp` for `POST /` with `body`, signed
+/// now as the SDK signs (content-type and host).
+fn authorization_now(stack: &Stack, pair: &Pair, body: &[u8]) -> (String, String) {
     let ts = jiff::Timestamp::now().as_second().to_string();
     let mut headers = http::HeaderMap::new();
     headers.insert("content-type", "application/json".parse().unwrap());
-    headers.insert("host", host.parse().unwrap());
+    headers.insert("host", endpoint(stack).parse().unwrap());
     let auth = sign(
         &pair.secret_id,
         &pair.secret_key,
@@ -341,11 +334,23 @@ async fn signed_task(
             path: "/",
             query: "",
             headers: &headers,
-            body: signed_body.as_bytes(),
+            body,
             timestamp: &ts,
         },
     )
     .unwrap();
+    (auth, ts)
+}
+
+/// A request signed as the SDK signs it (the signer is checked byte for
+/// byte against the SDK in the unit tests), sent over HTTP.
+async fn signed_task(
+    stack: &Stack,
+    pair: &Pair,
+    signed_body: &str,
+    sent_body: &str,
+) -> common::Resp {
+    let (auth, ts) = authorization_now(stack, pair, signed_body.as_bytes());
     stack
         .http
         .send(
@@ -456,33 +461,17 @@ async fn tc3_keys_need_the_encryption_key_and_a_start_without_it_is_refused() {
         vec![],
         vec![("TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY", other_key)],
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["serve", "--config"])
-            .arg(dir.path().join("tollgate.toml"))
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Bounded: a start that wrongly goes on is killed and fails here.
-        let mut status = None;
-        for _ in 0..200 {
-            if let Some(s) = child.try_wait().unwrap() {
-                status = Some(s);
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        if status.is_none() {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().unwrap();
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(2),
-            "the start must be refused"
+        let (code, stderr) = common::refused_start(
+            Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args(["serve", "--config"])
+                .arg(dir.path().join("tollgate.toml"))
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
         );
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code, Some(2), "the start must be refused: {stderr}");
         assert!(stderr.contains("auth.secret_encryption_key"), "{stderr}");
         assert!(!stderr.contains(&"1".repeat(64)), "the key is never echoed");
     }
@@ -502,24 +491,7 @@ async fn bodies_waiting_to_be_verified_are_bounded_and_hold_no_slot() {
 
     // A client that declares 4,000 bytes and sends 10: its body is being
     // read (and books its 4,000 bytes), but it holds no slot.
-    let ts = jiff::Timestamp::now().as_second().to_string();
-    let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "application/json".parse().unwrap());
-    headers.insert("host", endpoint(&stack).parse().unwrap());
-    let auth = sign(
-        &pair.secret_id,
-        &pair.secret_key,
-        "aiart",
-        &SignedRequest {
-            method: "POST",
-            path: "/",
-            query: "",
-            headers: &headers,
-            body: b"{}",
-            timestamp: &ts,
-        },
-    )
-    .unwrap();
+    let (auth, ts) = authorization_now(&stack, &pair, b"{}");
     let head = format!(
         "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAuthorization: {auth}\r\nX-TC-Action: ImageToImage\r\nX-TC-Version: 2022-12-29\r\nX-TC-Timestamp: {ts}\r\nContent-Length: 4000\r\n\r\n0123456789",
         endpoint(&stack)
@@ -530,6 +502,19 @@ async fn bodies_waiting_to_be_verified_are_bounded_and_hold_no_slot() {
     tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
         .await
         .unwrap();
+    // Let the gateway take the slow upload in (and book its share) before
+    // anything else competes for the budget: a big body booked first would
+    // rightly get the slow one refused instead. It must still be waiting.
+    let mut early = [0u8; 1];
+    assert!(
+        tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            tokio::io::AsyncReadExt::read(&mut slow, &mut early),
+        )
+        .await
+        .is_err(),
+        "the slow upload was answered before its body came"
+    );
 
     // Another 4,000-byte body would go over the 6,000-byte budget.
     let big = format!(r#"{{"Image":"{}"}}"#, "x".repeat(3000));
@@ -545,12 +530,20 @@ async fn bodies_waiting_to_be_verified_are_bounded_and_hold_no_slot() {
         // The slow body may not have been booked yet.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let refused = refused.unwrap_or_else(|| {
-        panic!(
-            "the budget never refused a body it cannot hold; last answer {last:?}; logs: {}",
-            stack.gw.proc.logs()
+    if refused.is_none() {
+        let mut got = vec![0u8; 4096];
+        let n = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio::io::AsyncReadExt::read(&mut slow, &mut got),
         )
-    });
+        .await;
+        panic!(
+            "the budget never refused a body it cannot hold; last answer {last:?}; the slow client got {:?}; logs: {}",
+            n.map(|r| r.map(|n| String::from_utf8_lossy(&got[..n]).into_owned())),
+            stack.gw.proc.logs()
+        );
+    }
+    let refused = refused.unwrap();
     assert_eq!(refused.status, StatusCode::OK);
     // Small bodies still fit, and the slow upload holds no slot: all three
     // slots serve them.

@@ -693,3 +693,49 @@ pub async fn wait_for_jsonl(data_dir: &Path, n: usize) -> Vec<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The first complete HTTP/1.1 answer in `raw` (bytes read so far from a
+/// socket), past any interim `1xx` heads (`100 Continue`): its status, head
+/// (lower-cased) and `Content-Length` body; `None` until all of it is there.
+pub fn complete_answer(mut raw: &[u8]) -> Option<(u16, String, &[u8])> {
+    loop {
+        let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())?;
+        if (100..200).contains(&status) {
+            raw = &raw[end + 4..];
+            continue;
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let body = raw.get(end + 4..end + 4 + len)?;
+        return Some((status, head, body));
+    }
+}
+
+/// Waits (bounded) for a `serve` that must refuse to start; its exit code
+/// (`None` if it had to be killed because it went on) and its stderr.
+pub fn refused_start(mut child: Child) -> (Option<i32>, String) {
+    let mut status = None;
+    for _ in 0..200 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        status.and_then(|s| s.code()),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
