@@ -2,9 +2,11 @@
 //! listeners, and shuts down in order on SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use jiff::tz::TimeZone;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +18,7 @@ use crate::billing;
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::{ClusterError, ClusterSettings, Coordinator, RedisLimiter, RedisQuota};
 use crate::config::StorageKind;
-use crate::config::{Config, DEMO_API_KEY};
+use crate::config::{Config, DEMO_API_KEY, LiveConfig};
 use crate::entitlements::schedule::Schedule;
 use crate::gateway::Gateway;
 use crate::gateway::proxy::Backend;
@@ -29,7 +31,11 @@ use crate::usage::UsageRecorder;
 /// (each holds only what it uses, sharing the same services), and keeps
 /// what shutdown needs.
 pub struct App {
-    pub config: Arc<Config>,
+    /// The running config, swapped by [`App::reload`].
+    pub config: LiveConfig,
+    /// The embedded simulator's URL when it is the backend (a reload keeps
+    /// forwarding there).
+    simulator_url: Option<String>,
     pub gateway: Arc<Gateway>,
     pub admin: Arc<AdminState>,
     pub accounts: Arc<AccountService>,
@@ -72,6 +78,8 @@ pub enum StartError {
     DataDirInUse(String),
     #[error("storage.data_dir {path}: {reason}")]
     DataDir { path: String, reason: String },
+    #[error("cannot listen for SIGHUP (config reloads): {0}")]
+    Signal(std::io::Error),
 }
 
 impl StartError {
@@ -92,7 +100,8 @@ impl App {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StartError> {
-        let metrics = Arc::new(Metrics::new(config.metrics.per_account_labels));
+        let metrics = Arc::new(Metrics::new(&config.metrics));
+        metrics.set_max_queued_tasks(config.limits.max_queued_tasks);
         let coordinator = if config.cluster.enabled() {
             let settings = ClusterSettings::from_config(&config.cluster, &config.server.instance);
             let coord = Coordinator::start(settings).await.map_err(|e| match e {
@@ -125,14 +134,10 @@ impl App {
                 (local.clone(), local)
             }
         };
-        let backend = Backend::new(
-            &config.backend,
-            backend_url,
-            config.limits.max_body_bytes,
-            Duration::from_millis(config.limits.body_idle_timeout_ms),
-        )
-        .map_err(StartError::Backend)?
-        .with_min_body_rate(config.limits.min_body_rate_bytes_per_s);
+        let backend = Backend::from_config(&config, backend_url).map_err(StartError::Backend)?;
+        let simulator_url = config
+            .uses_embedded_simulator()
+            .then(|| backend_url.to_string());
         let tz = TimeZone::get(&config.billing.timezone).map_err(|e| {
             StartError::Config(crate::config::ConfigError::Invalid {
                 key: "billing.timezone".into(),
@@ -170,8 +175,8 @@ impl App {
             Some(coord) => Arc::new(RedisQuota::new(coord.clone(), billing.clone())),
             None => billing.clone(),
         };
-        let config = Arc::new(config);
-        let backend = Arc::new(backend);
+        let config: LiveConfig = Arc::new(ArcSwap::from_pointee(config));
+        let backend = Arc::new(ArcSwap::from_pointee(backend));
         let recorder = UsageRecorder::new(store.clone(), metrics.clone());
         let stopping = CancellationToken::new();
         let gateway = Arc::new(Gateway {
@@ -208,6 +213,7 @@ impl App {
         });
         let app = Self {
             config,
+            simulator_url,
             gateway,
             admin,
             accounts,
@@ -230,6 +236,46 @@ impl App {
             }));
         }
         Ok(Arc::new(app))
+    }
+
+    /// Applies a re-read config file (SIGHUP) without dropping a task:
+    /// what can fail is built first, so a refused reload changes nothing.
+    /// Returns the keys that changed in the file but need a restart (kept
+    /// at their running values).
+    pub fn reload(&self, next: Config, log: Option<&LogReload>) -> Result<Vec<&'static str>, String> {
+        let current = self.config.load_full();
+        let (next, kept) = current.reload_into(next);
+        if next == *current {
+            return Ok(kept);
+        }
+        let backend = if next.backend != current.backend || next.limits != current.limits {
+            let url = self.simulator_url.as_deref().unwrap_or(&next.backend.url);
+            Some(Backend::from_config(&next, url).map_err(|e| format!("backend: {e}"))?)
+        } else {
+            None
+        };
+        if next.log != current.log
+            && let Some(set_filter) = log
+        {
+            set_filter(&next.log.filter())?;
+        }
+        if let Some(fresh) = backend {
+            let running = self.gateway.backend.load_full();
+            // In-flight tasks keep the backend they started with.
+            self.gateway
+                .backend
+                .store(Arc::new(running.succeeded_by(fresh)));
+        }
+        self.limiter
+            .set_max_queue(next.limits.max_queue_per_account);
+        self.gateway
+            .metrics
+            .set_max_queued_tasks(next.limits.max_queued_tasks);
+        if next.metrics != current.metrics {
+            self.gateway.metrics.set_buckets(&next.metrics);
+        }
+        self.config.store(Arc::new(next));
+        Ok(kept)
     }
 
     /// With the demo off, the public demo key must not authenticate: a data
@@ -259,7 +305,7 @@ impl App {
 
     /// Creates the demo account and its public key if they are missing.
     async fn seed_demo(&self) -> Result<(), StoreError> {
-        let id = self.config.demo.account.clone();
+        let id = self.config.load().demo.account.clone();
         if self.admin.registry.root(&id).is_none() {
             // Postpaid, so the demo keeps answering past the free package.
             match self.accounts.create_account(&id, true).await {
@@ -294,15 +340,71 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Runs `tollgate serve` until SIGTERM or SIGINT (see [`run`]).
-pub async fn serve(config: Config) -> Result<(), StartError> {
+/// Sets the log filter (a reload's `log.level` / `log.access`).
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What SIGHUP re-reads and where it applies the log filter.
+pub struct Reloads {
+    /// `--config`; `None` re-applies the defaults and the environment.
+    pub path: Option<PathBuf>,
+    pub log: Option<LogReload>,
+}
+
+/// Runs `tollgate serve` until SIGTERM or SIGINT (see [`run`]); SIGHUP
+/// reloads the config file.
+pub async fn serve(config: Config, reloads: Reloads) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         on_signal.cancel();
     });
-    run(config, shutdown).await
+    // Caught from here on: HUP's default action would end the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(StartError::Signal)?;
+    run_with(config, shutdown, Some((hangups, reloads))).await
+}
+
+/// Re-reads the config on each SIGHUP until `stop`; a file that does not
+/// load is refused with its reason and the running config kept.
+async fn reload_on_hangup(
+    app: Arc<App>,
+    mut hangups: tokio::signal::unix::Signal,
+    reloads: Reloads,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            got = hangups.recv() => if got.is_none() { return },
+        }
+        let file = reloads
+            .path
+            .as_ref()
+            .map_or_else(|| "(no file: defaults and environment)".to_string(), |p| p.display().to_string());
+        let next = match Config::load(reloads.path.as_deref(), std::env::vars()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(file, error = %e, "reload refused: the running configuration is kept");
+                continue;
+            }
+        };
+        match app.reload(next, reloads.log.as_ref()) {
+            Ok(kept) => {
+                if !kept.is_empty() {
+                    tracing::warn!(
+                        file,
+                        needs_restart = kept.join(", "),
+                        "reload: these keys changed but take effect only at restart; their running values are kept"
+                    );
+                }
+                tracing::info!(file, "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(file, error = %e, "reload refused: the running configuration is kept");
+            }
+        }
+    }
 }
 
 /// Runs a whole gateway until `shutdown` is cancelled, then shuts down in
@@ -335,6 +437,14 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    run_with(config, shutdown, None).await
+}
+
+async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    reloads: Option<(tokio::signal::unix::Signal, Reloads)>,
+) -> Result<(), StartError> {
     let stop = CancellationToken::new();
     // The directory and the ports first: a start that cannot have them
     // fails before the store is opened (and repaired) at all.
@@ -393,6 +503,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         );
     }
 
+    if let Some((hangups, reloads)) = reloads {
+        tokio::spawn(reload_on_hangup(app.clone(), hangups, reloads, stop.clone()));
+    }
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.admin.clone(), admin, stop.clone()));
     tokio::spawn(app.schedule.clone().run(stop.clone()));

@@ -32,7 +32,10 @@ const SECTIONS: &[&str] = &[
     "auth",
 ];
 
-#[derive(Debug, Clone, Deserialize, Default)]
+/// The config the running gateway reads, swapped whole by a reload.
+pub type LiveConfig = std::sync::Arc<arc_swap::ArcSwap<Config>>;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -50,7 +53,7 @@ pub struct Config {
 }
 
 /// The API 3.0 (TC3-HMAC-SHA256) front (SPEC §9).
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// 64 hex digits (`openssl rand -hex 32`) that seal TC3 secret keys at
@@ -114,7 +117,7 @@ impl AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// The data-plane listener: every request on it is a task.
@@ -146,7 +149,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -199,7 +202,7 @@ pub enum SuccessMode {
     TencentJson,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
     /// `http://host:port[/prefix]`. Empty: start the built-in simulator
@@ -247,7 +250,7 @@ impl Default for BackendConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     pub default_concurrency: u32,
@@ -283,7 +286,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// Local files: the SQLite database, the JSON Lines export, and (with
@@ -315,7 +318,7 @@ impl Default for StorageConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BillingConfig {
     pub timezone: String,
@@ -332,18 +335,35 @@ impl Default for BillingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Label gauges by account. Turn off for large fleets: the gauges are
     /// then totals over all accounts.
     pub per_account_labels: bool,
+    /// Bucket bounds (seconds) of the task and upstream duration
+    /// histograms: dense between 0.5 s and 5 s, where an AI backend's
+    /// answers fall.
+    pub duration_buckets: Vec<f64>,
+    /// Bucket bounds (seconds) of the queue-wait histogram.
+    pub queue_wait_buckets: Vec<f64>,
 }
+
+pub const DEFAULT_DURATION_BUCKETS: [f64; 24] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0,
+    7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+];
+pub const DEFAULT_QUEUE_WAIT_BUCKETS: [f64; 17] = [
+    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 30.0,
+    60.0,
+];
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             per_account_labels: true,
+            duration_buckets: DEFAULT_DURATION_BUCKETS.to_vec(),
+            queue_wait_buckets: DEFAULT_QUEUE_WAIT_BUCKETS.to_vec(),
         }
     }
 }
@@ -355,12 +375,15 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing-subscriber filter, e.g. `info` or `tollgate=debug`.
     pub level: String,
+    /// One line per task (target `tollgate::access`, in `format`), whatever
+    /// `level` says.
+    pub access: bool,
 }
 
 impl Default for LogConfig {
@@ -368,11 +391,24 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            access: true,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl LogConfig {
+    /// The filter the subscriber runs: `level`, plus the access log at
+    /// info when it is on.
+    pub fn filter(&self) -> String {
+        if self.access {
+            format!("{},{}=info", self.level, crate::gateway::access_log::TARGET)
+        } else {
+            format!("{},{}=off", self.level, crate::gateway::access_log::TARGET)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimulatorConfig {
     pub listen: SocketAddr,
@@ -395,7 +431,7 @@ impl Default for SimulatorConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
     /// Seed a demo account and the public demo key at start. Unset: only
@@ -426,7 +462,7 @@ pub enum RedisOutagePolicy {
 
 /// Cluster mode (SPEC §8): replicas share slots, queues and quota
 /// reservations through Redis.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://host:port/db`. Empty: single node, nothing shared.
@@ -494,6 +530,12 @@ pub enum ConfigError {
     Parse(String),
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    #[error("environment variable `{var}` (config key `{key}`): {reason}")]
+    FromEnv {
+        var: String,
+        key: String,
+        reason: String,
+    },
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -535,17 +577,33 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        // Key → the variable that set it, so an error names what to fix.
+        let mut from_env: Vec<(String, String)> = Vec::new();
         for (name, value) in env {
-            apply_env_override(&mut table, &name, &value)?;
+            if let Some(key) = apply_env_override(&mut table, &name, &value)? {
+                from_env.push((key, name));
+            }
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Invalid {
-                    key: e.path().to_string(),
-                    reason: e.inner().message().to_string(),
+        let name_variable = |e: ConfigError| match e {
+            ConfigError::Invalid { key, reason } => {
+                match from_env.iter().find(|(k, _)| *k == key) {
+                    Some((_, var)) => ConfigError::FromEnv {
+                        var: var.clone(),
+                        key,
+                        reason,
+                    },
+                    None => ConfigError::Invalid { key, reason },
                 }
-            })?;
-        config.validate()?;
+            }
+            e => e,
+        };
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                key: e.path().to_string(),
+                reason: e.inner().message().to_string(),
+            })
+            .map_err(name_variable)?;
+        config.validate().map_err(name_variable)?;
         Ok(config)
     }
 
@@ -583,6 +641,12 @@ impl Config {
                 "log.level",
                 "is not a log filter (e.g. \"info\", \"warn\", \"tollgate=debug,info\")",
             ));
+        }
+        for (key, bounds) in [
+            ("metrics.duration_buckets", &self.metrics.duration_buckets),
+            ("metrics.queue_wait_buckets", &self.metrics.queue_wait_buckets),
+        ] {
+            check_buckets(bounds).map_err(|reason| invalid(key, reason))?;
         }
         self.auth.sealer()?;
         if !(1_000..=86_400_000).contains(&self.auth.max_clock_skew_ms) {
@@ -725,6 +789,51 @@ impl Config {
         Ok(())
     }
 
+    /// What a reload (SIGHUP) may apply: `next` with every key that needs
+    /// a restart kept at its running value, and the names of those keys
+    /// that `next` tried to change. Listeners, storage, cluster, billing,
+    /// auth, the demo and the simulator are fixed for the process's life;
+    /// limits (but the default concurrency, which sets every account's
+    /// entitlement), backend, log level, the access log, buckets and the
+    /// admin token change live.
+    pub fn reload_into(&self, mut next: Config) -> (Config, Vec<&'static str>) {
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($name:literal => $($field:ident).+),+ $(,)?) => {$(
+                if self.$($field).+ != next.$($field).+ {
+                    next.$($field).+ = self.$($field).+.clone();
+                    kept.push($name);
+                }
+            )+};
+        }
+        keep!(
+            "server.listen" => server.listen,
+            "server.instance" => server.instance,
+            "server.max_connections" => server.max_connections,
+            "server.idle_timeout_ms" => server.idle_timeout_ms,
+            "server.shutdown_grace_ms" => server.shutdown_grace_ms,
+            "admin.listen" => admin.listen,
+            "admin.max_connections" => admin.max_connections,
+            "admin.idle_timeout_ms" => admin.idle_timeout_ms,
+            "limits.default_concurrency" => limits.default_concurrency,
+            "storage" => storage,
+            "billing" => billing,
+            "metrics.per_account_labels" => metrics.per_account_labels,
+            "log.format" => log.format,
+            "simulator" => simulator,
+            "demo" => demo,
+            "cluster" => cluster,
+            "auth" => auth,
+        );
+        // Between the embedded simulator and a real backend is a change of
+        // demo mode (the public key), not of backend: a restart.
+        if self.uses_embedded_simulator() != next.uses_embedded_simulator() {
+            next.backend.url = self.backend.url.clone();
+            kept.push("backend.url");
+        }
+        (next, kept)
+    }
+
     /// Whether `serve` starts the built-in simulator as its backend.
     pub fn uses_embedded_simulator(&self) -> bool {
         self.backend.url.is_empty()
@@ -742,16 +851,34 @@ impl Config {
     }
 }
 
+fn check_buckets(bounds: &[f64]) -> Result<(), String> {
+    if bounds.is_empty() || bounds.len() > 64 {
+        return Err("must list between 1 and 64 bucket bounds".into());
+    }
+    if bounds.iter().any(|b| !b.is_finite() || *b <= 0.0) {
+        return Err("bucket bounds must be positive numbers of seconds".into());
+    }
+    if bounds.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("bucket bounds must be strictly increasing".into());
+    }
+    Ok(())
+}
+
 /// `TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT=5` sets `limits.max_queue_per_account`.
 /// The value is read as a TOML value when it is one (`5`, `true`, `0.5`),
 /// else as a string.
-fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+/// Returns the key it set (`limits.max_queue_per_account`).
+fn apply_env_override(
+    table: &mut toml::Table,
+    name: &str,
+    value: &str,
+) -> Result<Option<String>, ConfigError> {
     let Some(rest) = name.strip_prefix("TOLLGATE_") else {
-        return Ok(());
+        return Ok(None);
     };
     // `TOLLGATE_CONFIG` names the file (`--config`), not a key.
     if rest == "CONFIG" {
-        return Ok(());
+        return Ok(None);
     }
     let rest = rest.to_ascii_lowercase();
     let Some((section, key)) = SECTIONS.iter().find_map(|s| {
@@ -802,7 +929,7 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> Resul
         _ => parsed,
     };
     section_table.insert(key.to_string(), value);
-    Ok(())
+    Ok(Some(format!("{section}.{key}")))
 }
 
 /// A parsed `backend.url`: scheme http only (TLS to the backend is not built

@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use tollgate::config::{Config, LogFormat, SimulatorConfig};
+use tollgate::app::{LogReload, Reloads};
+use tollgate::config::{Config, LogConfig, LogFormat, SimulatorConfig};
 
 #[derive(Parser)]
 #[command(
@@ -54,18 +55,46 @@ enum Command {
     Migrate(tollgate::store::migrate::MigrateArgs),
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the subscriber; the returned function swaps its filter (a
+/// config reload). With `RUST_LOG` set, that variable decides the filter
+/// and a reload leaves it alone.
+fn init_logging(log: &LogConfig) -> LogReload {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let pinned = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(log.filter()).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            Box::new(move |filter: &str| {
+                if pinned {
+                    return Ok(());
+                }
+                let filter = EnvFilter::try_new(filter).map_err(|e| format!("log.level: {e}"))?;
+                handle.reload(filter).map_err(|e| format!("log.level: {e}"))
+            })
+        }};
     }
+    match log.format {
+        LogFormat::Json => install!(builder.json()),
+        LogFormat::Text => install!(builder),
+    }
+}
+
+fn quiet_logging(level: &str) {
+    let log = LogConfig {
+        level: level.into(),
+        access: false,
+        ..LogConfig::default()
+    };
+    let _ = init_logging(&log);
 }
 
 fn main() -> ExitCode {
@@ -82,15 +111,20 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve { config } => {
-            let config = match Config::load(config.as_deref(), std::env::vars()) {
+            let config_path = config;
+            let config = match Config::load(config_path.as_deref(), std::env::vars()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("tollgate: {e}");
                     return ExitCode::from(2);
                 }
             };
-            init_logging(config.log.format, &config.log.level);
-            match runtime.block_on(tollgate::app::serve(config)) {
+            let log = init_logging(&config.log);
+            let reloads = Reloads {
+                path: config_path,
+                log: Some(log),
+            };
+            match runtime.block_on(tollgate::app::serve(config, reloads)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "tollgate could not start");
@@ -123,7 +157,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Migrate(args) => {
-            init_logging(LogFormat::Text, "warn");
+            quiet_logging("warn");
             match runtime.block_on(tollgate::store::migrate::run(&args)) {
                 Ok(summary) => {
                     print!("{summary}");
@@ -141,7 +175,7 @@ fn main() -> ExitCode {
             jitter_ms,
             failure_rate,
         } => {
-            init_logging(LogFormat::Text, "info");
+            quiet_logging("info");
             if jitter_ms > latency_ms || !(0.0..=1.0).contains(&failure_rate) {
                 eprintln!(
                     "tollgate simulate: --jitter-ms must not exceed --latency-ms, and --failure-rate must be in 0..=1"

@@ -5,11 +5,15 @@
 //! gauges are not touched per request at all: they are read from the
 //! limiter when `/metrics` is scraped.
 
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::MetricsConfig;
 use crate::limiter::GateReport;
 
 /// How a request ended, for `tollgate_requests_total{outcome}`.
@@ -25,12 +29,34 @@ pub enum Outcome {
     Error,
 }
 
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Success,
+        Outcome::Failure,
+        Outcome::Rejected,
+        Outcome::Error,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     outcomes: [IntCounter; 4],
     rejections: IntCounterVec,
-    pub queue_wait_seconds: Histogram,
-    pub upstream_seconds: Histogram,
+    /// The histograms, swapped whole when a reload changes their buckets.
+    durations: ArcSwap<Durations>,
+    /// `tollgate_account_requests_total{account,outcome}`, with
+    /// `metrics.per_account_labels` only.
+    account_requests: Option<IntCounterVec>,
+    max_queued_tasks: IntGauge,
     pub usage_events_total: IntCounter,
     /// Usage events made durable in the local spool while the shared
     /// store (PostgreSQL) is unreachable, not yet delivered.
@@ -66,17 +92,107 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     c
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    register(
-        registry,
-        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-            .expect("valid"),
-    )
+/// The duration histograms, whose buckets come from the config.
+struct Durations {
+    queue_wait: Histogram,
+    upstream: Histogram,
+    task_vec: HistogramVec,
+    /// `task_vec` by [`Outcome`], resolved once.
+    task: [Histogram; 4],
+}
+
+impl Durations {
+    fn new(config: &MetricsConfig) -> Self {
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("bucket bounds are checked when the config is loaded")
+        };
+        let task_vec = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_task_duration_seconds",
+                "Time from a request's arrival to its answer (queue, upstream and recording), by outcome.",
+            )
+            .buckets(config.duration_buckets.clone()),
+            &["outcome"],
+        )
+        .expect("bucket bounds are checked when the config is loaded");
+        Self {
+            queue_wait: histogram(
+                "tollgate_queue_wait_seconds",
+                "Time admitted tasks waited in their account's queue.",
+                &config.queue_wait_buckets,
+            ),
+            upstream: histogram(
+                "tollgate_upstream_seconds",
+                "Time from forwarding a task to the backend's complete answer.",
+                &config.duration_buckets,
+            ),
+            task: Outcome::ALL.map(|o| task_vec.with_label_values(&[o.label()])),
+            task_vec,
+        }
+    }
+
+    fn register(&self, registry: &Registry) {
+        register(registry, self.queue_wait.clone());
+        register(registry, self.upstream.clone());
+        register(registry, self.task_vec.clone());
+    }
+
+    fn unregister(&self, registry: &Registry) {
+        let _ = registry.unregister(Box::new(self.queue_wait.clone()));
+        let _ = registry.unregister(Box::new(self.upstream.clone()));
+        let _ = registry.unregister(Box::new(self.task_vec.clone()));
+    }
 }
 
 impl Metrics {
-    pub fn new(per_account_labels: bool) -> Self {
+    pub fn new(config: &MetricsConfig) -> Self {
+        let per_account_labels = config.per_account_labels;
         let registry = Registry::new();
+        // CPU, memory, descriptors and start time, as every Prometheus
+        // exporter has them (`process_*`).
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics are registered once");
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_build_info",
+                    "Always 1; the version of the running binary is in the label.",
+                ),
+                &["version"],
+            )
+            .expect("valid"),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let max_queued_tasks = register(
+            &registry,
+            IntGauge::new(
+                "tollgate_max_queued_tasks",
+                "limits.max_queued_tasks: tasks that may wait for a slot at once, all accounts.",
+            )
+            .expect("valid"),
+        );
+        let durations = Durations::new(config);
+        durations.register(&registry);
+        let account_requests = per_account_labels.then(|| {
+            register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_account_requests_total",
+                        "Data-plane requests by account and outcome (requests refused before the key was known are not counted here).",
+                    ),
+                    &["account", "outcome"],
+                )
+                .expect("valid"),
+            )
+        });
         let requests = register(
             &registry,
             IntCounterVec::new(
@@ -85,8 +201,7 @@ impl Metrics {
             )
             .expect("valid"),
         );
-        let outcomes =
-            ["success", "failure", "rejected", "error"].map(|o| requests.with_label_values(&[o]));
+        let outcomes = Outcome::ALL.map(|o| requests.with_label_values(&[o.label()]));
         let rejections = register(
             &registry,
             IntCounterVec::new(
@@ -97,22 +212,6 @@ impl Metrics {
                 &["code"],
             )
             .expect("valid"),
-        );
-        let queue_wait_seconds = histogram(
-            &registry,
-            "tollgate_queue_wait_seconds",
-            "Time admitted tasks waited in their account's queue.",
-            &[
-                0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-            ],
-        );
-        let upstream_seconds = histogram(
-            &registry,
-            "tollgate_upstream_seconds",
-            "Time from forwarding a task to the backend's complete answer.",
-            &[
-                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-            ],
         );
         let usage_events_total = register(
             &registry,
@@ -224,8 +323,9 @@ impl Metrics {
             registry,
             outcomes,
             rejections,
-            queue_wait_seconds,
-            upstream_seconds,
+            durations: ArcSwap::from_pointee(durations),
+            account_requests,
+            max_queued_tasks,
             usage_events_total,
             spooled_events,
             leases_lost,
@@ -254,6 +354,37 @@ impl Metrics {
 
     pub fn request(&self, outcome: Outcome) {
         self.outcomes[outcome as usize].inc();
+    }
+
+    /// One task's end: its end-to-end time, and its account's count when
+    /// accounts are labelled and the key was known.
+    pub fn task_ended(&self, outcome: Outcome, took: Duration, account: Option<&str>) {
+        self.durations.load().task[outcome as usize].observe(took.as_secs_f64());
+        if let (Some(vec), Some(account)) = (&self.account_requests, account) {
+            vec.with_label_values(&[account, outcome.label()]).inc();
+        }
+    }
+
+    pub fn observe_queue_wait(&self, waited: Duration) {
+        self.durations.load().queue_wait.observe(waited.as_secs_f64());
+    }
+
+    pub fn observe_upstream(&self, took: Duration) {
+        self.durations.load().upstream.observe(took.as_secs_f64());
+    }
+
+    pub fn set_max_queued_tasks(&self, max: u64) {
+        self.max_queued_tasks
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// A reload changed the buckets: the histograms start over with the
+    /// new bounds (Prometheus reads it as a counter reset).
+    pub fn set_buckets(&self, config: &MetricsConfig) {
+        let fresh = Durations::new(config);
+        let old = self.durations.swap(std::sync::Arc::new(fresh));
+        old.unregister(&self.registry);
+        self.durations.load().register(&self.registry);
     }
 
     pub fn rejection(&self, code: &str) {
@@ -305,14 +436,21 @@ mod tests {
     use super::*;
     use crate::limiter::{Limiter, LocalLimiter};
 
+    fn metrics(per_account_labels: bool) -> Metrics {
+        Metrics::new(&MetricsConfig {
+            per_account_labels,
+            ..MetricsConfig::default()
+        })
+    }
+
     #[test]
     fn per_account_gauges_can_be_turned_into_totals() {
         let limiter = LocalLimiter::new(3, 10);
         limiter.set_limit("a", 3);
         limiter.set_limit("b", 5);
-        let per_account = Metrics::new(true).render(&limiter);
+        let per_account = metrics(true).render(&limiter);
         assert!(per_account.contains(r#"tollgate_concurrency_limit{account="b"} 5"#));
-        let totals = Metrics::new(false).render(&limiter);
+        let totals = metrics(false).render(&limiter);
         assert!(!totals.contains("account="), "{totals}");
         assert!(totals.contains("tollgate_in_flight 0"));
         assert!(totals.contains("tollgate_queued 0"));
@@ -320,7 +458,7 @@ mod tests {
 
     #[test]
     fn outcomes_count_separately() {
-        let m = Metrics::new(true);
+        let m = metrics(true);
         m.request(Outcome::Success);
         m.request(Outcome::Success);
         m.request(Outcome::Error);
@@ -333,5 +471,46 @@ mod tests {
                 r#"tollgate_rejections_total{code="RequestLimitExceeded.JobNumExceed"} 1"#
             )
         );
+    }
+
+    #[test]
+    fn task_durations_land_in_the_configured_buckets_and_a_reload_replaces_them() {
+        let m = metrics(true);
+        m.task_ended(Outcome::Success, Duration::from_millis(1_160), Some("acme"));
+        let text = m.render(&LocalLimiter::new(3, 10));
+        // The default buckets resolve a 1.16 s task between 1 s and 1.25 s.
+        assert!(
+            text.contains(
+                r#"tollgate_task_duration_seconds_bucket{outcome="success",le="1.25"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"tollgate_task_duration_seconds_bucket{outcome="success",le="1"} 0"#
+        ));
+        assert!(text.contains(
+            r#"tollgate_account_requests_total{account="acme",outcome="success"} 1"#
+        ));
+        assert!(text.contains(r#"tollgate_build_info{version=""#));
+
+        m.set_buckets(&MetricsConfig {
+            duration_buckets: vec![0.5, 3.0],
+            ..MetricsConfig::default()
+        });
+        m.task_ended(Outcome::Failure, Duration::from_millis(700), None);
+        let text = m.render(&LocalLimiter::new(3, 10));
+        assert!(text.contains(
+            r#"tollgate_task_duration_seconds_bucket{outcome="failure",le="3"} 1"#
+        ));
+        assert!(!text.contains(r#"le="1.25""#), "old buckets gone: {text}");
+    }
+
+    #[test]
+    fn accounts_are_not_labelled_when_per_account_labels_are_off() {
+        let m = metrics(false);
+        m.task_ended(Outcome::Success, Duration::from_millis(10), Some("acme"));
+        let text = m.render(&LocalLimiter::new(3, 10));
+        assert!(!text.contains("tollgate_account_requests_total"), "{text}");
+        assert!(text.contains("tollgate_task_duration_seconds_count{outcome=\"success\"} 1"));
     }
 }

@@ -35,7 +35,7 @@ pub async fn create_account(State(app): State<Arc<AdminState>>, body: Bytes) -> 
 }
 
 pub async fn get_account(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {
-    if app.config.storage.kind == StorageKind::Postgres {
+    if app.config().storage.kind == StorageKind::Postgres {
         // Other replicas charge the account's packages without announcing
         // each success: read the durable counts before showing them. A
         // store outage leaves the last known view.

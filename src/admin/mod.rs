@@ -186,11 +186,11 @@ pub async fn serve(app: Arc<AdminState>, listener: TcpListener, stop: Cancellati
     http.timer(TokioTimer::new())
         // Also the keep-alive idle timeout: the timer runs whenever the
         // connection waits for a request head.
-        .header_read_timeout(Duration::from_millis(app.config.admin.idle_timeout_ms));
+        .header_read_timeout(Duration::from_millis(app.config().admin.idle_timeout_ms));
     let mut acceptor = Acceptor::new(
         listener,
         "admin",
-        app.config.admin.max_connections,
+        app.config().admin.max_connections,
         &app.metrics,
     );
     while let Some((stream, slot)) = acceptor.next(&stop).await {
@@ -213,7 +213,8 @@ pub async fn serve(app: Arc<AdminState>, listener: TcpListener, stop: Cancellati
 }
 
 async fn require_token(State(app): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
-    let expected = &app.config.admin.token;
+    let config = app.config();
+    let expected = &config.admin.token;
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -260,7 +261,7 @@ async fn readyz(State(app): State<Arc<AdminState>>) -> Response {
         )
     } else if let Some(reason) = app.coordination_unready() {
         (StatusCode::SERVICE_UNAVAILABLE, reason)
-    } else if !app.backend.reachable(BACKEND_PROBE).await {
+    } else if !app.backend.load_full().reachable(BACKEND_PROBE).await {
         (StatusCode::SERVICE_UNAVAILABLE, "backend unreachable")
     } else {
         (StatusCode::OK, "ready")
@@ -273,12 +274,12 @@ async fn readyz(State(app): State<Arc<AdminState>>) -> Response {
         StoreHealth::Unavailable => json!({"status": "unavailable"}),
     };
     let mut body =
-        json!({"status": reason, "store": store, "instance": app.config.server.instance});
+        json!({"status": reason, "store": store, "instance": app.config().server.instance});
     if let Some(coord) = &app.coordinator {
         body["cluster"] = json!({
             "coordinated": coord.is_coordinated(),
             "live_replicas": coord.live_replicas(),
-            "on_redis_outage": match app.config.cluster.on_redis_outage {
+            "on_redis_outage": match app.config().cluster.on_redis_outage {
                 crate::config::RedisOutagePolicy::Local => "local",
                 crate::config::RedisOutagePolicy::Reject => "reject",
             },

@@ -11,7 +11,7 @@ use crate::accounts::{AccountService, Registry};
 use crate::billing::{self, BillingService};
 use crate::clock::Clock;
 use crate::cluster::Coordinator;
-use crate::config::{Config, RedisOutagePolicy};
+use crate::config::{Config, LiveConfig, RedisOutagePolicy};
 use crate::entitlements::schedule::Schedule;
 use crate::gateway::proxy::Backend;
 use crate::limiter::{GateReport, Limiter};
@@ -20,7 +20,8 @@ use crate::store::Store;
 use crate::usage::UsageRecorder;
 
 pub struct AdminState {
-    pub config: Arc<Config>,
+    /// The running config, shared with the data plane; a reload swaps it.
+    pub config: LiveConfig,
     pub clock: Arc<dyn Clock>,
     /// `billing.timezone`: days, months and cut-offs are counted in it.
     pub tz: TimeZone,
@@ -42,7 +43,7 @@ pub struct AdminState {
     /// Read by `/readyz`: whether successes can be recorded.
     pub recorder: UsageRecorder,
     /// Probed by `/readyz`.
-    pub backend: Arc<Backend>,
+    pub backend: Arc<arc_swap::ArcSwap<Backend>>,
     /// Cluster mode: this replica's membership; `None` on a single node.
     pub coordinator: Option<Arc<Coordinator>>,
     /// Cancelled when shutdown begins (readiness turns false).
@@ -50,12 +51,16 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
     /// Why this replica cannot serve tasks for lack of coordination, if it
     /// cannot (cluster mode under `on_redis_outage = "reject"` with Redis
     /// unreachable).
     pub fn coordination_unready(&self) -> Option<&'static str> {
         let coord = self.coordinator.as_ref()?;
-        (self.config.cluster.on_redis_outage == RedisOutagePolicy::Reject
+        (self.config().cluster.on_redis_outage == RedisOutagePolicy::Reject
             && !coord.is_coordinated())
         .then_some("coordination unavailable")
     }

@@ -5,7 +5,7 @@
 //! limiter with the limit divided among the live replicas, or
 //! `Unavailable`.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
@@ -30,7 +30,8 @@ pub struct RedisLimiter {
 struct Core {
     coord: Arc<Coordinator>,
     default_limit: u32,
-    max_queue: usize,
+    /// `limits.max_queue_per_account`, changed live on a config reload.
+    max_queue: AtomicUsize,
     /// Limits set through [`Limiter::set_limit`]: every acquire carries
     /// the one this replica knows, so a pool's limit heals itself (a
     /// flushed Redis, an ordering race with the `set_limit` script).
@@ -81,7 +82,7 @@ impl RedisLimiter {
         let core = Arc::new(Core {
             coord,
             default_limit,
-            max_queue,
+            max_queue: AtomicUsize::new(max_queue),
             limits: DashMap::new(),
             fallback: LocalLimiter::new(default_limit, max_queue),
             shutting_down: AtomicBool::new(false),
@@ -172,7 +173,7 @@ impl Core {
             .arg(&coord.instance)
             .arg(limit)
             .arg(u8::from(explicit))
-            .arg(self.max_queue)
+            .arg(self.max_queue.load(Ordering::Relaxed))
             .arg(coord.lease_ms())
             .arg(sub)
             .arg(cap)
@@ -298,6 +299,11 @@ impl Limiter for RedisLimiter {
         core.shutting_down.store(true, Ordering::Release);
         core.coord.refuse_local(LimitError::ShuttingDown);
         core.fallback.shut_down();
+    }
+
+    fn set_max_queue(&self, max_queue: usize) {
+        self.core.max_queue.store(max_queue, Ordering::Relaxed);
+        self.core.fallback.set_max_queue(max_queue);
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Budget {
     used: Arc<AtomicU64>,
 }

@@ -1,6 +1,7 @@
 //! The data-plane server: accepts connections, serves HTTP/1.1 on hyper, and
 //! runs each request through the admission pipeline.
 
+pub mod access_log;
 mod account_gate;
 pub mod budget;
 pub mod client_gone;
@@ -39,19 +40,22 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    // Read at start: the listener's settings need a restart to change.
+    let config = gw.config();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         // A client that never finishes its headers holds no task, but it
         // holds a connection: bound that. The same timer runs while a
         // keep-alive connection waits for its next request, so it is also
         // the idle timeout.
-        .header_read_timeout(Duration::from_millis(gw.config.server.idle_timeout_ms));
+        .header_read_timeout(Duration::from_millis(config.server.idle_timeout_ms));
     let mut acceptor = Acceptor::new(
         listener,
         "data",
-        gw.config.server.max_connections,
+        config.server.max_connections,
         &gw.metrics,
     );
+    drop(config);
     while let Some((stream, slot)) = acceptor.next(&stop).await {
         let _ = stream.set_nodelay(true);
         let stream = Arc::new(stream);

@@ -24,6 +24,7 @@ use crate::limiter::{LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
 use crate::usage::{UsageData, UsageEvent};
 
+use super::access_log::AccessLine;
 use super::account_gate;
 use super::budget::Share;
 use super::client_gone::ConnWatch;
@@ -54,7 +55,10 @@ pub async fn handle(
     let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());
     let mut queue_wait = Duration::ZERO;
     // Counted once: here, by the forwarded task, or on drop (hang-up).
-    let mut tally = Some(Tally::new(gw.metrics.clone()));
+    let mut tally = Some(Tally::new(
+        gw.metrics.clone(),
+        AccessLine::new(&req, &request_id),
+    ));
     let result = run(
         &gw,
         &conn,
@@ -69,13 +73,13 @@ pub async fn handle(
     let mut resp = match result {
         Ok((answer, outcome)) => {
             if let Some(t) = tally.take() {
-                t.outcome(outcome);
+                t.outcome(outcome, answer.status, answer.body.len());
             }
             answer.into_response()
         }
         Err(err) => {
             if let Some(t) = tally.take() {
-                t.error(&err);
+                t.error(&err, if tc3 { StatusCode::OK } else { err.status() });
             }
             span.in_scope(|| tracing::debug!(code = err.code(), "task refused or failed"));
             let id = request_id.to_str().unwrap_or_default();
@@ -120,6 +124,9 @@ async fn run(
         check_declared_length(gw, &req)?;
         (principal, revoked, req.map(TaskBody::Streaming), None, None)
     };
+    if let Some(t) = tally.as_mut() {
+        t.line.principal(&principal);
+    }
     let wait_limit = queue_wait_limit(gw, &req)?;
     let mut reserve = account_gate::check(gw, &principal)?;
 
@@ -203,9 +210,10 @@ async fn run(
         // reservation are dropped, freeing the slot and the unit.
         return Err(GatewayError::Unauthorized);
     }
-    gw.metrics
-        .queue_wait_seconds
-        .observe(queue_wait.as_secs_f64());
+    gw.metrics.observe_queue_wait(*queue_wait);
+    if let Some(t) = tally.as_mut() {
+        t.line.queue_wait(*queue_wait);
+    }
 
     let task = Task {
         gw: gw.clone(),
@@ -228,7 +236,7 @@ async fn run(
 /// (`limits.max_queued_tasks`): each holds a connection and its descriptor.
 fn wait_share(gw: &Gateway) -> Result<Share, GatewayError> {
     gw.waiting
-        .take(1, gw.config.limits.max_queued_tasks)
+        .take(1, gw.config().limits.max_queued_tasks)
         .ok_or(GatewayError::GatewayQueueFull)
 }
 
@@ -264,12 +272,15 @@ impl Task {
         reservation: Reservation,
         client_gone: Arc<AtomicBool>,
     ) -> TaskResult {
-        let tally = self.tally.take();
-        let result = self.forward(req, permit, reservation, client_gone).await;
+        let mut tally = self.tally.take();
+        let tc3 = self.action.is_some();
+        let result = self
+            .forward(req, permit, reservation, client_gone, tally.as_mut())
+            .await;
         if let Some(t) = tally {
             match &result {
-                Ok((_, outcome)) => t.outcome(*outcome),
-                Err(e) => t.error(e),
+                Ok((answer, outcome)) => t.outcome(*outcome, answer.status, answer.body.len()),
+                Err(e) => t.error(e, if tc3 { StatusCode::OK } else { e.status() }),
             }
         }
         result
@@ -281,32 +292,38 @@ impl Task {
         permit: Permit,
         reservation: Reservation,
         client_gone: Arc<AtomicBool>,
+        mut tally: Option<&mut Tally>,
     ) -> TaskResult {
         let gw = &self.gw;
+        let config = gw.config();
+        let backend = gw.backend();
         let started = Instant::now();
         let answer = tokio::time::timeout(
-            Duration::from_millis(gw.config.backend.timeout_ms),
-            gw.backend.forward(req, &self.principal, &self.request_id),
+            Duration::from_millis(config.backend.timeout_ms),
+            backend.forward(req, &self.principal, &self.request_id),
         )
         .await;
         let upstream = started.elapsed();
+        if let Some(t) = tally.as_mut() {
+            t.line.upstream(upstream);
+        }
         // The backend has answered (or failed): the slot is free from here
         // on, before the usage event's fsync.
         permit.record_service_time(upstream);
         drop(permit);
-        gw.metrics.upstream_seconds.observe(upstream.as_secs_f64());
+        gw.metrics.observe_upstream(upstream);
 
         let answer = match answer {
             Ok(result) => result?,
             Err(_elapsed) => return Err(GatewayError::BackendTimeout),
         };
-        if !answer.is_success(gw.config.backend.success) {
+        if !answer.is_success(config.backend.success) {
             return Ok((answer, Outcome::Failure));
         }
         let now = gw.clock.now();
         let month = Month::of(now, &gw.tz).to_string();
         let event = UsageEvent::new(
-            &gw.config.server.instance,
+            &config.server.instance,
             now,
             UsageData {
                 account: self.principal.root.id.to_string(),
@@ -314,7 +331,7 @@ impl Task {
                 api: self
                     .action
                     .clone()
-                    .unwrap_or_else(|| gw.config.backend.api_name.clone()),
+                    .unwrap_or_else(|| config.backend.api_name.clone()),
                 units: 1,
                 request_id: self.request_id.to_str().unwrap_or_default().to_string(),
                 status: answer.status.as_u16(),
@@ -327,6 +344,9 @@ impl Task {
         let package = reservation.source().package_id().map(String::from);
         match gw.recorder.record(event, package, month).await {
             Ok(_) => {
+                if let Some(t) = tally {
+                    t.line.charged_to(reservation.source().label());
+                }
                 reservation.commit();
                 Ok((answer, Outcome::Success))
             }
@@ -359,7 +379,7 @@ fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
 fn check_task_shape<B>(gw: &Gateway, req: &Request<B>) -> Result<(), GatewayError> {
     let method = req.method();
     if !gw
-        .config
+        .config()
         .backend
         .methods
         .iter()
@@ -391,7 +411,7 @@ fn check_declared_length<B>(gw: &Gateway, req: &Request<B>) -> Result<(), Gatewa
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?;
-    let limit = gw.config.limits.max_body_bytes;
+    let limit = gw.config().limits.max_body_bytes;
     if len > limit {
         return Err(GatewayError::BodyTooLarge { limit });
     }
@@ -400,7 +420,7 @@ fn check_declared_length<B>(gw: &Gateway, req: &Request<B>) -> Result<(), Gatewa
 
 /// `limits.max_queue_wait_ms`, lowered by `X-Queue-Timeout-Ms` if sent.
 fn queue_wait_limit<B>(gw: &Gateway, req: &Request<B>) -> Result<Duration, GatewayError> {
-    let max = gw.config.max_queue_wait();
+    let max = gw.config().max_queue_wait();
     let Some(value) = req.headers().get(X_QUEUE_TIMEOUT_MS) else {
         return Ok(max);
     };

@@ -134,6 +134,31 @@ impl Backend {
         self
     }
 
+    /// The backend as `config` describes it (`backend.*` and the body
+    /// rules of `limits.*`), at `url` (the configured one, or the embedded
+    /// simulator's).
+    pub fn from_config(config: &crate::config::Config, url: &str) -> Result<Self, String> {
+        Ok(Self::new(
+            &config.backend,
+            url,
+            config.limits.max_body_bytes,
+            Duration::from_millis(config.limits.body_idle_timeout_ms),
+        )?
+        .with_min_body_rate(config.limits.min_body_rate_bytes_per_s))
+    }
+
+    /// After a config reload: the same answers budget goes on (answers in
+    /// flight on this backend still count against the new one's limit).
+    pub fn succeeded_by(&self, mut next: Self) -> Self {
+        next.answers = self.answers.clone();
+        next
+    }
+
+    /// The URL this backend forwards to.
+    pub fn authority(&self) -> &str {
+        &self.base.authority
+    }
+
     /// Whether the backend accepts a TCP connection now (for `/readyz`):
     /// a gateway whose backend refuses every connection cannot serve.
     pub async fn reachable(&self, within: Duration) -> bool {

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use jiff::tz::TimeZone;
 use tokio_util::task::TaskTracker;
 
 use crate::accounts::Registry;
 use crate::billing::Quota;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::usage::UsageRecorder;
@@ -18,7 +19,9 @@ use super::budget::Budget;
 use super::proxy::Backend;
 
 pub struct Gateway {
-    pub config: Arc<Config>,
+    /// The running config; a reload (SIGHUP) swaps it. Read it once per
+    /// step ([`Gateway::config`]), not field by field across awaits.
+    pub config: LiveConfig,
     pub clock: Arc<dyn Clock>,
     /// `billing.timezone`: a success's billing month is counted in it.
     pub tz: TimeZone,
@@ -29,7 +32,9 @@ pub struct Gateway {
     /// Where admission reserves a unit: in process, or shared through Redis.
     pub quota: Arc<dyn Quota>,
     pub recorder: UsageRecorder,
-    pub backend: Arc<Backend>,
+    /// Swapped by a reload that changes `backend.*` or the body limits; a
+    /// task keeps the one it started with.
+    pub backend: Arc<ArcSwap<Backend>>,
     pub metrics: Arc<Metrics>,
     /// Forwarded tasks, which outlive their client connections; shutdown
     /// waits for them.
@@ -38,4 +43,14 @@ pub struct Gateway {
     pub buffers: Budget,
     /// Tasks waiting for a slot, across accounts (`limits.max_queued_tasks`).
     pub waiting: Budget,
+}
+
+impl Gateway {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn backend(&self) -> Arc<Backend> {
+        self.backend.load_full()
+    }
 }

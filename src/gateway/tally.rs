@@ -1,4 +1,5 @@
-//! Every task ends in exactly one outcome count.
+//! Every task ends in exactly one outcome count, one end-to-end duration
+//! and one access-log line.
 //!
 //! A [`Tally`] is made when a request arrives and travels with the task: the
 //! connection counts it when it answers, a forwarded task that outlives its
@@ -9,31 +10,51 @@
 
 use std::sync::Arc;
 
+use http::StatusCode;
+
 use crate::metrics::{Metrics, Outcome};
 
+use super::access_log::AccessLine;
 use super::error::GatewayError;
+
+/// nginx's status for a client that closed its connection before the
+/// answer; no answer was sent.
+const CLIENT_CLOSED: u16 = 499;
 
 pub struct Tally {
     metrics: Arc<Metrics>,
     counted: bool,
+    /// Filled in as the task goes (account, waits, where it was charged).
+    pub line: AccessLine,
 }
 
 impl Tally {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, line: AccessLine) -> Self {
         Self {
             metrics,
             counted: false,
+            line,
         }
     }
 
-    pub fn outcome(mut self, outcome: Outcome) {
-        self.metrics.request(outcome);
-        self.counted = true;
+    /// The task got an answer from the backend, passed on with `status`.
+    pub fn outcome(mut self, outcome: Outcome, status: StatusCode, bytes_out: usize) {
+        self.count(outcome);
+        self.line.write(status, None, Some(bytes_out as u64));
     }
 
-    pub fn error(mut self, err: &GatewayError) {
-        self.metrics.request(err.outcome());
+    /// The task ended in a tollgate error, answered with `status` (HTTP
+    /// 200 on the API 3.0 front).
+    pub fn error(mut self, err: &GatewayError, status: StatusCode) {
         self.metrics.rejection(err.code());
+        self.count(err.outcome());
+        self.line.write(status, Some(err.code()), None);
+    }
+
+    fn count(&mut self, outcome: Outcome) {
+        self.metrics.request(outcome);
+        self.metrics
+            .task_ended(outcome, self.line.elapsed(), self.line.account());
         self.counted = true;
     }
 }
@@ -43,12 +64,14 @@ impl Drop for Tally {
         if self.counted {
             return;
         }
-        let err = if std::thread::panicking() {
-            GatewayError::Internal
+        let (err, status) = if std::thread::panicking() {
+            (GatewayError::Internal, StatusCode::INTERNAL_SERVER_ERROR)
         } else {
-            GatewayError::ClientGone
+            let closed = StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status code");
+            (GatewayError::ClientGone, closed)
         };
-        self.metrics.request(err.outcome());
         self.metrics.rejection(err.code());
+        self.count(err.outcome());
+        self.line.write(status, Some(err.code()), None);
     }
 }

@@ -53,14 +53,15 @@ pub async fn verify(gw: &Gateway, req: Request<Incoming>) -> Result<Verified, Ga
         .registry
         .tc3_key(&auth.secret_id)
         .ok_or(GatewayError::Tc3(Tc3Error::SecretIdNotFound))?;
+    let config = gw.config();
     let expect = Expect {
-        service: &gw.config.backend.service,
+        service: &config.backend.service,
         now_unix_ms: gw.clock.now().as_millisecond(),
-        max_skew_ms: gw.config.auth.max_clock_skew_ms,
+        max_skew_ms: config.auth.max_clock_skew_ms,
     };
     tc3::check_context(&auth, headers, &expect).map_err(tc3_error)?;
 
-    let limits = &gw.config.limits;
+    let limits = &config.limits;
     let declared: Option<u64> = match headers.get(CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -122,7 +123,7 @@ pub async fn verify(gw: &Gateway, req: Request<Incoming>) -> Result<Verified, Ga
         .ok_or(GatewayError::Tc3(Tc3Error::SecretIdNotFound))?;
     tc3::verify(&auth, &signed, secret.expose()).map_err(tc3_error)?;
 
-    let backend = &gw.config.backend;
+    let backend = &config.backend;
     let action = parts
         .headers
         .get("x-tc-action")

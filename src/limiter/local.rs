@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,7 +21,8 @@ use super::{
 pub struct LocalLimiter {
     gates: DashMap<Arc<str>, Arc<Gate>>,
     default_limit: u32,
-    max_queue: usize,
+    /// `limits.max_queue_per_account`, changed live on a config reload.
+    max_queue: AtomicUsize,
     shutting_down: AtomicBool,
 }
 
@@ -30,7 +31,7 @@ impl LocalLimiter {
         Self {
             gates: DashMap::new(),
             default_limit,
-            max_queue,
+            max_queue: AtomicUsize::new(max_queue),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -63,7 +64,7 @@ impl Limiter for LocalLimiter {
             let sub_id = sub.map(|(id, _)| id);
             return Acquire::ready(Ok(Permit::local(LocalPermit { gate, sub: sub_id })));
         }
-        if st.queue.len() >= self.max_queue {
+        if st.queue.len() >= self.max_queue.load(Ordering::Relaxed) {
             let stats = st.stats();
             drop(st);
             return Acquire::ready(Err(LimitError::QueueFull {
@@ -122,6 +123,10 @@ impl Limiter for LocalLimiter {
         for gate in gates {
             gate.refuse_all(LimitError::ShuttingDown);
         }
+    }
+
+    fn set_max_queue(&self, max_queue: usize) {
+        self.max_queue.store(max_queue, Ordering::Relaxed);
     }
 }
 

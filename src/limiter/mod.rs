@@ -84,6 +84,10 @@ pub trait Limiter: Send + Sync + 'static {
 
     /// Refuses all queued tasks and every later acquire.
     fn shut_down(&self);
+
+    /// `limits.max_queue_per_account` after a config reload: later
+    /// arrivals see it; tasks already queued keep their places.
+    fn set_max_queue(&self, max_queue: usize);
 }
 
 /// Every gate a limiter holds on this replica, for the metrics scrape.
