@@ -37,6 +37,8 @@ fn setup(accounts: usize) -> (Registry, Accounts, LocalLimiter, Vec<String>) {
             hash: hash_key(&key),
             principal: Principal { root, sub: None },
             tc3_secret: None,
+            created_at: jiff::Timestamp::UNIX_EPOCH,
+            last_used: Default::default(),
         });
         billing.insert(
             &id,

@@ -52,6 +52,8 @@ fn main() {
             hash: hash_key(&generate_api_key()),
             principal: Principal { root, sub: None },
             tc3_secret: None,
+            created_at: jiff::Timestamp::UNIX_EPOCH,
+            last_used: Default::default(),
         });
         billing.insert(
             &id,

@@ -995,12 +995,103 @@ mod tests {
     fn the_example_config_is_valid_and_names_every_default() {
         let text = include_str!("../config/tollgate.example.toml");
         let c = Config::from_toml_and_env(text, no_env()).expect("the example loads");
-        let d = Config::default();
-        assert_eq!(c.limits.body_idle_timeout_ms, d.limits.body_idle_timeout_ms);
-        assert_eq!(c.backend.methods, d.backend.methods);
-        assert_eq!(c.cluster.lease_ms, d.cluster.lease_ms);
-        assert!(!c.cluster.enabled());
-        assert_eq!(c.storage.kind, StorageKind::Sqlite);
+        let d = Config::from_toml_and_env("", no_env()).unwrap();
+        // Every key in the file is written with its default, so copying the
+        // file changes nothing until a value is edited.
+        assert!(c == d, "the example differs from the defaults:\n{c:#?}\nvs\n{d:#?}");
+        // And every key is in the file: a key missing from a section would
+        // still compare equal, so count them against the schema's defaults.
+        let file: toml::Table = toml::from_str(text).unwrap();
+        for (section, keys) in [
+            ("server", 5),
+            ("admin", 4),
+            ("backend", 11),
+            ("limits", 8),
+            ("auth", 3),
+            ("storage", 3),
+            ("cluster", 4),
+            ("billing", 2),
+            ("metrics", 3),
+            ("log", 3),
+            ("simulator", 4),
+            // `demo.enabled` is unset by default (it follows the backend),
+            // so the file shows it commented out.
+            ("demo", 1),
+        ] {
+            let n = file[section].as_table().map_or(0, |t| t.len());
+            assert_eq!(n, keys, "[{section}] in the example");
+        }
+    }
+
+    #[test]
+    fn an_error_from_an_environment_variable_names_the_variable() {
+        let env = vec![(
+            "TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT".to_string(),
+            "lots".to_string(),
+        )];
+        let err = Config::from_toml_and_env("", env).unwrap_err().to_string();
+        assert!(
+            err.contains("TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT")
+                && err.contains("limits.max_queue_per_account"),
+            "{err}"
+        );
+        // A value that parses but fails validation names it too.
+        let env = vec![("TOLLGATE_LIMITS_DEFAULT_CONCURRENCY".to_string(), "0".to_string())];
+        let err = Config::from_toml_and_env("", env).unwrap_err().to_string();
+        assert!(err.contains("TOLLGATE_LIMITS_DEFAULT_CONCURRENCY"), "{err}");
+        // A file's bad value is not blamed on the environment.
+        let err = Config::from_toml_and_env("[limits]\ndefault_concurrency = 0\n", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("environment"), "{err}");
+    }
+
+    #[test]
+    fn bad_buckets_are_refused_naming_the_key() {
+        for bad in ["[]", "[1.0, 0.5]", "[0.0, 1.0]", "[1.0, 1.0]", "[-1.0]"] {
+            let err = Config::from_toml_and_env(
+                &format!("[metrics]\nduration_buckets = {bad}\n"),
+                no_env(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("metrics.duration_buckets"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_reload_applies_live_keys_and_keeps_the_ones_that_need_a_restart() {
+        let running = Config::from_toml_and_env("", no_env()).unwrap();
+        let next = Config::from_toml_and_env(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[limits]\nmax_body_bytes = 10\nmax_queue_per_account = 1\ndefault_concurrency = 9\n[log]\nlevel = \"warn\"\n[storage]\ndata_dir = \"/elsewhere\"\n",
+            no_env(),
+        )
+        .unwrap();
+        let (applied, kept) = running.reload_into(next);
+        assert_eq!(applied.limits.max_body_bytes, 10);
+        assert_eq!(applied.limits.max_queue_per_account, 1);
+        assert_eq!(applied.log.level, "warn");
+        assert_eq!(applied.server.listen, running.server.listen);
+        assert_eq!(applied.limits.default_concurrency, 3);
+        assert_eq!(applied.storage, running.storage);
+        assert_eq!(
+            kept,
+            ["server.listen", "limits.default_concurrency", "storage"]
+        );
+        // From the simulator to a real backend is a restart (demo mode).
+        let real =
+            Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.1:80\"\n", no_env())
+                .unwrap();
+        let (applied, kept) = running.reload_into(real.clone());
+        assert!(applied.uses_embedded_simulator());
+        assert!(kept.contains(&"backend.url"), "{kept:?}");
+        // Between real backends it is live.
+        let other =
+            Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.2:80\"\n", no_env())
+                .unwrap();
+        let (applied, kept) = real.reload_into(other);
+        assert_eq!(applied.backend.url, "http://10.0.0.2:80");
+        assert!(kept.is_empty(), "{kept:?}");
     }
 
     #[test]

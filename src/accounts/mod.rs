@@ -129,6 +129,40 @@ pub struct KeyEntry {
     pub hash: KeyHash,
     pub principal: Principal,
     pub tc3_secret: Option<Tc3Secret>,
+    pub created_at: Timestamp,
+    /// The last authentication with it seen by this process.
+    pub last_used: LastUsed,
+}
+
+/// When a key last authenticated, in whole seconds since the epoch (0:
+/// not since this process started). Seconds, so a busy key writes the
+/// shared value about once a second, not once a request.
+#[derive(Debug, Default)]
+pub struct LastUsed(std::sync::atomic::AtomicI64);
+
+impl LastUsed {
+    pub fn mark(&self) {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if self.0.load(Ordering::Relaxed) != now {
+            self.0.store(now, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self) -> Option<Timestamp> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            secs => Timestamp::from_second(secs).ok(),
+        }
+    }
+
+    fn carry_from(&self, earlier: &LastUsed) {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_max(earlier.0.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
 }
 
 /// A TC3 secret key in memory; `Debug` never shows it.
@@ -212,6 +246,38 @@ impl Registry {
         self.subs.get(id).map(|s| s.clone())
     }
 
+    /// Up to `limit` root accounts in id order after `after`, and whether
+    /// more follow.
+    pub fn roots_page(&self, after: Option<&str>, limit: usize) -> (Vec<Arc<RootAccount>>, bool) {
+        let mut ids: Vec<Arc<str>> = self
+            .roots
+            .iter()
+            .filter(|r| after.is_none_or(|a| &**r.key() > a))
+            .map(|r| r.key().clone())
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        let page = ids
+            .iter()
+            .take(limit)
+            .filter_map(|id| self.root(id))
+            .collect();
+        (page, more)
+    }
+
+    /// The unrevoked keys of a root account and of its sub-accounts, oldest
+    /// first.
+    pub fn keys_of(&self, root: &str) -> Vec<Arc<KeyEntry>> {
+        let mut keys: Vec<_> = self
+            .keys
+            .iter()
+            .filter(|k| &*k.principal.root.id == root)
+            .map(|k| k.clone())
+            .collect();
+        keys.sort_by(|a, b| (a.created_at, &a.key_id).cmp(&(b.created_at, &b.key_id)));
+        keys
+    }
+
     pub fn subs_of(&self, root: &str) -> Vec<Arc<SubAccount>> {
         let mut subs: Vec<_> = self
             .subs
@@ -224,6 +290,10 @@ impl Registry {
     }
 
     pub fn insert_key(&self, entry: KeyEntry) {
+        // Re-read from the store (cluster refresh): keep what was seen.
+        if let Some(known) = self.keys.get(&entry.hash) {
+            entry.last_used.carry_from(&known.last_used);
+        }
         self.key_ids.insert(entry.key_id.clone(), entry.hash);
         self.keys.insert(entry.hash, Arc::new(entry));
     }
@@ -300,8 +370,11 @@ impl Registry {
         // The map is keyed by the hash, so a lookup's timing says nothing
         // about the secret; the constant-time check guards the match itself.
         // A TC3 key never authenticates as a Bearer value.
-        (entry.tc3_secret.is_none() && keys::hashes_match(&entry.hash, &hash))
-            .then(|| entry.principal.clone())
+        let valid = entry.tc3_secret.is_none() && keys::hashes_match(&entry.hash, &hash);
+        if valid {
+            entry.last_used.mark();
+        }
+        valid.then(|| entry.principal.clone())
     }
 }
 
@@ -333,8 +406,12 @@ mod tests {
             hash: hash_key(&secret),
             principal: Principal { root, sub: None },
             tc3_secret: None,
+            created_at: Timestamp::UNIX_EPOCH,
+            last_used: LastUsed::default(),
         });
+        assert!(reg.key("k1").unwrap().last_used.get().is_none());
         assert_eq!(&*reg.authenticate(&secret).unwrap().root.id, "acme");
+        assert!(reg.key("k1").unwrap().last_used.get().is_some(), "a use is seen");
         assert!(reg.authenticate("tg_wrong").is_none());
         assert!(reg.authenticate("").is_none());
         let (_, revoked) = reg.authenticate_watched(&secret).unwrap();

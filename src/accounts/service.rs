@@ -396,6 +396,8 @@ impl AccountService {
             hash: k.hash,
             principal: Principal { root, sub },
             tc3_secret,
+            created_at: k.created_at,
+            last_used: Default::default(),
         });
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use bytes::Bytes;
 use http::StatusCode;
 use serde::Deserialize;
@@ -32,6 +32,74 @@ pub async fn create_account(State(app): State<Arc<AdminState>>, body: Bytes) -> 
     app.accounts.create_account(&req.id, false).await?;
     tracing::info!(account = %req.id, "account created");
     Ok((StatusCode::CREATED, Json(account_view(&app, &req.id)?)))
+}
+
+/// Largest page of `GET /v1/accounts`.
+const MAX_ACCOUNTS_PAGE: usize = 1000;
+const DEFAULT_ACCOUNTS_PAGE: usize = 100;
+
+/// `GET /v1/accounts?limit=&after=`: root accounts in id order, paged.
+pub async fn list_accounts(
+    State(app): State<Arc<AdminState>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Reply {
+    if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter `{unknown}`"
+        )));
+    }
+    let limit = match q.get("limit") {
+        None => DEFAULT_ACCOUNTS_PAGE,
+        Some(l) => l
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_ACCOUNTS_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit: must be between 1 and {MAX_ACCOUNTS_PAGE}"))
+            })?,
+    };
+    let after = q.get("after").map(String::as_str).filter(|a| !a.is_empty());
+    let (page, more) = app.registry.roots_page(after, limit);
+    let mut accounts = Vec::with_capacity(page.len());
+    for root in &page {
+        match account_view(&app, &root.id) {
+            Ok(view) => accounts.push(view),
+            // Deleted between the page and the view: not listed.
+            Err(_) => continue,
+        }
+    }
+    let next_after = if more {
+        page.last().map(|r| Value::from(&*r.id))
+    } else {
+        None
+    };
+    Ok((
+        StatusCode::OK,
+        Json(json!({"accounts": accounts, "next_after": next_after})),
+    ))
+}
+
+/// `GET /v1/accounts/{id}/keys`: the account's unrevoked keys (its own and
+/// its sub-accounts'), never a secret.
+pub async fn list_keys(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {
+    if app.registry.root(&id).is_none() {
+        return Err(ApiError::not_found(format!("account {id}")));
+    }
+    let keys: Vec<Value> = app
+        .registry
+        .keys_of(&id)
+        .iter()
+        .map(|k| {
+            json!({
+                "key_id": k.key_id,
+                "type": if k.tc3_secret.is_some() { "tc3" } else { "api_key" },
+                "sub_account": k.principal.sub.as_ref().map(|s| &*s.id),
+                "created_at": rfc3339_millis(k.created_at),
+                "last_used_at": k.last_used.get().map(rfc3339_millis),
+            })
+        })
+        .collect();
+    Ok((StatusCode::OK, Json(json!({ "keys": keys }))))
 }
 
 pub async fn get_account(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {

@@ -35,13 +35,19 @@ pub use state::AdminState;
 
 pub fn router(app: Arc<AdminState>) -> Router {
     let v1 = Router::new()
-        .route("/accounts", post(accounts::create_account))
+        .route(
+            "/accounts",
+            post(accounts::create_account).get(accounts::list_accounts),
+        )
         .route("/accounts/{id}", get(accounts::get_account))
         .route(
             "/accounts/{id}/sub-accounts",
             post(accounts::create_sub_account),
         )
-        .route("/accounts/{id}/keys", post(accounts::issue_key))
+        .route(
+            "/accounts/{id}/keys",
+            post(accounts::issue_key).get(accounts::list_keys),
+        )
         .route("/accounts/{id}/deactivate", post(accounts::deactivate))
         .route("/accounts/{id}/activate", post(accounts::activate))
         .route(

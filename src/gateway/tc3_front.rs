@@ -122,6 +122,7 @@ pub async fn verify(gw: &Gateway, req: Request<Incoming>) -> Result<Verified, Ga
         .as_ref()
         .ok_or(GatewayError::Tc3(Tc3Error::SecretIdNotFound))?;
     tc3::verify(&auth, &signed, secret.expose()).map_err(tc3_error)?;
+    entry.last_used.mark();
 
     let backend = &config.backend;
     let action = parts
