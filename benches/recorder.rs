@@ -86,7 +86,13 @@ fn seed(rt: &tokio::runtime::Runtime, store: &dyn Store) {
 
 /// `CONCURRENT` tasks each record one event and wait for its commit.
 fn measure(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime, store: Arc<dyn Store>) {
-    let rec = UsageRecorder::new(store, Arc::new(Metrics::new(&tollgate::config::MetricsConfig { per_account_labels: false, ..Default::default() })));
+    let rec = UsageRecorder::new(
+        store,
+        Arc::new(Metrics::new(&tollgate::config::MetricsConfig {
+            per_account_labels: false,
+            ..Default::default()
+        })),
+    );
     let mut group = c.benchmark_group(group);
     group.throughput(Throughput::Elements(CONCURRENT));
     group.measurement_time(Duration::from_secs(8));

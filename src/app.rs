@@ -242,7 +242,11 @@ impl App {
     /// what can fail is built first, so a refused reload changes nothing.
     /// Returns the keys that changed in the file but need a restart (kept
     /// at their running values).
-    pub fn reload(&self, next: Config, log: Option<&LogReload>) -> Result<Vec<&'static str>, String> {
+    pub fn reload(
+        &self,
+        next: Config,
+        log: Option<&LogReload>,
+    ) -> Result<Vec<&'static str>, String> {
         let current = self.config.load_full();
         let (next, kept) = current.reload_into(next);
         if next == *current {
@@ -378,10 +382,10 @@ async fn reload_on_hangup(
             () = stop.cancelled() => return,
             got = hangups.recv() => if got.is_none() { return },
         }
-        let file = reloads
-            .path
-            .as_ref()
-            .map_or_else(|| "(no file: defaults and environment)".to_string(), |p| p.display().to_string());
+        let file = reloads.path.as_ref().map_or_else(
+            || "(no file: defaults and environment)".to_string(),
+            |p| p.display().to_string(),
+        );
         let next = match Config::load(reloads.path.as_deref(), std::env::vars()) {
             Ok(c) => c,
             Err(e) => {
@@ -504,7 +508,12 @@ async fn run_with(
     }
 
     if let Some((hangups, reloads)) = reloads {
-        tokio::spawn(reload_on_hangup(app.clone(), hangups, reloads, stop.clone()));
+        tokio::spawn(reload_on_hangup(
+            app.clone(),
+            hangups,
+            reloads,
+            stop.clone(),
+        ));
     }
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.admin.clone(), admin, stop.clone()));

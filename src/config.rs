@@ -644,7 +644,10 @@ impl Config {
         }
         for (key, bounds) in [
             ("metrics.duration_buckets", &self.metrics.duration_buckets),
-            ("metrics.queue_wait_buckets", &self.metrics.queue_wait_buckets),
+            (
+                "metrics.queue_wait_buckets",
+                &self.metrics.queue_wait_buckets,
+            ),
         ] {
             check_buckets(bounds).map_err(|reason| invalid(key, reason))?;
         }
@@ -998,7 +1001,10 @@ mod tests {
         let d = Config::from_toml_and_env("", no_env()).unwrap();
         // Every key in the file is written with its default, so copying the
         // file changes nothing until a value is edited.
-        assert!(c == d, "the example differs from the defaults:\n{c:#?}\nvs\n{d:#?}");
+        assert!(
+            c == d,
+            "the example differs from the defaults:\n{c:#?}\nvs\n{d:#?}"
+        );
         // And every key is in the file: a key missing from a section would
         // still compare equal, so count them against the schema's defaults.
         let file: toml::Table = toml::from_str(text).unwrap();
@@ -1036,7 +1042,10 @@ mod tests {
             "{err}"
         );
         // A value that parses but fails validation names it too.
-        let env = vec![("TOLLGATE_LIMITS_DEFAULT_CONCURRENCY".to_string(), "0".to_string())];
+        let env = vec![(
+            "TOLLGATE_LIMITS_DEFAULT_CONCURRENCY".to_string(),
+            "0".to_string(),
+        )];
         let err = Config::from_toml_and_env("", env).unwrap_err().to_string();
         assert!(err.contains("TOLLGATE_LIMITS_DEFAULT_CONCURRENCY"), "{err}");
         // A file's bad value is not blamed on the environment.
@@ -1079,9 +1088,8 @@ mod tests {
             ["server.listen", "limits.default_concurrency", "storage"]
         );
         // From the simulator to a real backend is a restart (demo mode).
-        let real =
-            Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.1:80\"\n", no_env())
-                .unwrap();
+        let real = Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.1:80\"\n", no_env())
+            .unwrap();
         let (applied, kept) = running.reload_into(real.clone());
         assert!(applied.uses_embedded_simulator());
         assert!(kept.contains(&"backend.url"), "{kept:?}");

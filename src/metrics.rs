@@ -366,7 +366,10 @@ impl Metrics {
     }
 
     pub fn observe_queue_wait(&self, waited: Duration) {
-        self.durations.load().queue_wait.observe(waited.as_secs_f64());
+        self.durations
+            .load()
+            .queue_wait
+            .observe(waited.as_secs_f64());
     }
 
     pub fn observe_upstream(&self, took: Duration) {
@@ -485,12 +488,12 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains(
-            r#"tollgate_task_duration_seconds_bucket{outcome="success",le="1"} 0"#
-        ));
-        assert!(text.contains(
-            r#"tollgate_account_requests_total{account="acme",outcome="success"} 1"#
-        ));
+        assert!(
+            text.contains(r#"tollgate_task_duration_seconds_bucket{outcome="success",le="1"} 0"#)
+        );
+        assert!(
+            text.contains(r#"tollgate_account_requests_total{account="acme",outcome="success"} 1"#)
+        );
         assert!(text.contains(r#"tollgate_build_info{version=""#));
 
         m.set_buckets(&MetricsConfig {
@@ -499,9 +502,9 @@ mod tests {
         });
         m.task_ended(Outcome::Failure, Duration::from_millis(700), None);
         let text = m.render(&LocalLimiter::new(3, 10));
-        assert!(text.contains(
-            r#"tollgate_task_duration_seconds_bucket{outcome="failure",le="3"} 1"#
-        ));
+        assert!(
+            text.contains(r#"tollgate_task_duration_seconds_bucket{outcome="failure",le="3"} 1"#)
+        );
         assert!(!text.contains(r#"le="1.25""#), "old buckets gone: {text}");
     }
 

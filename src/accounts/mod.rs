@@ -411,7 +411,10 @@ mod tests {
         });
         assert!(reg.key("k1").unwrap().last_used.get().is_none());
         assert_eq!(&*reg.authenticate(&secret).unwrap().root.id, "acme");
-        assert!(reg.key("k1").unwrap().last_used.get().is_some(), "a use is seen");
+        assert!(
+            reg.key("k1").unwrap().last_used.get().is_some(),
+            "a use is seen"
+        );
         assert!(reg.authenticate("tg_wrong").is_none());
         assert!(reg.authenticate("").is_none());
         let (_, revoked) = reg.authenticate_watched(&secret).unwrap();

@@ -49,12 +49,7 @@ pub async fn serve(
         // keep-alive connection waits for its next request, so it is also
         // the idle timeout.
         .header_read_timeout(Duration::from_millis(config.server.idle_timeout_ms));
-    let mut acceptor = Acceptor::new(
-        listener,
-        "data",
-        config.server.max_connections,
-        &gw.metrics,
-    );
+    let mut acceptor = Acceptor::new(listener, "data", config.server.max_connections, &gw.metrics);
     drop(config);
     while let Some((stream, slot)) = acceptor.next(&stop).await {
         let _ = stream.set_nodelay(true);

@@ -54,7 +54,12 @@ impl Proc {
             .stderr(Stdio::piped())
             .env("RUST_LOG", "info");
         for (k, v) in env {
-            cmd.env(k, v);
+            // An empty value unsets (`RUST_LOG` to let the config decide).
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let mut child = cmd.spawn().expect("start tollgate");
         let stderr = Arc::new(Mutex::new(String::new()));
