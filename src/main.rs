@@ -154,6 +154,10 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", report.to_text());
             }
+            if report.all_failed() {
+                eprintln!("tollgate loadgen: no request got a 2xx answer");
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Command::Migrate(args) => {

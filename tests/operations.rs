@@ -580,3 +580,26 @@ async fn a_reload_moves_new_tasks_to_a_new_backend_while_old_ones_finish() {
     }
     assert_eq!(stack.sim.max_in_flight(&stack.http, "acme").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_token_every_v1_request_is_refused_alike() {
+    let stack = Stack::start(Opts::default());
+    for (method, path) in [
+        (Method::GET, "/v1/accounts"),
+        (Method::GET, "/v1/no-such-route"),
+        (Method::PATCH, "/v1/accounts"),
+        (Method::GET, "/v1/keys/x/y/z"),
+    ] {
+        let r = stack
+            .http
+            .send(
+                method.clone(),
+                &format!("{}{path}", stack.gw.admin),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert!(r.json()["Response"]["Error"]["Code"].is_string());
+    }
+}

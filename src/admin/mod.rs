@@ -72,26 +72,31 @@ pub fn router(app: Arc<AdminState>) -> Router {
         .route("/billing/settle", post(billing::settle))
         .route("/keys/{key_id}", delete(accounts::revoke_key))
         .route("/usage-events", get(usage::list))
-        // Inner first: the token is checked before the body is read.
-        .route_layer(middleware::from_fn(strict_body))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+        .fallback(|| async { no_such_endpoint() })
+        // Inner first: the token is checked before the body is read. On
+        // every `/v1/` request, unknown paths and wrong methods included,
+        // so without the token nothing tells which routes exist.
+        .layer(middleware::from_fn(strict_body))
+        .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { r#"{"status":"ok"}"# }))
         .route("/readyz", get(readyz))
         .nest("/v1", v1)
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "UnsupportedOperation",
-                "no such admin endpoint",
-            )
-        })
+        .fallback(|| async { no_such_endpoint() })
         // Outermost: whatever axum or hyper-facing layers answer on their
         // own (405, body-limit 413, extractor rejections) leaves in the
         // API's error shape too.
         .layer(middleware::from_fn(json_errors))
         .with_state(app)
+}
+
+fn no_such_endpoint() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "UnsupportedOperation",
+        "no such admin endpoint",
+    )
 }
 
 /// Admin bodies are small JSON objects; anything larger is refused before

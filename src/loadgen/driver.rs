@@ -63,9 +63,27 @@ fn progress_bar(plan: &Plan, show: bool) -> ProgressBar {
     pb
 }
 
+/// Counters the progress bar reads while the run goes.
+#[derive(Default)]
+pub struct Live {
+    /// Requests answered (any status) or failed.
+    done: AtomicU64,
+    /// Of those: not 2xx, or no answer at all.
+    errors: AtomicU64,
+}
+
+impl Live {
+    fn finished(&self, ok: bool) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 pub async fn run(plan: Plan, show_progress: bool) -> Report {
     let plan = Arc::new(plan);
-    let done = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Live::default());
     let pb = progress_bar(&plan, show_progress);
     let start = Instant::now();
     let deadline = start + plan.duration;
@@ -77,9 +95,10 @@ pub async fn run(plan: Plan, show_progress: bool) -> Report {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let elapsed = start.elapsed();
                 pb.set_position(elapsed.as_millis() as u64);
-                let n = done.load(Ordering::Relaxed);
+                let n = done.done.load(Ordering::Relaxed);
+                let errors = done.errors.load(Ordering::Relaxed);
                 pb.set_message(format!(
-                    "{n} requests, {:.0} req/s",
+                    "{n} requests, {:.0} req/s, {errors} errors",
                     n as f64 / elapsed.as_secs_f64()
                 ));
             }
@@ -98,14 +117,14 @@ pub async fn run(plan: Plan, show_progress: bool) -> Report {
     let elapsed = start.elapsed();
     ticker.abort();
     pb.finish_and_clear();
-    Report::from_tally(mode, elapsed, &tally)
+    Report::from_tally(mode, plan.duration, elapsed, &tally)
 }
 
 async fn closed_loop(
     plan: Arc<Plan>,
     connections: usize,
     deadline: Instant,
-    done: Arc<AtomicU64>,
+    done: Arc<Live>,
 ) -> Tally {
     let counter = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..connections)
@@ -129,7 +148,7 @@ async fn closed_worker(
     plan: &Plan,
     deadline: Instant,
     counter: &AtomicUsize,
-    done: &AtomicU64,
+    done: &Live,
 ) -> Tally {
     let mut tally = Tally::default();
     let authority = plan
@@ -140,6 +159,7 @@ async fn closed_worker(
     'reconnect: while Instant::now() < deadline {
         let Ok(stream) = TcpStream::connect(&authority).await else {
             tally.connection_errors += 1;
+            done.finished(false);
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -148,30 +168,32 @@ async fn closed_worker(
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
         else {
             tally.connection_errors += 1;
+            done.finished(false);
             continue;
         };
         tokio::spawn(conn);
         while Instant::now() < deadline {
             let n = counter.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let resp = match sender.send_request(request(plan, n)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tally.connection_errors += 1;
-                    continue 'reconnect;
-                }
+            let exchange = async {
+                let resp = sender.send_request(request(plan, n)).await?;
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await?;
+                Ok::<_, hyper::Error>((status, body.to_bytes()))
             };
-            let status = resp.status().as_u16();
-            let Ok(body) = resp.into_body().collect().await else {
+            // The run ends at --duration: a request still unanswered then
+            // is abandoned and counted apart, not waited for.
+            let Ok(answered) = tokio::time::timeout_at(deadline, exchange).await else {
+                tally.unfinished += 1;
+                break 'reconnect;
+            };
+            let Ok((status, body)) = answered else {
                 tally.connection_errors += 1;
+                done.finished(false);
                 continue 'reconnect;
             };
-            tally.record(
-                started.elapsed(),
-                status,
-                error_code(status, &body.to_bytes()),
-            );
-            done.fetch_add(1, Ordering::Relaxed);
+            tally.record(started.elapsed(), status, error_code(status, &body));
+            done.finished((200..300).contains(&status));
             if sender.ready().await.is_err() {
                 continue 'reconnect;
             }
@@ -186,6 +208,8 @@ struct Sample {
     status: u16,
     error_code: Option<String>,
     failed: bool,
+    /// Still unanswered at the end of the run.
+    unfinished: bool,
 }
 
 async fn open_loop(
@@ -193,7 +217,7 @@ async fn open_loop(
     rate: f64,
     start: Instant,
     deadline: Instant,
-    done: Arc<AtomicU64>,
+    done: Arc<Live>,
 ) -> Tally {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(plan.max_outstanding)
@@ -204,7 +228,9 @@ async fn open_loop(
     let collector = tokio::spawn(async move {
         let mut tally = Tally::default();
         while let Some(s) = rx.recv().await {
-            if s.failed {
+            if s.unfinished {
+                tally.unfinished += 1;
+            } else if s.failed {
                 tally.connection_errors += 1;
             } else {
                 tally.record(s.latency, s.status, s.error_code);
@@ -235,33 +261,39 @@ async fn open_loop(
         let outstanding = outstanding.clone();
         let done = done.clone();
         tokio::spawn(async move {
-            let sample = match client.request(req).await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    match resp.into_body().collect().await {
-                        // Measured from when the request was due, not sent.
-                        Ok(body) => Sample {
-                            latency: due.elapsed(),
-                            status,
-                            error_code: error_code(status, &body.to_bytes()),
-                            failed: false,
-                        },
-                        Err(_) => Sample {
-                            latency: Duration::ZERO,
-                            status,
-                            error_code: None,
-                            failed: true,
-                        },
-                    }
-                }
+            let exchange = async {
+                let resp = client.request(req).await.map_err(|_| 0u16)?;
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.map_err(|_| status)?;
+                Ok::<_, u16>((status, body.to_bytes()))
+            };
+            let sample = match tokio::time::timeout_at(deadline, exchange).await {
+                // Measured from when the request was due, not sent.
+                Ok(Ok((status, body))) => Sample {
+                    latency: due.elapsed(),
+                    status,
+                    error_code: error_code(status, &body),
+                    failed: false,
+                    unfinished: false,
+                },
+                Ok(Err(status)) => Sample {
+                    latency: Duration::ZERO,
+                    status,
+                    error_code: None,
+                    failed: true,
+                    unfinished: false,
+                },
                 Err(_) => Sample {
                     latency: Duration::ZERO,
                     status: 0,
                     error_code: None,
-                    failed: true,
+                    failed: false,
+                    unfinished: true,
                 },
             };
-            done.fetch_add(1, Ordering::Relaxed);
+            if !sample.unfinished {
+                done.finished(!sample.failed && (200..300).contains(&sample.status));
+            }
             outstanding.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(sample);
         });

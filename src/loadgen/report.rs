@@ -14,6 +14,8 @@ pub struct Tally {
     pub error_codes: BTreeMap<String, u64>,
     pub connection_errors: u64,
     pub dropped: u64,
+    /// Sent but unanswered when the run ended at `--duration`.
+    pub unfinished: u64,
 }
 
 impl Default for Tally {
@@ -24,6 +26,7 @@ impl Default for Tally {
             error_codes: BTreeMap::new(),
             connection_errors: 0,
             dropped: 0,
+            unfinished: 0,
         }
     }
 }
@@ -47,21 +50,30 @@ impl Tally {
         }
         self.connection_errors += other.connection_errors;
         self.dropped += other.dropped;
+        self.unfinished += other.unfinished;
     }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub mode: String,
+    /// The measured window (`--duration`); throughput is over it.
     pub duration_s: f64,
+    /// Wall time of the whole run (the window plus starting and stopping).
+    pub elapsed_s: f64,
+    /// Requests answered within the window (any status).
     pub requests: u64,
     pub throughput_rps: f64,
     pub ok_2xx: u64,
+    /// Answered with a status other than 2xx.
+    pub non_2xx: u64,
     pub latency_ms: Percentiles,
     pub statuses: BTreeMap<u16, u64>,
     pub error_codes: BTreeMap<String, u64>,
     pub connection_errors: u64,
     pub dropped: u64,
+    /// Sent but still unanswered when the window ended (abandoned).
+    pub unfinished: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,20 +87,23 @@ pub struct Percentiles {
 }
 
 impl Report {
-    pub fn from_tally(mode: String, elapsed: Duration, t: &Tally) -> Self {
+    pub fn from_tally(mode: String, window: Duration, elapsed: Duration, t: &Tally) -> Self {
         let ms = |q: f64| t.latency.value_at_quantile(q) as f64 / 1000.0;
         let requests = t.latency.len();
+        let ok_2xx = t
+            .statuses
+            .iter()
+            .filter(|(s, _)| (200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum();
         Self {
             mode,
-            duration_s: elapsed.as_secs_f64(),
+            duration_s: window.as_secs_f64(),
+            elapsed_s: elapsed.as_secs_f64(),
             requests,
-            throughput_rps: requests as f64 / elapsed.as_secs_f64().max(1e-9),
-            ok_2xx: t
-                .statuses
-                .iter()
-                .filter(|(s, _)| (200..300).contains(*s))
-                .map(|(_, n)| n)
-                .sum(),
+            throughput_rps: requests as f64 / window.as_secs_f64().max(1e-9),
+            ok_2xx,
+            non_2xx: requests - ok_2xx,
             latency_ms: Percentiles {
                 p50: ms(0.5),
                 p90: ms(0.9),
@@ -101,7 +116,14 @@ impl Report {
             error_codes: t.error_codes.clone(),
             connection_errors: t.connection_errors,
             dropped: t.dropped,
+            unfinished: t.unfinished,
         }
+    }
+
+    /// No request got a 2xx answer: the run measured nothing useful (a
+    /// wrong URL, a bad key, a server down), so the command fails.
+    pub fn all_failed(&self) -> bool {
+        self.ok_2xx == 0
     }
 
     pub fn to_text(&self) -> String {
@@ -139,6 +161,12 @@ impl Report {
             out.push_str(&format!(
                 "conn errors   {}\ndropped       {} (generator saturated)\n",
                 self.connection_errors, self.dropped
+            ));
+        }
+        if self.unfinished > 0 {
+            out.push_str(&format!(
+                "unfinished    {} (unanswered at the end of the window, abandoned)\n",
+                self.unfinished
             ));
         }
         out
