@@ -120,7 +120,7 @@ HAPROXY="http://127.0.0.1:$HPORT"
 # tollgate, everything on, the whole process on cpu0. With BENCH_BASE_BIN
 # set, a second build runs beside it ("tollgate-base", on a copy of the same
 # data directory, so the same keys work) for an A/B in the same run.
-start_gw() { # name binary -> sets GW_<name>, ADMIN_<name>
+start_gw() { # name binary [extra log lines] -> sets GW_<name>, ADMIN_<name>
   local name=$1 bin=$2
   cat >"$work/$name.toml" <<TOML
 [server]
@@ -137,6 +137,7 @@ max_queue_per_account = 20000
 data_dir = "$work/data-$name"
 [log]
 level = "warn"
+${3:-}
 TOML
   taskset -c 0 "$bin" serve --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
   for _ in $(seq 200); do [ "$(grep -c http "$work/$name.out" 2>/dev/null)" -ge 2 ] && break; sleep 0.05; done
@@ -163,7 +164,9 @@ if [ -n "${BENCH_BASE_BIN:-}" ]; then
   kill "$(pgrep -f "$work/tollgate.toml")"; wait "$(pgrep -f "$work/tollgate.toml")" 2>/dev/null || sleep 1
   cp -r "$work/data-tollgate" "$work/data-base"
   start_gw tollgate "$BIN"
-  start_gw base "$BENCH_BASE_BIN"
+  # BENCH_BASE_LOG: extra [log] lines for the base only (e.g. `access =
+  # false` to measure the access log with BENCH_BASE_BIN = the same build).
+  start_gw base "$BENCH_BASE_BIN" "${BENCH_BASE_LOG:-}"
   URL[tollgate]=$GW_tollgate
   URL[tollgate-base]=$GW_base
   TARGETS+=(tollgate-base)
