@@ -931,6 +931,23 @@ async fn admin_changes_reach_every_replica_within_a_second() {
         })
         .await;
     }
+    // A key issued on 1 can be revoked on 2 at once, before 2 has heard of
+    // it (the store decides, not 2's memory); a second revocation is 404.
+    let (fresh_id, fresh) = c.admin(1).issue_key("acme", None).await;
+    let r = c
+        .admin(2)
+        .call(Method::DELETE, &format!("/v1/keys/{fresh_id}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.json());
+    task_until(&c, 1, &fresh, second, |r| {
+        r.status == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    let r = c
+        .admin(0)
+        .call(Method::DELETE, &format!("/v1/keys/{fresh_id}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

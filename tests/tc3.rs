@@ -434,6 +434,16 @@ async fn tc3_keys_need_the_encryption_key_and_a_start_without_it_is_refused() {
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.json());
     assert_eq!(r.error_code(), "FailedOperation.EncryptionKeyMissing");
+    // An unknown account is a 404 first, whatever the configuration.
+    let r = http
+        .send(
+            Method::POST,
+            &format!("{}/v1/accounts/nobody/keys", gw.admin),
+            &headers,
+            r#"{"type":"tc3"}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.json());
     drop(gw);
 
     // With a key: issued. A restart without it, or with another key, is

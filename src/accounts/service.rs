@@ -273,13 +273,14 @@ impl AccountService {
         root_id: &str,
         sub: Option<&str>,
     ) -> Result<IssuedTc3Key, ChangeError> {
+        // An unknown account is a 404 whatever the configuration.
+        self.key_owner(root_id, sub).await?;
         if !self.sealer.can_seal() {
             return Err(ChangeError::Conflict {
                 code: "FailedOperation.EncryptionKeyMissing",
                 message: "TC3 keys need auth.secret_encryption_key (TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY) to store their secret encrypted".into(),
             });
         }
-        self.key_owner(root_id, sub).await?;
         let (secret_id, secret_key) = generate_tc3_pair();
         let key_id = new_key_id();
         let sealed = self.sealer.seal(&key_id, &secret_key).map_err(|e| {
@@ -313,7 +314,10 @@ impl AccountService {
     }
 
     pub async fn revoke_key(&self, key_id: &str) -> Result<(), ChangeError> {
-        if self.registry.key(key_id).is_none() {
+        // With a shared store, a key issued through another replica may not
+        // have reached this one's memory yet: the store's update says
+        // whether it exists (`NotFound` otherwise).
+        if !self.shared && self.registry.key(key_id).is_none() {
             return Err(ChangeError::NotFound(format!("key {key_id}")));
         }
         commit(

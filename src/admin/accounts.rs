@@ -245,6 +245,7 @@ pub async fn issue_key(
         StatusCode::CREATED,
         Json(json!({
             "key_id": key_id,
+            "type": "api_key",
             "api_key": secret,
             "account": root_id,
             "sub_account": req.sub_account,

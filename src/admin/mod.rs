@@ -80,7 +80,10 @@ pub fn router(app: Arc<AdminState>) -> Router {
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { r#"{"status":"ok"}"# }))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .nest("/v1", v1)
         .fallback(|| async { no_such_endpoint() })

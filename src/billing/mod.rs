@@ -206,7 +206,9 @@ pub struct Month {
 impl Month {
     pub fn parse(s: &str) -> Option<Self> {
         let b = s.as_bytes();
-        if b.len() != 7 || b[4] != b'-' {
+        // Digits only: `parse` would also take a sign (`2026-+1`).
+        let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+        if b.len() != 7 || b[4] != b'-' || !digits(0..4) || !digits(5..7) {
             return None;
         }
         let year: i16 = s[..4].parse().ok()?;

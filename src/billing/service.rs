@@ -216,6 +216,7 @@ impl BillingService {
                     contention_pause().await;
                     self.accounts.refresh(account).await?;
                 }
+                Err(StoreError::Conflict(what)) => return Err(balance_contention(what)),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -292,6 +293,7 @@ impl BillingService {
                         self.accounts.refresh(&l.account).await?;
                     }
                 }
+                Err(StoreError::Conflict(what)) => return Err(balance_contention(what)),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -401,5 +403,14 @@ impl BillingService {
         .await?;
         self.schedule.remove(account, id);
         Ok(pkg)
+    }
+}
+
+/// A balance kept changing under a top-up or settlement (other replicas'
+/// writes) past every retry: nothing was changed, the call may be repeated.
+fn balance_contention(what: String) -> ChangeError {
+    ChangeError::Conflict {
+        code: "FailedOperation.ConcurrentUpdate",
+        message: format!("{what} on every attempt; nothing was changed, retry the call"),
     }
 }

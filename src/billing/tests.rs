@@ -265,7 +265,17 @@ fn months_are_counted_in_the_billing_time_zone() {
     let tokyo = TimeZone::get("Asia/Tokyo").unwrap();
     assert_eq!(m.bounds(&tokyo).unwrap().0, ts("2026-10-31T15:00:00Z"));
     assert_eq!(Month::of(ts("2026-10-31T15:00:00Z"), &tokyo), m);
-    for bad in ["2026-13", "2026-1", "26-11", "2026/11", "2026-11-01", ""] {
+    for bad in [
+        "2026-13",
+        "2026-1",
+        "26-11",
+        "2026/11",
+        "2026-11-01",
+        "",
+        "2026-+1",
+        "+202-01",
+        "-202-01",
+    ] {
         assert!(Month::parse(bad).is_none(), "{bad}");
     }
     assert_eq!(
