@@ -134,7 +134,8 @@ impl App {
                 (local.clone(), local)
             }
         };
-        let backend = Backend::from_config(&config, backend_url).map_err(StartError::Backend)?;
+        let snapshot = Arc::new(config.clone());
+        let backend = Backend::from_config(&snapshot, backend_url).map_err(StartError::Backend)?;
         let simulator_url = config
             .uses_embedded_simulator()
             .then(|| backend_url.to_string());
@@ -175,7 +176,8 @@ impl App {
             Some(coord) => Arc::new(RedisQuota::new(coord.clone(), billing.clone())),
             None => billing.clone(),
         };
-        let config: LiveConfig = Arc::new(ArcSwap::from_pointee(config));
+        drop(config);
+        let config: LiveConfig = Arc::new(ArcSwap::new(snapshot));
         let backend = Arc::new(ArcSwap::from_pointee(backend));
         let recorder = UsageRecorder::new(store.clone(), metrics.clone());
         let stopping = CancellationToken::new();
@@ -252,33 +254,33 @@ impl App {
         if next == *current {
             return Ok(kept);
         }
-        let backend = if next.backend != current.backend || next.limits != current.limits {
-            let url = self.simulator_url.as_deref().unwrap_or(&next.backend.url);
-            Some(Backend::from_config(&next, url).map_err(|e| format!("backend: {e}"))?)
-        } else {
-            None
-        };
+        let next = Arc::new(next);
+        // Always a new backend, built from this snapshot: a task reads its
+        // answer rules from the backend it forwards through, so the two
+        // never disagree mid-reload. The connection pool is kept when the
+        // backend's own keys did not change.
+        let url = self.simulator_url.as_deref().unwrap_or(&next.backend.url);
+        let fresh = Backend::from_config(&next, url).map_err(|e| format!("backend: {e}"))?;
         if next.log != current.log
             && let Some(set_filter) = log
         {
-            set_filter(&next.log.filter())?;
+            set_filter(&next.log)?;
         }
-        if let Some(fresh) = backend {
-            let running = self.gateway.backend.load_full();
-            // In-flight tasks keep the backend they started with.
-            self.gateway
-                .backend
-                .store(Arc::new(running.succeeded_by(fresh)));
+        if next.metrics != current.metrics {
+            self.gateway.metrics.set_buckets(&next.metrics)?;
         }
+        let running = self.gateway.backend.load_full();
+        let keep_pool = next.backend == current.backend;
+        // In-flight tasks keep the backend they started with.
+        self.gateway
+            .backend
+            .store(Arc::new(running.succeeded_by(fresh, keep_pool)));
         self.limiter
             .set_max_queue(next.limits.max_queue_per_account);
         self.gateway
             .metrics
             .set_max_queued_tasks(next.limits.max_queued_tasks);
-        if next.metrics != current.metrics {
-            self.gateway.metrics.set_buckets(&next.metrics);
-        }
-        self.config.store(Arc::new(next));
+        self.config.store(next);
         Ok(kept)
     }
 
@@ -344,8 +346,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Sets the log filter (a reload's `log.level` / `log.access`).
-pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Applies a reloaded `[log]` section's filter (`log.level`, `log.access`).
+pub type LogReload = Box<dyn Fn(&crate::config::LogConfig) -> Result<(), String> + Send + Sync>;
 
 /// What SIGHUP re-reads and where it applies the log filter.
 pub struct Reloads {

@@ -576,7 +576,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut table: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::Parse(toml_error(&e, text)))?;
         // Key → the variable that set it, so an error names what to fix.
         let mut from_env: Vec<(String, String)> = Vec::new();
         for (name, value) in env {
@@ -598,9 +598,10 @@ impl Config {
             e => e,
         };
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Invalid {
-                key: e.path().to_string(),
-                reason: e.inner().message().to_string(),
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let reason = without_secret(&key, e.inner().message());
+                ConfigError::Invalid { key, reason }
             })
             .map_err(name_variable)?;
         config.validate().map_err(name_variable)?;
@@ -854,6 +855,45 @@ impl Config {
     }
 }
 
+/// Keys whose values are secrets (or may carry one, as a URL's password).
+const SECRET_KEYS: [&str; 5] = [
+    "admin.token",
+    "auth.secret_encryption_key",
+    "auth.previous_secret_encryption_keys",
+    "storage.postgres_url",
+    "cluster.redis_url",
+];
+
+/// A deserializer's complaint about `key`, without the value it quotes
+/// (`invalid type: string "…"`) when the key holds a secret: config errors
+/// reach the log on a reload.
+fn without_secret(key: &str, reason: &str) -> String {
+    if !SECRET_KEYS.iter().any(|s| key.starts_with(s)) {
+        return reason.to_string();
+    }
+    match reason.find("expected") {
+        Some(i) => format!(
+            "has the wrong type ({}; the value is not shown)",
+            &reason[i..]
+        ),
+        None => "is not valid (the value is not shown)".to_string(),
+    }
+}
+
+/// A TOML syntax error as a position and a message: toml's own text
+/// quotes the offending line, which may hold a secret.
+fn toml_error(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
 fn check_buckets(bounds: &[f64]) -> Result<(), String> {
     if bounds.is_empty() || bounds.len() > 64 {
         return Err("must list between 1 and 64 bucket bounds".into());
@@ -1053,6 +1093,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("environment"), "{err}");
+    }
+
+    #[test]
+    fn config_errors_never_quote_a_secret() {
+        let secret = "s3cr3t-value-0123456789abcdef";
+        // A syntax error on a secret's line: toml would quote the line.
+        let text = format!("[admin]\ntoken = \"{secret}\" oops\n");
+        let err = Config::from_toml_and_env(&text, no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(secret), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        // A wrong type from the environment: serde would quote the value.
+        let env = vec![(
+            "TOLLGATE_AUTH_PREVIOUS_SECRET_ENCRYPTION_KEYS".to_string(),
+            secret.to_string(),
+        )];
+        let err = Config::from_toml_and_env("", env).unwrap_err().to_string();
+        assert!(!err.contains(secret), "{err}");
+        assert!(
+            err.contains("TOLLGATE_AUTH_PREVIOUS_SECRET_ENCRYPTION_KEYS"),
+            "{err}"
+        );
+        // Keys that hold no secret keep the deserializer's full message.
+        let err = Config::from_toml_and_env("[limits]\nmax_body_bytes = \"lots\"\n", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lots"), "{err}");
     }
 
     #[test]

@@ -57,8 +57,8 @@ enum Command {
 }
 
 /// Installs the subscriber; the returned function swaps its filter (a
-/// config reload). With `RUST_LOG` set, that variable decides the filter
-/// and a reload leaves it alone.
+/// config reload). With `RUST_LOG` set, that variable stands in for
+/// `log.level` (at start and on reloads); `log.access` applies either way.
 ///
 /// Lines are formatted on the thread that logs and written by a writer
 /// thread, which writes whatever has gathered in one go: the access log's
@@ -73,11 +73,16 @@ fn init_logging(log: &LogConfig) -> (LogReload, WorkerGuard) {
             64 << 10,
             std::io::stderr(),
         ));
-    let from_env = EnvFilter::try_from_default_env().ok();
-    let pinned = from_env.is_some();
-    let filter = from_env
-        .or_else(|| EnvFilter::try_new(log.filter()).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let filter_of = move |log: &LogConfig| {
+        let level = from_env.clone().unwrap_or_else(|| log.level.clone());
+        LogConfig {
+            level,
+            ..log.clone()
+        }
+        .filter()
+    };
+    let filter = EnvFilter::try_new(filter_of(log)).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -87,11 +92,9 @@ fn init_logging(log: &LogConfig) -> (LogReload, WorkerGuard) {
             let builder = $builder.with_filter_reloading();
             let handle = builder.reload_handle();
             builder.init();
-            Box::new(move |filter: &str| {
-                if pinned {
-                    return Ok(());
-                }
-                let filter = EnvFilter::try_new(filter).map_err(|e| format!("log.level: {e}"))?;
+            Box::new(move |log: &LogConfig| {
+                let filter =
+                    EnvFilter::try_new(filter_of(log)).map_err(|e| format!("log.level: {e}"))?;
                 handle.reload(filter).map_err(|e| format!("log.level: {e}"))
             })
         }};
@@ -139,7 +142,12 @@ fn main() -> ExitCode {
                 path: config_path,
                 log: Some(log),
             };
-            match runtime.block_on(tollgate::app::serve(config, reloads)) {
+            let served = runtime.block_on(tollgate::app::serve(config, reloads));
+            // Tasks still running past the grace period end with the
+            // runtime: let their last lines reach the log writer, which
+            // stops with `_log_writer` at the end of this arm.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "tollgate could not start");

@@ -132,10 +132,10 @@ impl Durations {
         }
     }
 
-    fn register(&self, registry: &Registry) {
-        register(registry, self.queue_wait.clone());
-        register(registry, self.upstream.clone());
-        register(registry, self.task_vec.clone());
+    fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.queue_wait.clone()))?;
+        registry.register(Box::new(self.upstream.clone()))?;
+        registry.register(Box::new(self.task_vec.clone()))
     }
 
     fn unregister(&self, registry: &Registry) {
@@ -179,7 +179,9 @@ impl Metrics {
             .expect("valid"),
         );
         let durations = Durations::new(config);
-        durations.register(&registry);
+        durations
+            .register(&registry)
+            .expect("metric names are unique and valid");
         let account_requests = per_account_labels.then(|| {
             register(
                 &registry,
@@ -383,11 +385,17 @@ impl Metrics {
 
     /// A reload changed the buckets: the histograms start over with the
     /// new bounds (Prometheus reads it as a counter reset).
-    pub fn set_buckets(&self, config: &MetricsConfig) {
-        let fresh = Durations::new(config);
-        let old = self.durations.swap(std::sync::Arc::new(fresh));
+    pub fn set_buckets(&self, config: &MetricsConfig) -> Result<(), String> {
+        let fresh = std::sync::Arc::new(Durations::new(config));
+        let old = self.durations.load_full();
         old.unregister(&self.registry);
-        self.durations.load().register(&self.registry);
+        if let Err(e) = fresh.register(&self.registry) {
+            fresh.unregister(&self.registry);
+            let _ = old.register(&self.registry);
+            return Err(format!("metrics buckets: {e}"));
+        }
+        self.durations.store(fresh);
+        Ok(())
     }
 
     pub fn rejection(&self, code: &str) {
@@ -499,7 +507,8 @@ mod tests {
         m.set_buckets(&MetricsConfig {
             duration_buckets: vec![0.5, 3.0],
             ..MetricsConfig::default()
-        });
+        })
+        .unwrap();
         m.task_ended(Outcome::Failure, Duration::from_millis(700), None);
         let text = m.render(&LocalLimiter::new(3, 10));
         assert!(

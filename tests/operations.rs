@@ -351,12 +351,7 @@ async fn the_alert_rules_and_dashboard_name_only_series_tollgate_exports() {
 
 #[test]
 fn the_alert_rules_pass_promtool_and_their_unit_tests() {
-    if Command::new("promtool").arg("--version").output().is_err() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "promtool must be installed in CI"
-        );
-        eprintln!("promtool not installed; rule checks skipped");
+    if !common::has_promtool("rule checks") {
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");
@@ -601,5 +596,54 @@ async fn without_the_token_every_v1_request_is_refused_alike() {
             .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {path}");
         assert!(r.json()["Response"]["Error"]["Code"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_follows_log_access_under_rust_log_and_logs_hang_ups_as_499() {
+    // RUST_LOG stands in for log.level; log.access still decides.
+    let stack = Stack::start(Opts {
+        extra_toml: "[log]\nformat = \"json\"\n".into(),
+        env: vec![("RUST_LOG", "warn".to_string())],
+    });
+    let key = stack.account_with_key("acme").await;
+    let held = stack.hold_slots("acme", &key, 3, 1_000).await;
+    let socket = common::raw_task(&stack.gw.url, &key, "X-Request-Id: gone-1\r\n", "{}").await;
+    common::wait_for(&stack.admin(), "acme", "one queued", |a| {
+        a["concurrency"]["queued"] == 1
+    })
+    .await;
+    drop(socket);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let gone = loop {
+        let lines = access_lines(&stack.gw.proc.logs());
+        if let Some(l) = lines.iter().find(|l| l["request_id"] == "gone-1") {
+            break l.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line for the hang-up: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(gone["status"], 499, "{gone}");
+    assert_eq!(gone["code"], "FailedOperation.ClientGone", "{gone}");
+    // The held tasks' lines too (written by the log thread, so waited for).
+    loop {
+        let ok = access_lines(&stack.gw.proc.logs())
+            .into_iter()
+            .filter(|l| l["status"] == 200)
+            .count();
+        if ok == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ok} of 3 lines for the held tasks"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

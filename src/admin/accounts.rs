@@ -17,7 +17,7 @@ use crate::billing::Standing;
 use crate::clock::rfc3339_millis;
 use crate::config::StorageKind;
 
-use super::error::{ApiError, parse_json};
+use super::error::{ApiError, page_limit, parse_json};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -34,30 +34,12 @@ pub async fn create_account(State(app): State<Arc<AdminState>>, body: Bytes) -> 
     Ok((StatusCode::CREATED, Json(account_view(&app, &req.id)?)))
 }
 
-/// Largest page of `GET /v1/accounts`.
-const MAX_ACCOUNTS_PAGE: usize = 1000;
-const DEFAULT_ACCOUNTS_PAGE: usize = 100;
-
 /// `GET /v1/accounts?limit=&after=`: root accounts in id order, paged.
 pub async fn list_accounts(
     State(app): State<Arc<AdminState>>,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Reply {
-    if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {
-        return Err(ApiError::bad_request(format!(
-            "unknown query parameter `{unknown}`"
-        )));
-    }
-    let limit = match q.get("limit") {
-        None => DEFAULT_ACCOUNTS_PAGE,
-        Some(l) => l
-            .parse()
-            .ok()
-            .filter(|n| (1..=MAX_ACCOUNTS_PAGE).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit: must be between 1 and {MAX_ACCOUNTS_PAGE}"))
-            })?,
-    };
+    let limit = page_limit(&q)?;
     let after = q.get("after").map(String::as_str).filter(|a| !a.is_empty());
     let (page, more) = app.registry.roots_page(after, limit);
     let mut accounts = Vec::with_capacity(page.len());

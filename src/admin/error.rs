@@ -143,6 +143,31 @@ pub fn code_for_status(status: StatusCode) -> &'static str {
     }
 }
 
+/// Largest page of a paged list (`GET /v1/accounts`, `GET /v1/usage-events`).
+pub const MAX_PAGE: usize = 1000;
+/// A page without `limit`.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// The query of a paged list: no parameter but `after` and `limit`, and
+/// `limit` (if given) in 1 ..= [`MAX_PAGE`]. Returns the page size.
+pub fn page_limit(q: &std::collections::HashMap<String, String>) -> Result<usize, ApiError> {
+    if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter `{unknown}`"
+        )));
+    }
+    match q.get("limit") {
+        None => Ok(DEFAULT_PAGE),
+        Some(l) => l
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit: must be between 1 and {MAX_PAGE}"))
+            }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,10 +10,7 @@ use serde_json::value::RawValue;
 
 use super::AdminState;
 
-use super::error::ApiError;
-
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
+use super::error::{ApiError, page_limit};
 
 #[derive(serde::Serialize)]
 struct Page<'a> {
@@ -26,26 +23,12 @@ pub async fn list(
     State(app): State<Arc<AdminState>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {
-        return Err(ApiError::bad_request(format!(
-            "unknown query parameter `{unknown}`"
-        )));
-    }
+    let limit = page_limit(&q)?;
     let after: u64 = match q.get("after").map(String::as_str) {
         None | Some("") => 0,
         Some(c) => c
             .parse()
             .map_err(|_| ApiError::bad_request("after: not a cursor returned by this API"))?,
-    };
-    let limit: usize = match q.get("limit") {
-        None => DEFAULT_PAGE,
-        Some(l) => l
-            .parse()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("limit: must be between 1 and {MAX_PAGE}"))
-            })?,
     };
     let events = app.store.usage_events(after, limit).await?;
     let next = events.last().map_or(after, |e| e.seq).to_string();

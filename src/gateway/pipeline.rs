@@ -274,13 +274,25 @@ impl Task {
     ) -> TaskResult {
         let mut tally = self.tally.take();
         let tc3 = self.action.is_some();
+        let gone = client_gone.clone();
         let result = self
             .forward(req, permit, reservation, client_gone, tally.as_mut())
             .await;
         if let Some(t) = tally {
+            // A detached task's client left: it got nothing, whatever the
+            // backend answered (the usage event says `client_gone`).
+            let sent = |status| {
+                if gone.load(Ordering::Acquire) {
+                    super::tally::client_closed()
+                } else {
+                    status
+                }
+            };
             match &result {
-                Ok((answer, outcome)) => t.outcome(*outcome, answer.status, answer.body.len()),
-                Err(e) => t.error(e, if tc3 { StatusCode::OK } else { e.status() }),
+                Ok((answer, outcome)) => {
+                    t.outcome(*outcome, sent(answer.status), answer.body.len());
+                }
+                Err(e) => t.error(e, sent(if tc3 { StatusCode::OK } else { e.status() })),
             }
         }
         result
@@ -295,8 +307,10 @@ impl Task {
         mut tally: Option<&mut Tally>,
     ) -> TaskResult {
         let gw = &self.gw;
-        let config = gw.config();
         let backend = gw.backend();
+        // The rules the answer is judged by come with the backend: one
+        // snapshot for both, whatever a reload does meanwhile.
+        let config = backend.config().cloned().unwrap_or_else(|| gw.config());
         let started = Instant::now();
         let answer = tokio::time::timeout(
             Duration::from_millis(config.backend.timeout_ms),

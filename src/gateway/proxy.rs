@@ -6,6 +6,7 @@
 //! sees any of it.
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -100,6 +101,10 @@ pub struct Backend {
     /// (`backend.max_buffered_response_bytes`).
     answers: Budget,
     max_buffered_answers: u64,
+    /// The config this backend was built from: a task that forwards
+    /// through it judges the answer by the same snapshot (`success`,
+    /// `timeout_ms`, `api_name`), even while a reload swaps both.
+    config: Option<Arc<crate::config::Config>>,
 }
 
 impl Backend {
@@ -126,6 +131,7 @@ impl Backend {
             min_body_rate: 0,
             answers: Budget::default(),
             max_buffered_answers: config.max_buffered_response_bytes,
+            config: None,
         })
     }
 
@@ -137,20 +143,33 @@ impl Backend {
     /// The backend as `config` describes it (`backend.*` and the body
     /// rules of `limits.*`), at `url` (the configured one, or the embedded
     /// simulator's).
-    pub fn from_config(config: &crate::config::Config, url: &str) -> Result<Self, String> {
-        Ok(Self::new(
+    pub fn from_config(config: &Arc<crate::config::Config>, url: &str) -> Result<Self, String> {
+        let mut backend = Self::new(
             &config.backend,
             url,
             config.limits.max_body_bytes,
             Duration::from_millis(config.limits.body_idle_timeout_ms),
         )?
-        .with_min_body_rate(config.limits.min_body_rate_bytes_per_s))
+        .with_min_body_rate(config.limits.min_body_rate_bytes_per_s);
+        backend.config = Some(config.clone());
+        Ok(backend)
+    }
+
+    /// The config snapshot this backend was built from, if it was built
+    /// from one ([`Backend::from_config`]).
+    pub fn config(&self) -> Option<&Arc<crate::config::Config>> {
+        self.config.as_ref()
     }
 
     /// After a config reload: the same answers budget goes on (answers in
     /// flight on this backend still count against the new one's limit).
-    pub fn succeeded_by(&self, mut next: Self) -> Self {
+    /// With `keep_pool`, the next one also takes over this one's idle
+    /// connections (same URL and pool settings).
+    pub fn succeeded_by(&self, mut next: Self, keep_pool: bool) -> Self {
         next.answers = self.answers.clone();
+        if keep_pool {
+            next.client = self.client.clone();
+        }
         next
     }
 

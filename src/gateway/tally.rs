@@ -19,7 +19,9 @@ use super::error::GatewayError;
 
 /// nginx's status for a client that closed its connection before the
 /// answer; no answer was sent.
-const CLIENT_CLOSED: u16 = 499;
+pub fn client_closed() -> StatusCode {
+    StatusCode::from_u16(499).expect("499 is a valid status code")
+}
 
 pub struct Tally {
     metrics: Arc<Metrics>,
@@ -44,10 +46,15 @@ impl Tally {
     }
 
     /// The task ended in a tollgate error, answered with `status` (HTTP
-    /// 200 on the API 3.0 front).
+    /// 200 on the API 3.0 front); a client that hung up got nothing (499).
     pub fn error(mut self, err: &GatewayError, status: StatusCode) {
         self.metrics.rejection(err.code());
         self.count(err.outcome());
+        let status = if matches!(err, GatewayError::ClientGone) {
+            client_closed()
+        } else {
+            status
+        };
         self.line.write(status, Some(err.code()), None);
     }
 
@@ -67,8 +74,7 @@ impl Drop for Tally {
         let (err, status) = if std::thread::panicking() {
             (GatewayError::Internal, StatusCode::INTERNAL_SERVER_ERROR)
         } else {
-            let closed = StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status code");
-            (GatewayError::ClientGone, closed)
+            (GatewayError::ClientGone, client_closed())
         };
         self.metrics.rejection(err.code());
         self.count(err.outcome());

@@ -157,15 +157,25 @@ async fn closed_worker(
         .map(|a| a.to_string())
         .unwrap_or_default();
     'reconnect: while Instant::now() < deadline {
-        let Ok(stream) = TcpStream::connect(&authority).await else {
+        // Bounded by the run's end too: a host that never answers a SYN
+        // would otherwise hold the worker for the OS's connect timeout.
+        let Ok(Ok(stream)) =
+            tokio::time::timeout_at(deadline, TcpStream::connect(&authority)).await
+        else {
+            if Instant::now() >= deadline {
+                break;
+            }
             tally.connection_errors += 1;
             done.finished(false);
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let Ok((mut sender, conn)) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        let Ok(Ok((mut sender, conn))) = tokio::time::timeout_at(
+            deadline,
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+        )
+        .await
         else {
             tally.connection_errors += 1;
             done.finished(false);
@@ -194,8 +204,10 @@ async fn closed_worker(
             };
             tally.record(started.elapsed(), status, error_code(status, &body));
             done.finished((200..300).contains(&status));
-            if sender.ready().await.is_err() {
-                continue 'reconnect;
+            match tokio::time::timeout_at(deadline, sender.ready()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => continue 'reconnect,
+                Err(_) => break 'reconnect,
             }
         }
     }

@@ -103,7 +103,7 @@ impl Report {
             requests,
             throughput_rps: requests as f64 / window.as_secs_f64().max(1e-9),
             ok_2xx,
-            non_2xx: requests - ok_2xx,
+            non_2xx: requests.saturating_sub(ok_2xx),
             latency_ms: Percentiles {
                 p50: ms(0.5),
                 p90: ms(0.9),
