@@ -180,13 +180,17 @@ impl AccountService {
             StoreError::Conflict(_) => ChangeError::in_use(format!("account {id}")),
             e => e.into(),
         })?;
-        self.apply(AccountSnapshot {
-            account,
-            sub_accounts: Vec::new(),
-            keys: Vec::new(),
-            concurrency_packages: Vec::new(),
-            resource_packages: vec![free],
-        });
+        let mark = self.registry.generation();
+        self.apply(
+            AccountSnapshot {
+                account,
+                sub_accounts: Vec::new(),
+                keys: Vec::new(),
+                concurrency_packages: Vec::new(),
+                resource_packages: vec![free],
+            },
+            mark,
+        );
         self.registry
             .root(id)
             .ok_or_else(|| ChangeError::NotFound(format!("account {id}")))
@@ -407,8 +411,10 @@ impl AccountService {
 
     /// Makes memory hold what the store holds of one account: status,
     /// billing state, sub-accounts, keys (revoked ones forgotten) and
-    /// concurrency packages (the limit follows).
-    pub fn apply(&self, snap: AccountSnapshot) {
+    /// concurrency packages (the limit follows). `mark` is the registry's
+    /// key generation taken before the snapshot was read: a key put in
+    /// memory after it (issued meanwhile) is not taken for revoked.
+    pub fn apply(&self, snap: AccountSnapshot, mark: u64) {
         let a = &snap.account;
         match self.registry.root(&a.id) {
             Some(root) => self.apply_status(&root, a.status),
@@ -432,7 +438,7 @@ impl AccountService {
         let live: HashSet<&str> = snap.keys.iter().map(|k| k.key_id.as_str()).collect();
         for gone in self
             .registry
-            .key_ids_of(&a.id)
+            .key_ids_known_by(&a.id, mark)
             .into_iter()
             .filter(|id| !live.contains(id.as_str()))
         {
@@ -448,8 +454,9 @@ impl AccountService {
 
     /// Reloads one account from the store into memory.
     pub async fn refresh(&self, id: &str) -> Result<(), StoreError> {
+        let mark = self.registry.generation();
         if let Some(snap) = self.store.load_account(id, self.clock.now()).await? {
-            self.apply(snap);
+            self.apply(snap, mark);
         }
         Ok(())
     }
@@ -457,11 +464,12 @@ impl AccountService {
     /// Reloads every account (at start, and when changes may have been
     /// missed).
     pub async fn refresh_all(&self) -> Result<usize, StoreError> {
+        let mark = self.registry.generation();
         let snap = self.store.load(self.clock.now()).await?;
         let accounts = snap.into_accounts();
         let n = accounts.len();
         for a in accounts {
-            self.apply(a);
+            self.apply(a, mark);
         }
         Ok(n)
     }
