@@ -99,8 +99,8 @@ async fn a_snapshot_older_than_a_key_does_not_revoke_it() {
     app.accounts.create_account("acme", false).await.unwrap();
     let old = app.accounts.issue_key("acme", None).await.unwrap();
 
-    // A refresh: its mark, then its read of the store...
-    let mark = registry.generation();
+    // A refresh: its marks, then its read of the store...
+    let marks = app.accounts.read_marks();
     let stale = store
         .load_account("acme", jiff::Timestamp::now())
         .await
@@ -109,7 +109,7 @@ async fn a_snapshot_older_than_a_key_does_not_revoke_it() {
     // ...meanwhile a key is issued (committed, then in memory)...
     let new = app.accounts.issue_key("acme", None).await.unwrap();
     // ...and the refresh applies what it read.
-    app.accounts.apply(stale, mark);
+    assert!(app.accounts.apply_read(stale, marks));
     assert!(
         registry.authenticate(&new.api_key).is_some(),
         "the key issued during the refresh still authenticates"
@@ -117,14 +117,14 @@ async fn a_snapshot_older_than_a_key_does_not_revoke_it() {
     assert!(registry.authenticate(&old.api_key).is_some());
 
     // A snapshot read after a revocation does forget the key.
-    let mark = registry.generation();
+    let marks = app.accounts.read_marks();
     app.accounts.revoke_key(&old.key_id).await.unwrap();
     let fresh = store
         .load_account("acme", jiff::Timestamp::now())
         .await
         .unwrap()
         .unwrap();
-    app.accounts.apply(fresh, mark);
+    assert!(app.accounts.apply_read(fresh, marks));
     assert!(registry.authenticate(&old.api_key).is_none());
     assert!(registry.authenticate(&new.api_key).is_some());
     store.close();

@@ -335,3 +335,107 @@ async fn the_gateway_runs_on_postgres_end_to_end() {
     let exported = common::wait_for_jsonl(&stack.gw.data_dir, 6).await;
     assert_eq!(exported.len(), 6);
 }
+
+/// A replica marks its own committed account changes, so a refresh read
+/// before one of them is not applied over it (`AccountService::refresh`);
+/// usage appends are not marked (a busy account would never refresh), and
+/// another replica's changes are not this replica's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_marks_its_own_account_changes_but_not_usage() {
+    let db = pg::TestDb::create().await;
+    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(&db.url, da.path(), "a").await;
+    let b = open(&db.url, db_dir.path(), "b").await;
+    let mark = a.local_change_mark();
+    commit(&*a, account("acme")).await.unwrap();
+    assert!(a.changed_locally_since("acme", mark));
+    assert!(!a.changed_locally_since("other", mark));
+    assert!(!b.changed_locally_since("acme", 0), "not b's change");
+
+    let mark = a.local_change_mark();
+    commit(&*a, usage("acme", None, "r1")).await.unwrap();
+    assert!(
+        !a.changed_locally_since("acme", mark),
+        "usage is not marked"
+    );
+    commit(
+        &*a,
+        Write::SetPostpaid {
+            account: "acme".into(),
+            enabled: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(a.changed_locally_since("acme", mark));
+    close(&a).await;
+    close(&b).await;
+}
+
+/// A read of the store taken before this replica's own change, applied
+/// after it, is set aside (the change's feed entry brings a fresh read):
+/// a refunded concurrency package must not come back into the schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_older_than_this_replicas_own_change_is_not_applied_over_it() {
+    let db = pg::TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("TOLLGATE_STORAGE_KIND", "postgres".to_string()),
+        ("TOLLGATE_STORAGE_POSTGRES_URL", db.url.clone()),
+        (
+            "TOLLGATE_STORAGE_DATA_DIR",
+            dir.path().join("data").display().to_string(),
+        ),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    let config = tollgate::config::Config::from_toml_and_env("", env).unwrap();
+    let store = tollgate::store::open(&config.storage, &config.server.instance)
+        .await
+        .unwrap();
+    let clock = Arc::new(tollgate::clock::SystemClock);
+    let app = tollgate::app::App::build(config, "http://127.0.0.1:9", store.clone(), clock)
+        .await
+        .unwrap();
+    app.accounts.create_account("acme", false).await.unwrap();
+    let tomorrow = Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date()
+        .tomorrow()
+        .unwrap()
+        .to_string();
+    let billing = &app.admin.billing_service;
+    let pkg = billing
+        .buy_concurrency("acme", 2, "daily", &tomorrow)
+        .await
+        .unwrap();
+    let packages = || app.schedule.book().packages("acme").len();
+    assert_eq!(packages(), 1);
+
+    // A refresh's marks and read, then the refund lands, then the read.
+    let marks = app.accounts.read_marks();
+    let stale = store
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stale.concurrency_packages.len(),
+        1,
+        "read before the refund"
+    );
+    billing.refund_concurrency("acme", &pkg.id).await.unwrap();
+    assert_eq!(packages(), 0);
+    assert!(!app.accounts.apply_read(stale, marks), "set aside");
+    assert_eq!(packages(), 0, "the refunded package does not come back");
+
+    // A read taken after the change applies.
+    let marks = app.accounts.read_marks();
+    let fresh = store
+        .load_account("acme", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(app.accounts.apply_read(fresh, marks));
+    assert_eq!(packages(), 0);
+    close(&store).await;
+}

@@ -68,6 +68,16 @@ pub struct IssuedTc3Key {
     pub secret_key: String,
 }
 
+/// Taken before reading an account from the store (see
+/// [`AccountService::apply_read`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadMarks {
+    /// The registry's key generation.
+    keys: u64,
+    /// The store's mark of this replica's own committed changes.
+    local: u64,
+}
+
 pub struct AccountService {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
@@ -414,7 +424,7 @@ impl AccountService {
     /// concurrency packages (the limit follows). `mark` is the registry's
     /// key generation taken before the snapshot was read: a key put in
     /// memory after it (issued meanwhile) is not taken for revoked.
-    pub fn apply(&self, snap: AccountSnapshot, mark: u64) {
+    fn apply(&self, snap: AccountSnapshot, mark: u64) {
         let a = &snap.account;
         match self.registry.root(&a.id) {
             Some(root) => self.apply_status(&root, a.status),
@@ -454,9 +464,9 @@ impl AccountService {
 
     /// Reloads one account from the store into memory.
     pub async fn refresh(&self, id: &str) -> Result<(), StoreError> {
-        let mark = self.registry.generation();
+        let marks = self.read_marks();
         if let Some(snap) = self.store.load_account(id, self.clock.now()).await? {
-            self.apply(snap, mark);
+            self.apply_read(snap, marks);
         }
         Ok(())
     }
@@ -464,14 +474,47 @@ impl AccountService {
     /// Reloads every account (at start, and when changes may have been
     /// missed).
     pub async fn refresh_all(&self) -> Result<usize, StoreError> {
-        let mark = self.registry.generation();
+        let marks = self.read_marks();
         let snap = self.store.load(self.clock.now()).await?;
         let accounts = snap.into_accounts();
         let n = accounts.len();
+        let mut changed_meanwhile = Vec::new();
         for a in accounts {
-            self.apply(a, mark);
+            let id = a.account.id.clone();
+            // A full reload may stand in for lost feed entries, that of the
+            // change it gave way to among them: read those accounts again.
+            if !self.apply_read(a, marks) {
+                changed_meanwhile.push(id);
+            }
+        }
+        for id in changed_meanwhile {
+            self.refresh(&id).await?;
         }
         Ok(n)
+    }
+
+    /// Where memory stood before a read of the store: take it first.
+    pub fn read_marks(&self) -> ReadMarks {
+        ReadMarks {
+            keys: self.registry.generation(),
+            local: self.store.local_change_mark(),
+        }
+    }
+
+    /// Applies an account read from the store after `marks`, unless this
+    /// replica committed its own change to the account since: the read may
+    /// predate it, and applying it would undo the change in memory (a
+    /// refunded package counting again, a new key refused). That change's
+    /// entry in the feed brings a fresh read. Returns whether it applied.
+    pub fn apply_read(&self, snap: AccountSnapshot, marks: ReadMarks) -> bool {
+        if self
+            .store
+            .changed_locally_since(&snap.account.id, marks.local)
+        {
+            return false;
+        }
+        self.apply(snap, marks.keys);
+        true
     }
 
     /// Applies every change the store announces, from any replica, until

@@ -385,6 +385,19 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
+    /// A shared store: a mark of this process's own committed account
+    /// changes (usage appends aside), to take before reading a snapshot.
+    fn local_change_mark(&self) -> u64 {
+        0
+    }
+
+    /// Whether this process committed a change to `account` (not a usage
+    /// append) after `mark`: a snapshot read after the mark may predate
+    /// it, and the change's own entry in the feed brings a fresh one.
+    fn changed_locally_since(&self, _account: &str, _mark: u64) -> bool {
+        false
+    }
+
     /// Commits what is queued, stops the writer and waits for it. May
     /// block: call from a blocking context.
     fn close(&self);

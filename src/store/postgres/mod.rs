@@ -120,9 +120,24 @@ struct Shared {
     /// Milliseconds after `epoch` of the last failure to reach PostgreSQL.
     down_at_ms: AtomicU64,
     epoch: Instant,
+    /// Counts this process's commits of account changes (not usage).
+    local_seq: AtomicU64,
+    /// Account → the `local_seq` of this process's last commit changing it.
+    local_changes: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Shared {
+    fn note_local_changes(&self, accounts: &std::collections::BTreeSet<String>) {
+        if accounts.is_empty() {
+            return;
+        }
+        let mut map = self.local_changes.lock().unwrap_or_else(|e| e.into_inner());
+        for account in accounts {
+            let seq = self.local_seq.fetch_add(1, Ordering::SeqCst) + 1;
+            map.insert(account.clone(), seq);
+        }
+    }
+
     fn mark_available(&self) {
         if !self.available.swap(true, Ordering::Relaxed) {
             tracing::info!("PostgreSQL reachable again");
@@ -210,6 +225,8 @@ impl PostgresStore {
             available: AtomicBool::new(true),
             down_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            local_seq: AtomicU64::new(0),
+            local_changes: Mutex::new(Default::default()),
         });
         if shared.spool.count() > 0 {
             // Before the caller loads: packages' `used` then include these.
@@ -303,6 +320,19 @@ impl Store for PostgresStore {
 
     fn spooled(&self) -> u64 {
         self.shared.spool.count()
+    }
+
+    fn local_change_mark(&self) -> u64 {
+        self.shared.local_seq.load(Ordering::SeqCst)
+    }
+
+    fn changed_locally_since(&self, account: &str, mark: u64) -> bool {
+        let map = self
+            .shared
+            .local_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(account).is_some_and(|seq| *seq > mark)
     }
 
     fn close(&self) {

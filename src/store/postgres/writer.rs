@@ -53,8 +53,13 @@ pub(super) async fn run(shared: Arc<Shared>, mut jobs: mpsc::UnboundedReceiver<J
     }
 }
 
-/// Each write's result, and the accounts the batch changed.
-type BatchOutcome = (Vec<Result<Committed, StoreError>>, BTreeSet<String>);
+/// Each write's result, the accounts the batch changed, and those of them
+/// changed by admin writes (not usage appends).
+type BatchOutcome = (
+    Vec<Result<Committed, StoreError>>,
+    BTreeSet<String>,
+    BTreeSet<String>,
+);
 
 async fn commit_batch(shared: &Shared, batch: Vec<(Write, Ack)>) {
     let outcome = if shared.recently_down() {
@@ -74,8 +79,11 @@ async fn commit_batch(shared: &Shared, batch: Vec<(Write, Ack)>) {
         }
     };
     match outcome {
-        Ok((results, _)) => {
+        Ok((results, _, admin_changed)) => {
             shared.mark_available();
+            // Before the acks: the caller applies its change to memory
+            // after its ack, and no refresh read earlier may undo it.
+            shared.note_local_changes(&admin_changed);
             for ((_, ack), result) in batch.into_iter().zip(results) {
                 let _ = ack.send(result);
             }
@@ -190,6 +198,7 @@ async fn run_batch(
     }
     let mut results = Vec::with_capacity(batch.len());
     let mut changed = BTreeSet::new();
+    let mut admin_changed = BTreeSet::new();
     for (write, _) in batch {
         if isolate {
             tx.batch_execute("SAVEPOINT w").await.map_err(pg_error)?;
@@ -202,6 +211,9 @@ async fn run_batch(
                         .map_err(pg_error)?;
                 }
                 results.push(Ok(committed));
+                if !matches!(write, Write::AppendUsage { .. }) {
+                    admin_changed.extend(accounts.iter().cloned());
+                }
                 changed.extend(accounts);
             }
             Err(e @ StoreError::Unavailable { .. }) => return Err(e),
@@ -231,5 +243,5 @@ async fn run_batch(
             .map_err(pg_error)?;
     }
     tx.commit().await.map_err(pg_error)?;
-    Ok(Some((results, changed)))
+    Ok(Some((results, changed, admin_changed)))
 }
