@@ -135,7 +135,7 @@ impl App {
             }
         };
         let snapshot = Arc::new(config.clone());
-        let backend = Backend::from_config(&snapshot, backend_url).map_err(StartError::Backend)?;
+        let backend = Backend::new(&snapshot, backend_url).map_err(StartError::Backend)?;
         let simulator_url = config
             .uses_embedded_simulator()
             .then(|| backend_url.to_string());
@@ -260,7 +260,7 @@ impl App {
         // never disagree mid-reload. The connection pool is kept when the
         // backend's own keys did not change.
         let url = self.simulator_url.as_deref().unwrap_or(&next.backend.url);
-        let fresh = Backend::from_config(&next, url).map_err(|e| format!("backend: {e}"))?;
+        let fresh = Backend::new(&next, url).map_err(|e| format!("backend: {e}"))?;
         if next.log != current.log
             && let Some(set_filter) = log
         {

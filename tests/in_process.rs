@@ -83,18 +83,7 @@ async fn a_gateway_runs_in_process_and_stops_on_the_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_older_than_a_key_does_not_revoke_it() {
     let dir = tempfile::tempdir().unwrap();
-    let env = [(
-        "TOLLGATE_STORAGE_DATA_DIR".to_string(),
-        dir.path().join("data").display().to_string(),
-    )];
-    let config = Config::from_toml_and_env("", env).expect("a valid config");
-    let store = tollgate::store::open(&config.storage, &config.server.instance)
-        .await
-        .expect("the store opens");
-    let clock = std::sync::Arc::new(tollgate::clock::SystemClock);
-    let app = tollgate::app::App::build(config, "http://127.0.0.1:9", store.clone(), clock)
-        .await
-        .expect("the app builds");
+    let (app, store) = common::app_in_process(dir.path(), &[]).await;
     let registry = &app.admin.registry;
     app.accounts.create_account("acme", false).await.unwrap();
     let old = app.accounts.issue_key("acme", None).await.unwrap();

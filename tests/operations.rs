@@ -47,7 +47,8 @@ fn hangup(stack: &Stack) {
     assert!(status.success());
 }
 
-async fn admin_with(stack: &Stack, token: &str, path: &str) -> StatusCode {
+/// An admin GET with `token` (the reload test rotates it).
+async fn admin_get(stack: &Stack, token: &str, path: &str) -> common::Resp {
     let auth = format!("Bearer {token}");
     stack
         .http
@@ -58,7 +59,6 @@ async fn admin_with(stack: &Stack, token: &str, path: &str) -> StatusCode {
             "",
         )
         .await
-        .status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,11 +106,15 @@ async fn sighup_reloads_live_keys_without_dropping_a_task_and_refuses_a_bad_file
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{:?}", r.json());
     // The admin token too.
     assert_eq!(
-        admin_with(&stack, ADMIN_TOKEN, "/v1/accounts/acme").await,
+        admin_get(&stack, ADMIN_TOKEN, "/v1/accounts/acme")
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        admin_with(&stack, new_token, "/v1/accounts/acme").await,
+        admin_get(&stack, new_token, "/v1/accounts/acme")
+            .await
+            .status,
         StatusCode::OK
     );
     // The access log is off now: a task adds no line.
@@ -132,15 +136,7 @@ async fn sighup_reloads_live_keys_without_dropping_a_task_and_refuses_a_bad_file
         lines_before
     );
     // The restart-only key kept its running value: events still carry it.
-    let auth_new = format!("Bearer {new_token}");
-    let events = stack
-        .http
-        .send(
-            Method::GET,
-            &format!("{}/v1/usage-events?limit=1000", stack.gw.admin),
-            &[("authorization", &auth_new)],
-            "",
-        )
+    let events = admin_get(&stack, new_token, "/v1/usage-events?limit=1000")
         .await
         .json();
     let last = events["events"].as_array().unwrap().last().unwrap().clone();
@@ -162,7 +158,9 @@ async fn sighup_reloads_live_keys_without_dropping_a_task_and_refuses_a_bad_file
     assert!(logs.contains("limits.max_body_bytes"), "{logs}");
     assert_eq!(send_50().await.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
-        admin_with(&stack, new_token, "/v1/accounts/acme").await,
+        admin_get(&stack, new_token, "/v1/accounts/acme")
+            .await
+            .status,
         StatusCode::OK,
         "still serving on the last good config"
     );

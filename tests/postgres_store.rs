@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use pg::fixtures::{account, usage};
+use pg::fixtures::{account, postpaid, usage};
 use rust_decimal::Decimal;
 use tokio::sync::broadcast;
 use tollgate::billing::{PackageKind, ResourcePackage};
@@ -124,15 +124,7 @@ async fn a_change_through_one_replica_reaches_another_within_a_second() {
     expect_change(&mut on_b, "acme", Duration::from_secs(1)).await;
     let seen = b.load_account("acme", Timestamp::now()).await.unwrap();
     assert!(seen.is_some(), "B reads what A committed");
-    commit(
-        &*a,
-        Write::SetPostpaid {
-            account: "acme".into(),
-            enabled: true,
-        },
-    )
-    .await
-    .unwrap();
+    commit(&*a, postpaid("acme")).await.unwrap();
     expect_change(&mut on_b, "acme", Duration::from_secs(1)).await;
     let acme = b
         .load_account("acme", Timestamp::now())
@@ -358,15 +350,7 @@ async fn a_replica_marks_its_own_account_changes_but_not_usage() {
         !a.changed_locally_since("acme", mark),
         "usage is not marked"
     );
-    commit(
-        &*a,
-        Write::SetPostpaid {
-            account: "acme".into(),
-            enabled: true,
-        },
-    )
-    .await
-    .unwrap();
+    commit(&*a, postpaid("acme")).await.unwrap();
     assert!(a.changed_locally_since("acme", mark));
     close(&a).await;
     close(&b).await;
@@ -382,20 +366,8 @@ async fn a_read_older_than_this_replicas_own_change_is_not_applied_over_it() {
     let env = [
         ("TOLLGATE_STORAGE_KIND", "postgres".to_string()),
         ("TOLLGATE_STORAGE_POSTGRES_URL", db.url.clone()),
-        (
-            "TOLLGATE_STORAGE_DATA_DIR",
-            dir.path().join("data").display().to_string(),
-        ),
-    ]
-    .map(|(k, v)| (k.to_string(), v));
-    let config = tollgate::config::Config::from_toml_and_env("", env).unwrap();
-    let store = tollgate::store::open(&config.storage, &config.server.instance)
-        .await
-        .unwrap();
-    let clock = Arc::new(tollgate::clock::SystemClock);
-    let app = tollgate::app::App::build(config, "http://127.0.0.1:9", store.clone(), clock)
-        .await
-        .unwrap();
+    ];
+    let (app, store) = common::app_in_process(dir.path(), &env).await;
     app.accounts.create_account("acme", false).await.unwrap();
     let tomorrow = Timestamp::now()
         .to_zoned(jiff::tz::TimeZone::UTC)

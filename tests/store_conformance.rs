@@ -275,15 +275,7 @@ async fn conformance(store: Arc<dyn Store>) {
     assert!(acme.account.arrears_since.is_some());
 
     // Top-ups and postpaid switches are announced too.
-    commit(
-        s,
-        Write::SetPostpaid {
-            account: "other".into(),
-            enabled: true,
-        },
-    )
-    .await
-    .unwrap();
+    commit(s, pg::fixtures::postpaid("other")).await.unwrap();
     expect_change(&mut feed, "other").await;
 
     let store2 = store.clone();

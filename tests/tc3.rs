@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{ADMIN_TOKEN, Gateway, Opts, Simulator, Stack};
+use common::{Gateway, Opts, Simulator, Stack};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use tollgate::auth::tc3::{SignedRequest, sign};
@@ -407,40 +407,29 @@ async fn tc3_keys_need_the_encryption_key_and_a_start_without_it_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sim = Simulator::start();
     let http = common::Http::new();
-    let admin_auth = format!("Bearer {ADMIN_TOKEN}");
-    let headers = [
-        ("authorization", admin_auth.as_str()),
-        ("content-type", "application/json"),
-    ];
 
     // Without a key: refused with a clear code, nothing stored.
     let gw = Gateway::start(dir.path(), &sim.url, &Opts::default());
-    let r = http
-        .send(
+    let admin = common::Admin {
+        http: &http,
+        base: &gw.admin,
+    };
+    admin.create_plain_account("acme").await;
+    let r = admin
+        .call(
             Method::POST,
-            &format!("{}/v1/accounts", gw.admin),
-            &headers,
-            r#"{"id":"acme"}"#,
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED);
-    let r = http
-        .send(
-            Method::POST,
-            &format!("{}/v1/accounts/acme/keys", gw.admin),
-            &headers,
-            r#"{"type":"tc3"}"#,
+            "/v1/accounts/acme/keys",
+            Some(json!({"type":"tc3"})),
         )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.json());
     assert_eq!(r.error_code(), "FailedOperation.EncryptionKeyMissing");
     // An unknown account is a 404 first, whatever the configuration.
-    let r = http
-        .send(
+    let r = admin
+        .call(
             Method::POST,
-            &format!("{}/v1/accounts/nobody/keys", gw.admin),
-            &headers,
-            r#"{"type":"tc3"}"#,
+            "/v1/accounts/nobody/keys",
+            Some(json!({"type":"tc3"})),
         )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.json());
@@ -456,12 +445,15 @@ async fn tc3_keys_need_the_encryption_key_and_a_start_without_it_is_refused() {
         ..Opts::default()
     };
     let gw = Gateway::start(dir.path(), &sim.url, &with_key);
-    let r = http
-        .send(
+    let admin = common::Admin {
+        http: &http,
+        base: &gw.admin,
+    };
+    let r = admin
+        .call(
             Method::POST,
-            &format!("{}/v1/accounts/acme/keys", gw.admin),
-            &headers,
-            r#"{"type":"tc3"}"#,
+            "/v1/accounts/acme/keys",
+            Some(json!({"type":"tc3"})),
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());

@@ -20,6 +20,7 @@ use super::Gateway;
 use crate::accounts::Principal;
 use crate::auth;
 use crate::billing::{Month, Reservation};
+use crate::config::Config;
 use crate::limiter::{LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
 use crate::usage::{UsageData, UsageEvent};
@@ -108,9 +109,11 @@ async fn run(
     queue_wait: &mut Duration,
     tally: &mut Option<Tally>,
 ) -> TaskResult {
-    check_task_shape(gw, &req)?;
+    // One config snapshot for the whole admission (a reload may swap it).
+    let config = gw.config();
+    check_task_shape(&config, &req)?;
     let (principal, revoked, req, action, buffer) = if tc3 {
-        let v = tc3_front::verify(gw, req).await?;
+        let v = tc3_front::verify(gw, &config, req).await?;
         (
             v.principal,
             v.revoked,
@@ -121,13 +124,13 @@ async fn run(
     } else {
         let (principal, revoked) = auth::api_key::authenticate(&gw.registry, req.headers())
             .ok_or(GatewayError::Unauthorized)?;
-        check_declared_length(gw, &req)?;
+        check_declared_length(&config, &req)?;
         (principal, revoked, req.map(TaskBody::Streaming), None, None)
     };
     if let Some(t) = tally.as_mut() {
         t.line.principal(&principal);
     }
-    let wait_limit = queue_wait_limit(gw, &req)?;
+    let wait_limit = queue_wait_limit(&config, &req)?;
     let mut reserve = account_gate::check(gw, &principal)?;
 
     let ticket = Ticket {
@@ -162,7 +165,7 @@ async fn run(
     let reserved = match reserved_now {
         Some(decided) => decided,
         None => {
-            waiting = Some(wait_share(gw)?);
+            waiting = Some(wait_share(gw, &config)?);
             tokio::select! {
             biased;
             r = &mut reserve => r,
@@ -188,7 +191,7 @@ async fn run(
         Some(decided) => decided,
         None => {
             if waiting.is_none() {
-                waiting = Some(wait_share(gw)?);
+                waiting = Some(wait_share(gw, &config)?);
             }
             let waited = tokio::select! {
                 r = &mut acquire => r,
@@ -234,9 +237,9 @@ async fn run(
 
 /// A place among the tasks waiting across accounts
 /// (`limits.max_queued_tasks`): each holds a connection and its descriptor.
-fn wait_share(gw: &Gateway) -> Result<Share, GatewayError> {
+fn wait_share(gw: &Gateway, config: &Config) -> Result<Share, GatewayError> {
     gw.waiting
-        .take(1, gw.config().limits.max_queued_tasks)
+        .take(1, config.limits.max_queued_tasks)
         .ok_or(GatewayError::GatewayQueueFull)
 }
 
@@ -310,7 +313,7 @@ impl Task {
         let backend = gw.backend();
         // The rules the answer is judged by come with the backend: one
         // snapshot for both, whatever a reload does meanwhile.
-        let config = backend.config().cloned().unwrap_or_else(|| gw.config());
+        let config = backend.config();
         let started = Instant::now();
         let answer = tokio::time::timeout(
             Duration::from_millis(config.backend.timeout_ms),
@@ -390,15 +393,9 @@ fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
 /// naming a path) with one of `backend.methods`. `OPTIONS *`, CONNECT
 /// (authority form), TRACE and upgrades are refused before anything is
 /// reserved.
-fn check_task_shape<B>(gw: &Gateway, req: &Request<B>) -> Result<(), GatewayError> {
+fn check_task_shape<B>(config: &Config, req: &Request<B>) -> Result<(), GatewayError> {
     let method = req.method();
-    if !gw
-        .config()
-        .backend
-        .methods
-        .iter()
-        .any(|m| m == method.as_str())
-    {
+    if !config.backend.methods.iter().any(|m| m == method.as_str()) {
         return Err(GatewayError::MethodNotAllowed(method.clone()));
     }
     if !req.uri().path().starts_with('/') {
@@ -416,7 +413,7 @@ fn check_task_shape<B>(gw: &Gateway, req: &Request<B>) -> Result<(), GatewayErro
 
 /// Refuses a body declared too large before the task takes a queue place;
 /// an undeclared (chunked) one is cut off while it streams.
-fn check_declared_length<B>(gw: &Gateway, req: &Request<B>) -> Result<(), GatewayError> {
+fn check_declared_length<B>(config: &Config, req: &Request<B>) -> Result<(), GatewayError> {
     let Some(value) = req.headers().get(header::CONTENT_LENGTH) else {
         return Ok(());
     };
@@ -425,7 +422,7 @@ fn check_declared_length<B>(gw: &Gateway, req: &Request<B>) -> Result<(), Gatewa
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?;
-    let limit = gw.config().limits.max_body_bytes;
+    let limit = config.limits.max_body_bytes;
     if len > limit {
         return Err(GatewayError::BodyTooLarge { limit });
     }
@@ -433,8 +430,8 @@ fn check_declared_length<B>(gw: &Gateway, req: &Request<B>) -> Result<(), Gatewa
 }
 
 /// `limits.max_queue_wait_ms`, lowered by `X-Queue-Timeout-Ms` if sent.
-fn queue_wait_limit<B>(gw: &Gateway, req: &Request<B>) -> Result<Duration, GatewayError> {
-    let max = gw.config().max_queue_wait();
+fn queue_wait_limit<B>(config: &Config, req: &Request<B>) -> Result<Duration, GatewayError> {
+    let max = config.max_queue_wait();
     let Some(value) = req.headers().get(X_QUEUE_TIMEOUT_MS) else {
         return Ok(max);
     };

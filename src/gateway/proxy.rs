@@ -22,7 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::accounts::Principal;
-use crate::config::{BackendConfig, BackendUrl, SuccessMode};
+use crate::config::{BackendUrl, Config, SuccessMode};
 
 use super::error::GatewayError;
 
@@ -91,74 +91,39 @@ impl Answer {
 pub struct Backend {
     client: Client<HttpConnector, UpstreamBody>,
     base: BackendUrl,
-    max_response_bytes: usize,
-    max_body_bytes: u64,
-    /// `limits.body_idle_timeout_ms`: the longest pause in a request body.
-    body_idle_timeout: Duration,
-    /// `limits.min_body_rate_bytes_per_s`: the slowest average upload.
-    min_body_rate: u64,
-    /// Bytes of answers being read now, against `max_buffered_answers`
-    /// (`backend.max_buffered_response_bytes`).
+    /// Bytes of answers being read now, against
+    /// `backend.max_buffered_response_bytes`.
     answers: Budget,
-    max_buffered_answers: u64,
-    /// The config this backend was built from: a task that forwards
-    /// through it judges the answer by the same snapshot (`success`,
-    /// `timeout_ms`, `api_name`), even while a reload swaps both.
-    config: Option<Arc<crate::config::Config>>,
+    /// The config this backend was built from: its limits (`backend.*`,
+    /// the body rules of `limits.*`), and the rules a task that forwards
+    /// through it judges the answer by (`success`, `timeout_ms`,
+    /// `api_name`), one snapshot for both even while a reload swaps them.
+    config: Arc<Config>,
 }
 
 impl Backend {
-    pub fn new(
-        config: &BackendConfig,
-        url: &str,
-        max_body_bytes: u64,
-        body_idle_timeout: Duration,
-    ) -> Result<Self, String> {
+    /// The backend as `config` describes it, at `url` (the configured one,
+    /// or the embedded simulator's).
+    pub fn new(config: &Arc<Config>, url: &str) -> Result<Self, String> {
         let base = BackendUrl::parse(url)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_max_idle_per_host(config.backend.pool_max_idle)
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Ok(Self {
             client,
             base,
-            max_response_bytes: config.max_response_bytes,
-            max_body_bytes,
-            body_idle_timeout,
-            min_body_rate: 0,
             answers: Budget::default(),
-            max_buffered_answers: config.max_buffered_response_bytes,
-            config: None,
+            config: config.clone(),
         })
     }
 
-    pub fn with_min_body_rate(mut self, bytes_per_s: u64) -> Self {
-        self.min_body_rate = bytes_per_s;
-        self
-    }
-
-    /// The backend as `config` describes it (`backend.*` and the body
-    /// rules of `limits.*`), at `url` (the configured one, or the embedded
-    /// simulator's).
-    pub fn from_config(config: &Arc<crate::config::Config>, url: &str) -> Result<Self, String> {
-        let mut backend = Self::new(
-            &config.backend,
-            url,
-            config.limits.max_body_bytes,
-            Duration::from_millis(config.limits.body_idle_timeout_ms),
-        )?
-        .with_min_body_rate(config.limits.min_body_rate_bytes_per_s);
-        backend.config = Some(config.clone());
-        Ok(backend)
-    }
-
-    /// The config snapshot this backend was built from, if it was built
-    /// from one ([`Backend::from_config`]).
-    pub fn config(&self) -> Option<&Arc<crate::config::Config>> {
-        self.config.as_ref()
+    /// The config snapshot this backend was built from.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     /// After a config reload: the same answers budget goes on (answers in
@@ -238,10 +203,10 @@ impl Backend {
         let body = match body {
             TaskBody::Streaming(body) => Either::Left(
                 IdleTimeout::new(
-                    Limited::new(body, self.max_body_bytes as usize),
-                    self.body_idle_timeout,
+                    Limited::new(body, self.config.limits.max_body_bytes as usize),
+                    Duration::from_millis(self.config.limits.body_idle_timeout_ms),
                 )
-                .with_min_rate(self.min_body_rate),
+                .with_min_rate(self.config.limits.min_body_rate_bytes_per_s),
             ),
             TaskBody::Buffered(bytes) => Either::Right(Full::new(bytes)),
         };
@@ -284,7 +249,7 @@ impl Backend {
         headers: &HeaderMap,
         mut body: Incoming,
     ) -> Result<Bytes, GatewayError> {
-        let max = self.max_response_bytes as u64;
+        let max = self.config.backend.max_response_bytes as u64;
         let declared: u64 = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -302,7 +267,7 @@ impl Backend {
         }
         let mut booked = self
             .answers
-            .take(declared, self.max_buffered_answers)
+            .take(declared, self.config.backend.max_buffered_response_bytes)
             .ok_or(GatewayError::AnswersFull)?;
         let mut buf = BytesMut::with_capacity(declared as usize);
         while let Some(frame) = body.frame().await {
@@ -319,9 +284,11 @@ impl Backend {
             }
             let short = len.saturating_sub(booked.amount());
             if short > 0
-                && !self
-                    .answers
-                    .grow(&mut booked, short, self.max_buffered_answers)
+                && !self.answers.grow(
+                    &mut booked,
+                    short,
+                    self.config.backend.max_buffered_response_bytes,
+                )
             {
                 return Err(GatewayError::AnswersFull);
             }
@@ -345,7 +312,7 @@ impl Backend {
         }
         if chain.iter().any(|s| s.is::<LengthLimitError>()) {
             return GatewayError::BodyTooLarge {
-                limit: self.max_body_bytes,
+                limit: self.config.limits.max_body_bytes,
             };
         }
         if chain.iter().any(|s| {

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accounts::Principal;
 use crate::auth::tc3::{self, Expect, SignedRequest, Tc3Error};
+use crate::config::Config;
 
 use super::Gateway;
 use super::budget::Share;
@@ -42,7 +43,11 @@ fn tc3_error(e: Tc3Error) -> GatewayError {
 }
 
 /// Checks everything about a TC3 request before it may queue.
-pub async fn verify(gw: &Gateway, req: Request<Incoming>) -> Result<Verified, GatewayError> {
+pub async fn verify(
+    gw: &Gateway,
+    config: &Config,
+    req: Request<Incoming>,
+) -> Result<Verified, GatewayError> {
     let headers = req.headers();
     let value = headers
         .get(AUTHORIZATION)
@@ -53,7 +58,6 @@ pub async fn verify(gw: &Gateway, req: Request<Incoming>) -> Result<Verified, Ga
         .registry
         .tc3_key(&auth.secret_id)
         .ok_or(GatewayError::Tc3(Tc3Error::SecretIdNotFound))?;
-    let config = gw.config();
     let expect = Expect {
         service: &config.backend.service,
         now_unix_ms: gw.clock.now().as_millisecond(),

@@ -758,3 +758,27 @@ pub fn has_promtool(what: &str) -> bool {
     eprintln!("promtool not installed; {what} skipped");
     false
 }
+
+/// A gateway's state in process, without listeners: the config of the
+/// embedded defaults plus `env` (`TOLLGATE_*`), its data under `dir`, its
+/// store opened, nothing served (the backend is never called). For tests
+/// that drive the services by hand around a read of the store.
+pub async fn app_in_process(
+    dir: &Path,
+    env: &[(&str, String)],
+) -> (Arc<tollgate::app::App>, Arc<dyn tollgate::store::Store>) {
+    let mut vars = vec![(
+        "TOLLGATE_STORAGE_DATA_DIR".to_string(),
+        dir.join("data").display().to_string(),
+    )];
+    vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let config = tollgate::config::Config::from_toml_and_env("", vars).expect("a valid config");
+    let store = tollgate::store::open(&config.storage, &config.server.instance)
+        .await
+        .expect("the store opens");
+    let clock = Arc::new(tollgate::clock::SystemClock);
+    let app = tollgate::app::App::build(config, "http://127.0.0.1:9", store.clone(), clock)
+        .await
+        .expect("the app builds");
+    (app, store)
+}

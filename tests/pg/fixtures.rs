@@ -7,6 +7,14 @@ use tollgate::billing::{PackageKind, ResourcePackage};
 use tollgate::store::{AccountRow, Write};
 use tollgate::usage::{UsageData, UsageEvent};
 
+/// Turns postpaid on for `account`.
+pub fn postpaid(account: &str) -> Write {
+    Write::SetPostpaid {
+        account: account.into(),
+        enabled: true,
+    }
+}
+
 pub fn account(id: &str) -> Write {
     let now = Timestamp::now();
     Write::CreateAccount {
