@@ -338,13 +338,13 @@ async fn a_replica_marks_its_own_account_changes_but_not_usage() {
     let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(&db.url, da.path(), "a").await;
     let b = open(&db.url, db_dir.path(), "b").await;
-    let mark = a.local_change_mark();
+    let mark = a.read_mark();
     commit(&*a, account("acme")).await.unwrap();
     assert!(a.changed_locally_since("acme", mark));
     assert!(!a.changed_locally_since("other", mark));
     assert!(!b.changed_locally_since("acme", 0), "not b's change");
 
-    let mark = a.local_change_mark();
+    let mark = a.read_mark();
     commit(&*a, usage("acme", None, "r1")).await.unwrap();
     assert!(
         !a.changed_locally_since("acme", mark),
@@ -383,8 +383,8 @@ async fn a_read_older_than_this_replicas_own_change_is_not_applied_over_it() {
     let packages = || app.schedule.book().packages("acme").len();
     assert_eq!(packages(), 1);
 
-    // A refresh's marks and read, then the refund lands, then the read.
-    let marks = app.accounts.read_marks();
+    // A refresh's mark and read, then the refund lands, then the read.
+    let mark = app.accounts.read_mark();
     let stale = store
         .load_account("acme", Timestamp::now())
         .await
@@ -397,17 +397,95 @@ async fn a_read_older_than_this_replicas_own_change_is_not_applied_over_it() {
     );
     billing.refund_concurrency("acme", &pkg.id).await.unwrap();
     assert_eq!(packages(), 0);
-    assert!(!app.accounts.apply_read(stale, marks), "set aside");
+    assert!(!app.accounts.apply_read(stale, mark), "set aside");
     assert_eq!(packages(), 0, "the refunded package does not come back");
 
     // A read taken after the change applies.
-    let marks = app.accounts.read_marks();
+    let mark = app.accounts.read_mark();
     let fresh = store
         .load_account("acme", Timestamp::now())
         .await
         .unwrap()
         .unwrap();
-    assert!(app.accounts.apply_read(fresh, marks));
+    assert!(app.accounts.apply_read(fresh, mark));
     assert_eq!(packages(), 0);
+    close(&store).await;
+}
+
+/// With a shared store every change is also read back (`follow_changes`):
+/// a read of the account taken just before a key was issued here, applied
+/// just after, must not take the new key for a revoked one; nor may an
+/// older read applied after a newer one (a key issued by another replica).
+/// Deterministic: the reads are taken and applied by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_older_than_a_key_does_not_revoke_it() {
+    let db = pg::TestDb::create().await;
+    let (dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let env = [
+        ("TOLLGATE_STORAGE_KIND", "postgres".to_string()),
+        ("TOLLGATE_STORAGE_POSTGRES_URL", db.url.clone()),
+    ];
+    let (app, store) = common::app_in_process(dir.path(), &env).await;
+    let registry = &app.admin.registry;
+    let read = || async {
+        store
+            .load_account("acme", Timestamp::now())
+            .await
+            .unwrap()
+            .expect("acme is stored")
+    };
+    app.accounts.create_account("acme", false).await.unwrap();
+    let old = app.accounts.issue_key("acme", None).await.unwrap();
+
+    // A refresh: its mark, then its read of the store...
+    let mark = app.accounts.read_mark();
+    let stale = read().await;
+    // ...meanwhile a key is issued here (committed, then in memory)...
+    let new = app.accounts.issue_key("acme", None).await.unwrap();
+    // ...and the refresh comes to apply what it read: set aside.
+    assert!(!app.accounts.apply_read(stale, mark));
+    assert!(
+        registry.authenticate(&new.api_key).is_some(),
+        "the key issued during the refresh still authenticates"
+    );
+    assert!(registry.authenticate(&old.api_key).is_some());
+
+    // Two reads out of order, a key issued through another replica between
+    // them: the newer read applies, the older one after it does not.
+    let mark_old = app.accounts.read_mark();
+    let older = read().await;
+    let other = open(&db.url, other_dir.path(), "other").await;
+    let secret = tollgate::accounts::generate_api_key();
+    commit(
+        &*other,
+        Write::CreateKey(tollgate::store::KeyRow {
+            key_id: "key_other".into(),
+            hash: tollgate::accounts::hash_key(&secret),
+            root: "acme".into(),
+            sub: None,
+            created_at: Timestamp::now(),
+            sealed_secret: None,
+        }),
+    )
+    .await
+    .unwrap();
+    let mark_new = app.accounts.read_mark();
+    let newer = read().await;
+    assert!(app.accounts.apply_read(newer, mark_new));
+    assert!(registry.authenticate(&secret).is_some());
+    assert!(!app.accounts.apply_read(older, mark_old));
+    assert!(
+        registry.authenticate(&secret).is_some(),
+        "an older read does not forget what a newer one brought"
+    );
+
+    // A read taken after a revocation does forget the key.
+    app.accounts.revoke_key(&old.key_id).await.unwrap();
+    let mark = app.accounts.read_mark();
+    let fresh = read().await;
+    assert!(app.accounts.apply_read(fresh, mark));
+    assert!(registry.authenticate(&old.api_key).is_none());
+    assert!(registry.authenticate(&new.api_key).is_some());
+    close(&other).await;
     close(&store).await;
 }

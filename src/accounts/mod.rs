@@ -197,13 +197,7 @@ pub struct Registry {
     roots: DashMap<Arc<str>, Arc<RootAccount>>,
     subs: DashMap<Arc<str>, Arc<SubAccount>>,
     keys: DashMap<KeyHash, Arc<KeyEntry>>,
-    /// key id → its hash and the [`Registry::generation`] it was put in
-    /// memory at.
-    key_ids: DashMap<String, (KeyHash, u64)>,
-    /// Counts key insertions: a snapshot read from the store after
-    /// generation `g` holds every key inserted up to `g` that is not
-    /// revoked (a key is put in memory only after its commit).
-    generation: std::sync::atomic::AtomicU64,
+    key_ids: DashMap<String, KeyHash>,
     /// Cancelled when the key is revoked, so tasks admitted with it (queued
     /// or about to be forwarded) learn of it at once. Made on first use: a
     /// key that never sent a task costs nothing here.
@@ -300,43 +294,27 @@ impl Registry {
         if let Some(known) = self.keys.get(&entry.hash) {
             entry.last_used.carry_from(&known.last_used);
         }
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        self.key_ids
-            .insert(entry.key_id.clone(), (entry.hash, generation));
+        self.key_ids.insert(entry.key_id.clone(), entry.hash);
         self.keys.insert(entry.hash, Arc::new(entry));
     }
 
     pub fn key(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
-        let hash = self.key_ids.get(key_id)?.0;
+        let hash = *self.key_ids.get(key_id)?;
         self.keys.get(&hash).map(|k| k.clone())
     }
 
     /// Ids of the keys of a root account and of its sub-accounts.
-    /// The current key generation (see `generation`): take it before
-    /// reading a snapshot, pass it to [`Registry::key_ids_known_by`].
-    pub fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// The root's keys put in memory at or before generation `mark`: the
-    /// ones a snapshot read after `mark` must hold unless they were revoked.
-    /// A key issued while the snapshot was read is not among them, so
-    /// applying the snapshot cannot forget it.
-    pub fn key_ids_known_by(&self, root: &str, mark: u64) -> Vec<String> {
+    pub fn key_ids_of(&self, root: &str) -> Vec<String> {
         self.keys
             .iter()
             .filter(|k| &*k.principal.root.id == root)
-            .filter(|k| self.key_ids.get(&k.key_id).is_some_and(|e| e.1 <= mark))
             .map(|k| k.key_id.clone())
             .collect()
     }
 
     /// Forgets a key: from this call on it authenticates nothing.
     pub fn revoke_key(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
-        let (_, (hash, _)) = self.key_ids.remove(key_id)?;
+        let (_, hash) = self.key_ids.remove(key_id)?;
         let entry = self.keys.remove(&hash).map(|(_, k)| k);
         // After the removal above: see `authenticate_watched` for the order.
         if let Some((_, revoked)) = self.revocations.remove(&hash) {
@@ -461,34 +439,5 @@ mod tests {
         for bad in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc", ""] {
             assert_eq!(bearer_token(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn a_snapshot_read_before_a_key_was_issued_does_not_count_it_revoked() {
-        let reg = Registry::new();
-        let root = reg.insert_root(RootAccount::new(
-            "acme",
-            AccountStatus::Active,
-            Timestamp::UNIX_EPOCH,
-        ));
-        let key = |id: &str| KeyEntry {
-            key_id: id.into(),
-            hash: hash_key(&generate_api_key()),
-            principal: Principal {
-                root: root.clone(),
-                sub: None,
-            },
-            tc3_secret: None,
-            created_at: Timestamp::UNIX_EPOCH,
-            last_used: LastUsed::default(),
-        };
-        reg.insert_key(key("old"));
-        // A refresh takes its mark, then reads the store; meanwhile "new"
-        // is issued (committed, then put in memory).
-        let mark = reg.generation();
-        reg.insert_key(key("new"));
-        // Only keys known by the mark are the snapshot's to keep or forget.
-        assert_eq!(reg.key_ids_known_by("acme", mark), ["old"]);
-        assert_eq!(reg.key_ids_known_by("acme", reg.generation()).len(), 2);
     }
 }

@@ -13,6 +13,8 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+
+use dashmap::DashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::broadcast::error::RecvError;
@@ -71,12 +73,7 @@ pub struct IssuedTc3Key {
 /// Taken before reading an account from the store (see
 /// [`AccountService::apply_read`]).
 #[derive(Debug, Clone, Copy)]
-pub struct ReadMarks {
-    /// The registry's key generation.
-    keys: u64,
-    /// The store's mark of this replica's own committed changes.
-    local: u64,
-}
+pub struct ReadMark(u64);
 
 pub struct AccountService {
     store: Arc<dyn Store>,
@@ -88,6 +85,9 @@ pub struct AccountService {
     /// The store is shared with other replicas: memory may lag it by up
     /// to the change feed's delay, so admin calls read the account first.
     shared: bool,
+    /// Account → the mark of the newest read of it applied (see
+    /// [`AccountService::apply_read`]).
+    applied_reads: DashMap<String, u64>,
     /// Seals new TC3 secrets and opens stored ones.
     sealer: Arc<Sealer>,
     /// Stored TC3 keys whose secret could not be opened (wrong or missing
@@ -113,6 +113,7 @@ impl AccountService {
             limiter,
             clock,
             shared,
+            applied_reads: DashMap::new(),
             sealer: Arc::new(Sealer::default()),
             unopened: AtomicUsize::new(0),
         }
@@ -190,17 +191,13 @@ impl AccountService {
             StoreError::Conflict(_) => ChangeError::in_use(format!("account {id}")),
             e => e.into(),
         })?;
-        let mark = self.registry.generation();
-        self.apply(
-            AccountSnapshot {
-                account,
-                sub_accounts: Vec::new(),
-                keys: Vec::new(),
-                concurrency_packages: Vec::new(),
-                resource_packages: vec![free],
-            },
-            mark,
-        );
+        self.apply(AccountSnapshot {
+            account,
+            sub_accounts: Vec::new(),
+            keys: Vec::new(),
+            concurrency_packages: Vec::new(),
+            resource_packages: vec![free],
+        });
         self.registry
             .root(id)
             .ok_or_else(|| ChangeError::NotFound(format!("account {id}")))
@@ -421,10 +418,8 @@ impl AccountService {
 
     /// Makes memory hold what the store holds of one account: status,
     /// billing state, sub-accounts, keys (revoked ones forgotten) and
-    /// concurrency packages (the limit follows). `mark` is the registry's
-    /// key generation taken before the snapshot was read: a key put in
-    /// memory after it (issued meanwhile) is not taken for revoked.
-    fn apply(&self, snap: AccountSnapshot, mark: u64) {
+    /// concurrency packages (the limit follows).
+    fn apply(&self, snap: AccountSnapshot) {
         let a = &snap.account;
         match self.registry.root(&a.id) {
             Some(root) => self.apply_status(&root, a.status),
@@ -448,7 +443,7 @@ impl AccountService {
         let live: HashSet<&str> = snap.keys.iter().map(|k| k.key_id.as_str()).collect();
         for gone in self
             .registry
-            .key_ids_known_by(&a.id, mark)
+            .key_ids_of(&a.id)
             .into_iter()
             .filter(|id| !live.contains(id.as_str()))
         {
@@ -464,9 +459,9 @@ impl AccountService {
 
     /// Reloads one account from the store into memory.
     pub async fn refresh(&self, id: &str) -> Result<(), StoreError> {
-        let marks = self.read_marks();
+        let mark = self.read_mark();
         if let Some(snap) = self.store.load_account(id, self.clock.now()).await? {
-            self.apply_read(snap, marks);
+            self.apply_read(snap, mark);
         }
         Ok(())
     }
@@ -474,7 +469,7 @@ impl AccountService {
     /// Reloads every account (at start, and when changes may have been
     /// missed).
     pub async fn refresh_all(&self) -> Result<usize, StoreError> {
-        let marks = self.read_marks();
+        let mark = self.read_mark();
         let snap = self.store.load(self.clock.now()).await?;
         let accounts = snap.into_accounts();
         let n = accounts.len();
@@ -483,7 +478,7 @@ impl AccountService {
             let id = a.account.id.clone();
             // A full reload may stand in for lost feed entries, that of the
             // change it gave way to among them: read those accounts again.
-            if !self.apply_read(a, marks) {
+            if !self.apply_read(a, mark) {
                 changed_meanwhile.push(id);
             }
         }
@@ -493,27 +488,30 @@ impl AccountService {
         Ok(n)
     }
 
-    /// Where memory stood before a read of the store: take it first.
-    pub fn read_marks(&self) -> ReadMarks {
-        ReadMarks {
-            keys: self.registry.generation(),
-            local: self.store.local_change_mark(),
-        }
+    /// Take it before reading an account from the store.
+    pub fn read_mark(&self) -> ReadMark {
+        ReadMark(self.store.read_mark())
     }
 
-    /// Applies an account read from the store after `marks`, unless this
-    /// replica committed its own change to the account since: the read may
-    /// predate it, and applying it would undo the change in memory (a
-    /// refunded package counting again, a new key refused). That change's
-    /// entry in the feed brings a fresh read. Returns whether it applied.
-    pub fn apply_read(&self, snap: AccountSnapshot, marks: ReadMarks) -> bool {
-        if self
-            .store
-            .changed_locally_since(&snap.account.id, marks.local)
-        {
+    /// Applies an account read from the store with `mark`, unless memory
+    /// already holds something newer of it: this replica's own change
+    /// committed after the mark (the read may predate it; applying it
+    /// would undo the change in memory, a refunded package counting again,
+    /// a new key refused), or a read taken after this one and applied
+    /// first. Returns whether it applied. The change's own entry in the
+    /// feed brings a fresh read.
+    pub fn apply_read(&self, snap: AccountSnapshot, mark: ReadMark) -> bool {
+        let id = snap.account.id.clone();
+        if self.store.changed_locally_since(&id, mark.0) {
             return false;
         }
-        self.apply(snap, marks.keys);
+        // Held while applying: two reads of one account apply in order.
+        let mut newest = self.applied_reads.entry(id).or_insert(0);
+        if *newest > mark.0 {
+            return false;
+        }
+        *newest = mark.0;
+        self.apply(snap);
         true
     }
 

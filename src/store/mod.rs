@@ -385,14 +385,15 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
-    /// A shared store: a mark of this process's own committed account
-    /// changes (usage appends aside), to take before reading a snapshot.
-    fn local_change_mark(&self) -> u64 {
+    /// A shared store: a fresh mark to take before reading an account,
+    /// from the same sequence as this process's own committed account
+    /// changes (usage appends aside). Later reads get greater marks.
+    fn read_mark(&self) -> u64 {
         0
     }
 
     /// Whether this process committed a change to `account` (not a usage
-    /// append) after `mark`: a snapshot read after the mark may predate
+    /// append) after `mark` was taken: a read with that mark may predate
     /// it, and the change's own entry in the feed brings a fresh one.
     fn changed_locally_since(&self, _account: &str, _mark: u64) -> bool {
         false

@@ -120,7 +120,8 @@ struct Shared {
     /// Milliseconds after `epoch` of the last failure to reach PostgreSQL.
     down_at_ms: AtomicU64,
     epoch: Instant,
-    /// Counts this process's commits of account changes (not usage).
+    /// One sequence for this process's committed account changes (not
+    /// usage) and its reads of accounts, so they can be ordered.
     local_seq: AtomicU64,
     /// Account → the `local_seq` of this process's last commit changing it.
     local_changes: Mutex<std::collections::HashMap<String, u64>>,
@@ -322,8 +323,8 @@ impl Store for PostgresStore {
         self.shared.spool.count()
     }
 
-    fn local_change_mark(&self) -> u64 {
-        self.shared.local_seq.load(Ordering::SeqCst)
+    fn read_mark(&self) -> u64 {
+        self.shared.local_seq.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     fn changed_locally_since(&self, account: &str, mark: u64) -> bool {
