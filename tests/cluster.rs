@@ -818,6 +818,96 @@ async fn a_killed_replica_gives_its_slots_back_within_the_lease() {
     }));
 }
 
+/// SPEC §8: a dead replica's units come back too, and its queued tasks
+/// stop holding their places, without a restart. A free account (50
+/// units): the killed replica holds 3 slots and 2 queued tasks, each with
+/// a reserved unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_reserved_units_and_queued_tasks_come_back() {
+    let _s = SERIAL.lock().await;
+    let mut c = Cluster::start(ClusterOpts::default());
+    c.admin(0).create_plain_account("acme").await;
+    let key = c.admin(0).issue_key("acme", None).await.1;
+    for i in 0..3 {
+        c.until_authenticates(i, &key).await;
+    }
+    let held: Vec<_> = (0..5)
+        .map(|i| {
+            let client = c.client(2);
+            let auth = format!("Bearer {key}");
+            tokio::spawn(async move {
+                client
+                    .http
+                    .try_send(
+                        Method::POST,
+                        &format!("{}/v1/x", client.url),
+                        &[
+                            ("authorization", auth.as_str()),
+                            ("x-sim-delay-ms", "30000"),
+                            ("x-queue-timeout-ms", "30000"),
+                            ("x-request-id", &format!("dead{i}")),
+                        ],
+                        "{}",
+                    )
+                    .await
+            })
+        })
+        .collect();
+    // Each of the 5 holds a unit (reserved in Redis at admission, before
+    // queueing): 3 at the backend, 2 queued.
+    view_until(
+        &c,
+        2,
+        "acme",
+        Duration::from_secs(5),
+        "3 running, 2 queued",
+        |v| v["concurrency"]["in_flight"] == 3 && v["concurrency"]["queued"] == 2,
+    )
+    .await;
+    c.kill9(2);
+    for t in held {
+        assert!(
+            t.await.unwrap().is_err(),
+            "the killed replica's clients lose their connection"
+        );
+    }
+    // Within the lease: the slots are free and no dead ticket is ahead of
+    // a live replica's task.
+    let r = c
+        .client(0)
+        .task(
+            &key,
+            &[("x-sim-delay-ms", "0"), ("x-queue-timeout-ms", "10000")],
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // The dead replica's 5 units are given back: all 50 free units can be
+    // used, then the account is out of units.
+    let mut successes = 1;
+    for _ in 0..60 {
+        let r = c.client(1).task(&key, &[("x-sim-delay-ms", "0")]).await;
+        if r.status != StatusCode::OK {
+            assert_eq!(r.error_code(), "ResourceUnavailable.LowBalance");
+            break;
+        }
+        successes += 1;
+    }
+    assert_eq!(
+        successes, 50,
+        "every free unit, none kept by the dead replica"
+    );
+    assert_eq!(
+        events(&c, 0).await.len(),
+        50,
+        "one event per success, none from the killed replica's tasks"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_overdraw_across_replicas() {
     let _s = SERIAL.lock().await;
