@@ -171,20 +171,11 @@ async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
         (Method::GET, "/v1/nothing-here", None, StatusCode::NOT_FOUND),
     ];
     for (method, path, body, want) in cases {
-        let auth = format!("Bearer {ADMIN_TOKEN}");
+        // Declared JSON: what is checked here is the content (an
+        // undeclared body is a 415, see tests/hardening.rs).
         let r = stack
-            .http
-            .send(
-                method.clone(),
-                &format!("{}{path}", stack.gw.admin),
-                // Declared JSON: what is checked here is the content (an
-                // undeclared body is a 415, see tests/hardening.rs).
-                &[
-                    ("authorization", &auth),
-                    ("content-type", "application/json"),
-                ],
-                body.unwrap_or("").to_string(),
-            )
+            .admin()
+            .call_raw(method.clone(), path, body.unwrap_or("").to_string())
             .await;
         assert_eq!(r.status, want, "{method} {path} {body:?}: {:?}", r.json());
         let v = r.json();

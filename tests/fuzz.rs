@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ADMIN_TOKEN, Opts, Stack};
+use common::{Opts, Stack};
 use http::{Method, StatusCode};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -257,7 +257,6 @@ fn hostile_admin_bodies_get_json_errors_and_leave_nothing_behind() {
         (Method::POST, "/v1/billing/settle"),
         (Method::POST, "/v1/accounts/acme/deactivate"),
     ];
-    let auth = format!("Bearer {ADMIN_TOKEN}");
     let refused = std::cell::Cell::new(0u32);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 300,
@@ -270,16 +269,8 @@ fn hostile_admin_bodies_get_json_errors_and_leave_nothing_behind() {
             rt.block_on(async {
                 let before = stack.admin().account("acme").await;
                 let r = stack
-                    .http
-                    .send(
-                        method.clone(),
-                        &format!("{}{path}", stack.gw.admin),
-                        &[
-                            ("authorization", &auth),
-                            ("content-type", "application/json"),
-                        ],
-                        body.clone(),
-                    )
+                    .admin()
+                    .call_raw(method.clone(), path, body.clone())
                     .await;
                 prop_assert!(
                     !r.status.is_server_error(),

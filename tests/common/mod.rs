@@ -382,8 +382,13 @@ pub struct Admin<'a> {
 
 impl Admin<'_> {
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Resp {
-        let auth = format!("Bearer {ADMIN_TOKEN}");
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.call_raw(method, path, body).await
+    }
+
+    /// With any body text (declared JSON), for what a client may send wrong.
+    pub async fn call_raw(&self, method: Method, path: &str, body: impl Into<Bytes>) -> Resp {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
         self.http
             .send(
                 method,
