@@ -25,48 +25,16 @@ TOKEN=bench-admin-token-0123456789
 OUT=target/bench
 mkdir -p "$OUT"
 [ -n "${BENCH_BIN:-}" ] || cargo build --release --quiet --bin tollgate
-work=$(mktemp -d -p "$PWD/target")
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-wait_lines() { for _ in $(seq 200); do [ "$(grep -c http "$1" 2>/dev/null)" -ge "$2" ] && return; sleep 0.05; done; echo "timeout: $1" >&2; exit 1; }
-
-$BIN simulate --listen 127.0.0.1:0 --latency-ms 20 --jitter-ms 10 --failure-rate 0.05 >"$work/sim.out" 2>/dev/null &
-wait_lines "$work/sim.out" 1
-SIM=$(grep -o 'http://[0-9.:]*' "$work/sim.out")
-cat >"$work/gw.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-token = "$TOKEN"
-[backend]
-url = "$SIM"
+source benches/lib.sh
+bench_workdir "$PWD/target"
+start_simulator --latency-ms 20 --jitter-ms 10 --failure-rate 0.05
+start_gateway "$SIM" '[backend]
 timeout_ms = 10000
 [limits]
 max_queue_per_account = 100
-max_queue_wait_ms = 5000
-[storage]
-data_dir = "$work/data"
-[log]
-level = "warn"
-TOML
-$BIN serve --config "$work/gw.toml" >"$work/gw.out" 2>"$work/gw.err" &
-GW_PID=$!
-wait_lines "$work/gw.out" 2
-GW=$(grep 'data plane' "$work/gw.out" | grep -o 'http://[0-9.:]*')
-ADMIN=$(grep 'admin' "$work/gw.out" | grep -o 'http://[0-9.:]*')
-auth=(-H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json")
-key_of() { curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts/$1/keys" -d '{}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_key"])'; }
-for i in $(seq 1 20); do
-  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts" -d "{\"id\":\"paid-$i\"}" >/dev/null
-  curl -sf "${auth[@]}" -X PUT "$ADMIN/v1/accounts/paid-$i/postpaid" -d '{"enabled":true}' >/dev/null
-  key_of "paid-$i"
-done >"$work/paid.txt"
-for i in $(seq 1 5); do
-  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts" -d "{\"id\":\"free-$i\"}" >/dev/null
-  key_of "free-$i"
-done >"$work/free.txt"
+max_queue_wait_ms = 5000'
+for i in $(seq 1 20); do new_account "paid-$i"; done >"$work/paid.txt"
+for i in $(seq 1 5); do new_account "free-$i" free; done >"$work/free.txt"
 rss() { awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status"; }
 RSS0=$(rss)
 echo "soak: $SECS s against $GW (RSS at start $RSS0 KiB)" >&2

@@ -17,42 +17,13 @@ CREATE=${ACCOUNTS_CREATE:-10000}
 BIN=${CARGO_TARGET_DIR:-target}/release/tollgate
 TOKEN=bench-admin-token-0123456789
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --bin tollgate
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
-trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-wait_for_lines() { for _ in $(seq 200); do [ "$(grep -c http "$1" 2>/dev/null)" -ge "$2" ] && return; sleep 0.05; done; echo "timeout: $1" >&2; exit 1; }
-
-$BIN simulate --listen 127.0.0.1:0 --latency-ms 0 --jitter-ms 0 >"$work/sim.out" 2>/dev/null &
-wait_for_lines "$work/sim.out" 1
-SIM=$(grep -o 'http://[0-9.:]*' "$work/sim.out")
-cat >"$work/gw.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-token = "$TOKEN"
-[backend]
-url = "$SIM"
-[storage]
-data_dir = "$work/data"
-[log]
-level = "warn,tollgate::store::sqlite::checkpoint=debug"
-TOML
-$BIN serve --config "$work/gw.toml" >"$work/gw.out" 2>"$work/gw.err" &
-wait_for_lines "$work/gw.out" 2
-GW=$(grep 'data plane' "$work/gw.out" | grep -o 'http://[0-9.:]*')
-ADMIN=$(grep 'admin' "$work/gw.out" | grep -o 'http://[0-9.:]*')
+source benches/lib.sh
+bench_workdir
+start_simulator --latency-ms 0 --jitter-ms 0
+start_gateway "$SIM" '[log]
+level = "warn,tollgate::store::sqlite::checkpoint=debug"'
 WAL="$work/data/tollgate.db-wal"
 DB="$work/data/tollgate.db"
-auth=(-H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json")
-new_account() {
-  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts" -d "{\"id\":\"$1\"}" >/dev/null
-  curl -sf "${auth[@]}" -X PUT "$ADMIN/v1/accounts/$1/postpaid" -d '{"enabled":true}' >/dev/null
-  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts/$1/keys" -d '{}' | sed 's/.*"api_key":"\([^"]*\)".*/\1/'
-  echo
-}
 for i in $(seq 1 "$ACCOUNTS"); do new_account "bench-$i"; done >"$work/keys.txt"
 
 size() { stat -c %s "$1" 2>/dev/null || echo 0; }
