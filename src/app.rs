@@ -173,7 +173,10 @@ impl App {
             tz.clone(),
         );
         let quota: Arc<dyn billing::Quota> = match &coordinator {
-            Some(coord) => Arc::new(RedisQuota::new(coord.clone(), billing.clone())),
+            Some(coord) => Arc::new(
+                RedisQuota::new(coord.clone(), billing.clone())
+                    .reconciling_with(store.clone(), clock.clone()),
+            ),
             None => billing.clone(),
         };
         drop(config);

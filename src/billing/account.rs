@@ -3,7 +3,7 @@
 use jiff::{SignedDuration, Timestamp};
 use rust_decimal::Decimal;
 
-use super::{PackageKind, ResourcePackage, Source};
+use super::{PackageKind, ResourcePackage, Source, deduction_key};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AccountBilling {
@@ -74,8 +74,8 @@ impl AccountBilling {
             .iter_mut()
             .filter(|p| p.pays_at(now))
             .min_by(|a, b| {
-                (a.kind == PackageKind::Prepaid, a.expires_at, &a.id).cmp(&(
-                    b.kind == PackageKind::Prepaid,
+                deduction_key(a.kind, a.expires_at, &a.id).cmp(&deduction_key(
+                    b.kind,
                     b.expires_at,
                     &b.id,
                 ))
@@ -111,8 +111,8 @@ impl AccountBilling {
             })
             .collect();
         v.sort_by(|a, b| {
-            (a.kind == PackageKind::Prepaid, a.expires_at, &a.id).cmp(&(
-                b.kind == PackageKind::Prepaid,
+            deduction_key(a.kind, a.expires_at, &a.id).cmp(&deduction_key(
+                b.kind,
                 b.expires_at,
                 &b.id,
             ))
@@ -140,8 +140,18 @@ impl AccountBilling {
 
     /// Turns a held unit into a used one (the success is recorded).
     pub fn commit(&mut self, source: &Source) {
-        if let Some(p) = source.package_id().and_then(|id| self.package_mut(id)) {
+        self.commit_to(source, source);
+    }
+
+    /// The success is recorded and `charged` paid for it: the store's
+    /// commit decides the payer, and charges the next one in the deduction
+    /// order when the `reserved` package could no longer pay (it ran out,
+    /// counted by another replica, or was refunded meanwhile).
+    pub fn commit_to(&mut self, reserved: &Source, charged: &Source) {
+        if let Some(p) = reserved.package_id().and_then(|id| self.package_mut(id)) {
             p.reserved = p.reserved.saturating_sub(1);
+        }
+        if let Some(p) = charged.package_id().and_then(|id| self.package_mut(id)) {
             p.used += 1;
         }
     }

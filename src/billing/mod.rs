@@ -126,6 +126,35 @@ fn one_year_after(t: Timestamp) -> Timestamp {
         .unwrap_or(Timestamp::MAX)
 }
 
+/// The deduction order among packages that can pay (SPEC §5): the free
+/// package first, then prepaid ones by earliest expiry; the id breaks ties
+/// so every replica and the store pick the same one.
+pub fn deduction_key(kind: PackageKind, expires_at: Timestamp, id: &str) -> (bool, Timestamp, &str) {
+    (kind == PackageKind::Prepaid, expires_at, id)
+}
+
+/// A package the store may charge a success to at commit, as it reads it
+/// inside the commit's transaction (unrefunded, a unit left).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeCandidate {
+    pub id: String,
+    pub kind: PackageKind,
+    pub effective_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// The packages that may pay for a call made `at`, in deduction order: what
+/// the commit tries, one after the other, when the unit reserved at
+/// admission is refused (the package ran out or was refunded meanwhile),
+/// before it falls through to postpaid.
+pub fn charge_order(mut candidates: Vec<ChargeCandidate>, at: Timestamp) -> Vec<ChargeCandidate> {
+    candidates.retain(|c| c.effective_at <= at && at < c.expires_at);
+    candidates.sort_by(|a, b| {
+        deduction_key(a.kind, a.expires_at, &a.id).cmp(&deduction_key(b.kind, b.expires_at, &b.id))
+    });
+    candidates
+}
+
 /// Where one success is charged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {

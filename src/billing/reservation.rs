@@ -121,6 +121,16 @@ impl Accounts {
         *state = billing;
     }
 
+    /// The store counts `used` units of an account's package: memory never
+    /// counts fewer (a shared quota starts its count from it).
+    pub fn note_used(&self, account: &str, package: &str, used: u64) {
+        self.with(account, |b| {
+            if let Some(p) = b.packages.iter_mut().find(|p| p.id == package) {
+                p.used = p.used.max(used);
+            }
+        });
+    }
+
     /// Runs `f` on the account's state under its lock.
     pub fn with<R>(&self, account: &str, f: impl FnOnce(&mut AccountBilling) -> R) -> Option<R> {
         let shared = self.map.get(account)?.clone();
@@ -156,8 +166,10 @@ impl Quota for Accounts {
 /// gives the unit back.
 pub trait HeldUnit: Send + Sync + 'static {
     fn source(&self) -> &Source;
-    /// The success is durable: the unit is used, never given back.
-    fn commit(&mut self);
+    /// The success is durable and `charged` paid for it (the reserved
+    /// source, or the next payer the commit fell through to): the unit is
+    /// used, never given back.
+    fn commit(&mut self, charged: &Source);
 }
 
 /// A unit held for one task. Dropping it gives the unit back (failure,
@@ -190,17 +202,22 @@ impl Reservation {
         }
     }
 
-    pub fn commit(mut self) {
+    /// The success is durable. `fell_through`: the payer the store's
+    /// commit charged instead of the reserved one, if it could not pay.
+    pub fn commit(mut self, fell_through: Option<&Source>) {
         match &mut self.held {
             Held::Local {
                 billing,
                 source,
                 settled,
             } => {
-                lock(billing).commit(source);
+                lock(billing).commit_to(source, fell_through.unwrap_or(source));
                 *settled = true;
             }
-            Held::Shared(u) => u.commit(),
+            Held::Shared(u) => {
+                let charged = fell_through.unwrap_or(u.source()).clone();
+                u.commit(&charged);
+            }
         }
     }
 }

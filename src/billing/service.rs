@@ -129,16 +129,17 @@ impl BillingService {
     ) -> Result<ResourcePackage, ChangeError> {
         self.known(account).await?;
         let now = self.clock.now();
-        // Decide and mark under the account's lock, so no task can reserve
-        // a unit of the package between the check and the refund.
+        // Checked against memory, committed, then applied, as every other
+        // change: marked in memory before its commit, a concurrent read
+        // of the account could undo the mark for a moment. A task that
+        // reserves a unit of the package meanwhile is not charged to it:
+        // the store never charges a refunded package and falls through to
+        // the next payer.
         let pkg = self
             .billing
             .with(account, |b| {
-                let p = b.packages.iter_mut().find(|p| p.id == pkg_id)?;
-                Some(check_prepaid_refund(p, now, &self.tz).map(|()| {
-                    p.refunded_at = Some(now);
-                    p.clone()
-                }))
+                let p = b.packages.iter().find(|p| p.id == pkg_id)?;
+                Some(check_prepaid_refund(p, now, &self.tz).map(|()| p.clone()))
             })
             .flatten()
             .ok_or_else(|| {
@@ -152,15 +153,16 @@ impl BillingService {
             id: pkg_id.to_string(),
             at: now,
         };
-        if let Err(e) = commit(&*self.store, write).await {
-            self.billing.with(account, |b| {
-                if let Some(p) = b.packages.iter_mut().find(|p| p.id == pkg_id) {
-                    p.refunded_at = None;
-                }
-            });
-            return Err(e.into());
-        }
-        Ok(pkg)
+        commit(&*self.store, write).await?;
+        let mut refunded = pkg;
+        refunded.refunded_at = Some(now);
+        self.billing.with(account, |b| {
+            if let Some(p) = b.packages.iter_mut().find(|p| p.id == pkg_id) {
+                p.refunded_at = Some(now);
+                refunded = p.clone();
+            }
+        });
+        Ok(refunded)
     }
 
     pub async fn set_postpaid(&self, account: &str, enabled: bool) -> Result<(), ChangeError> {

@@ -28,6 +28,13 @@ impl Op {
 
 pub(crate) struct Health {
     coordinated: AtomicBool,
+    /// Bumped by every failed exchange: units may be spent from here on
+    /// that Redis does not count (the local fallback, settlements lost).
+    outages: AtomicU64,
+    /// The `outages` count the shared quota was last brought in line with
+    /// the store at; reservations go through Redis only while it is
+    /// current.
+    quota_in_line: AtomicU64,
     errors: [AtomicU64; 4],
     leases_lost: AtomicU64,
     /// Replicas with an unexpired registry entry, as last seen; the divisor
@@ -39,6 +46,8 @@ impl Health {
     pub(crate) fn new() -> Self {
         Self {
             coordinated: AtomicBool::new(true),
+            outages: AtomicU64::new(0),
+            quota_in_line: AtomicU64::new(0),
             errors: Default::default(),
             leases_lost: AtomicU64::new(0),
             live_replicas: AtomicU32::new(1),
@@ -53,6 +62,7 @@ impl Health {
     /// heartbeat reaches Redis again.
     pub(crate) fn failed(&self, op: Op, err: &dyn std::fmt::Display) {
         self.errors[op as usize].fetch_add(1, Ordering::Relaxed);
+        self.outages.fetch_add(1, Ordering::AcqRel);
         if self.coordinated.swap(false, Ordering::AcqRel) {
             tracing::warn!(op = op.label(), error = %err, "Redis unreachable: outage policy in force");
         } else {
@@ -64,6 +74,25 @@ impl Health {
         if !self.coordinated.swap(true, Ordering::AcqRel) {
             tracing::info!("Redis reachable again: shared limiting resumed");
         }
+    }
+
+    /// Whether reservations may go through Redis: it is reachable and
+    /// the quota was reconciled since it last was not.
+    pub(crate) fn quota_usable(&self) -> bool {
+        self.is_coordinated() && self.quota_outdated().is_none()
+    }
+
+    /// `Some(outages)` while the quota must be reconciled: pass it to
+    /// [`Self::quota_reconciled`] once memory was read again after it.
+    pub(crate) fn quota_outdated(&self) -> Option<u64> {
+        let outages = self.outages.load(Ordering::Acquire);
+        (self.quota_in_line.load(Ordering::Acquire) < outages).then_some(outages)
+    }
+
+    /// The store was read after `outages` failures: a failure since keeps
+    /// the quota outdated.
+    pub(crate) fn quota_reconciled(&self, outages: u64) {
+        self.quota_in_line.fetch_max(outages, Ordering::AcqRel);
     }
 
     pub(crate) fn errors(&self) -> [(&'static str, u64); 4] {

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use jiff::Timestamp;
@@ -21,11 +22,25 @@ use super::health::Op;
 use super::keys;
 use super::scripts::{QUOTA_BEAT, RESERVE, SETTLE};
 use crate::billing::{Accounts, HeldUnit, Payer, Quota, Refusal, Reservation, Reserve, Source};
+use crate::clock::Clock;
 use crate::config::RedisOutagePolicy;
+use crate::store::Store;
+
+/// How often the quota's counts are brought in line with the store even
+/// without an outage (a settlement lost with a replica, a unit whose lease
+/// lapsed after its commit).
+const RECONCILE_EVERY: Duration = Duration::from_secs(60);
+/// How soon after Redis is back the reconcile notices.
+const RECONCILE_POLL: Duration = Duration::from_millis(100);
+/// The pause after a failed read of the store.
+const RECONCILE_RETRY: Duration = Duration::from_secs(1);
 
 pub struct RedisQuota {
     coord: Arc<Coordinator>,
     accounts: Arc<Accounts>,
+    /// Reservations wait for the reconcile after an outage (see
+    /// [`RedisQuota::reconciling_with`]).
+    reconciles: bool,
 }
 
 pub(super) struct UnitState {
@@ -42,7 +57,61 @@ impl RedisQuota {
     /// `accounts` is the replica's billing memory, kept in step with the
     /// store by the integrator.
     pub fn new(coord: Arc<Coordinator>, accounts: Arc<Accounts>) -> Self {
-        Self { coord, accounts }
+        Self {
+            coord,
+            accounts,
+            reconciles: false,
+        }
+    }
+
+    /// Starts the reconcile: after every outage, before reservations go
+    /// through Redis again, and every [`RECONCILE_EVERY`], the durable
+    /// `used` of every package is read from `store` into memory, which
+    /// each reservation hands to Redis as the floor of its count
+    /// (`lua/reserve.lua`). Units the local fallback spent while Redis
+    /// could not count them are so known to the shared quota before it
+    /// hands out units again.
+    pub fn reconciling_with(mut self, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        let weak = Arc::downgrade(&self.coord);
+        let stop = self.coord.stop.clone();
+        let billing = self.accounts.clone();
+        tokio::spawn(async move {
+            let mut last = Instant::now();
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(RECONCILE_POLL) => {}
+                }
+                let Some(coord) = weak.upgrade() else { return };
+                let outdated = coord.health.quota_outdated();
+                let due = (outdated.is_some() && coord.is_coordinated())
+                    || last.elapsed() >= RECONCILE_EVERY;
+                if !due {
+                    continue;
+                }
+                match store.package_usage(clock.now()).await {
+                    Ok(rows) => {
+                        for r in &rows {
+                            billing.note_used(&r.account, &r.package, r.used);
+                        }
+                        last = Instant::now();
+                        if let Some(outages) = outdated {
+                            coord.health.quota_reconciled(outages);
+                            tracing::info!(
+                                packages = rows.len(),
+                                "shared quota reconciled with the store"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shared quota not reconciled: the store could not be read");
+                        tokio::time::sleep(RECONCILE_RETRY).await;
+                    }
+                }
+            }
+        });
+        self.reconciles = true;
+        self
     }
 
     fn outage(&self, account: &str, now: Timestamp) -> Result<Reservation, Refusal> {
@@ -79,12 +148,20 @@ impl Quota for RedisQuota {
                 Err(Refusal::LowBalance)
             });
         }
-        if !self.coord.is_coordinated() {
+        let usable = if self.reconciles {
+            self.coord.health.quota_usable()
+        } else {
+            self.coord.is_coordinated()
+        };
+        if !usable {
+            // Redis is unreachable, or back but not yet told of the units
+            // spent meanwhile.
             return Reserve::ready(self.outage(account, now));
         }
         let this = RedisQuota {
             coord: self.coord.clone(),
             accounts: self.accounts.clone(),
+            reconciles: self.reconciles,
         };
         let account: Arc<str> = Arc::from(account);
         Reserve::shared(async move { this.reserve_shared(account, payers, is_postpaid, now).await })
@@ -220,7 +297,7 @@ impl HeldUnit for Unit {
         &self.source
     }
 
-    fn commit(&mut self) {
+    fn commit(&mut self, charged: &Source) {
         let Some(h) = self.held.as_mut() else { return };
         if h.committed {
             return;
@@ -229,7 +306,7 @@ impl HeldUnit for Unit {
         h.commit();
         // This replica's admin views count the unit at once; the store
         // catches up when the usage event is recorded.
-        if let Some(id) = self.source.package_id() {
+        if let Some(id) = charged.package_id() {
             h.accounts.with(&h.account, |b| {
                 if let Some(p) = b.packages.iter_mut().find(|p| p.id == id) {
                     p.used += 1;

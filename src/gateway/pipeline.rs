@@ -360,11 +360,13 @@ impl Task {
         );
         let package = reservation.source().package_id().map(String::from);
         match gw.recorder.record(event, package, month).await {
-            Ok(_) => {
+            Ok(recorded) => {
+                let charged = recorded.fell_through.as_ref();
                 if let Some(t) = tally {
-                    t.line.charged_to(reservation.source().label());
+                    t.line
+                        .charged_to(charged.unwrap_or(reservation.source()).label());
                 }
-                reservation.commit();
+                reservation.commit(charged);
                 Ok((answer, Outcome::Success))
             }
             Err(e) => {

@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::accounts::{AccountStatus, KeyHash};
-use crate::billing::{Bill, ResourcePackage};
+use crate::billing::{Bill, ResourcePackage, Source};
 use crate::entitlements::ConcurrencyPackage;
 use crate::usage::UsageEvent;
 
@@ -147,15 +147,21 @@ pub enum Write {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Committed {
     Done,
-    /// The usage event's sequence number: its position in commit order.
-    /// `None` when the shared store was unreachable and the event waits in
-    /// the local spool (durable there; it gets its sequence number once
-    /// delivered).
     Usage {
+        /// The usage event's sequence number: its position in commit
+        /// order. `None` when the shared store was unreachable and the
+        /// event waits in the local spool (durable there; it gets its
+        /// sequence number once delivered).
         seq: Option<u64>,
+        /// The payer the commit charged instead of the reserved package,
+        /// which could no longer pay (it ran out or was refunded since the
+        /// reservation): the next one in the deduction order, postpaid
+        /// last. The stored event's `charged_to` says the same. `None`:
+        /// charged as reserved.
+        fell_through: Option<Source>,
     },
 }
 
@@ -274,6 +280,14 @@ pub struct AccountSnapshot {
     pub resource_packages: Vec<ResourcePackage>,
 }
 
+/// One resource package's durable count of units charged to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageUsage {
+    pub account: String,
+    pub package: String,
+    pub used: u64,
+}
+
 /// A stored usage event with its cursor.
 #[derive(Debug)]
 pub struct StoredEvent {
@@ -321,9 +335,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 ///   applied in submission order per caller; one failing write (a duplicate
 ///   id: [`StoreError::Conflict`]; a missing row: [`StoreError::NotFound`])
 ///   never fails another.
-/// - A usage append and its package charge stand or fall together; the
-///   charge only succeeds while the package has a unit left (`used < size`).
-///   A duplicate event id is a `Conflict`.
+/// - A usage append and its charge stand or fall together. The reserved
+///   package is charged only while it has a unit left (`used < size`) and
+///   is not refunded; otherwise the commit charges the next payer in the
+///   deduction order (other packages valid at the event's time, then
+///   postpaid if the account has it on), rewrites the event's
+///   `charged_to` and says so in [`Committed::Usage`]; with no payer left
+///   the append is refused (`NotFound`). A duplicate event id is a
+///   `Conflict`.
 /// - Usage events are numbered in commit order: a consumer paging
 ///   [`Store::usage_events`] with the last `seq` it saw never misses nor
 ///   repeats an event, however many writers commit at once.
@@ -365,6 +384,12 @@ pub trait Store: Send + Sync + 'static {
         month: &'a str,
         account: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<MonthUsage>, StoreError>>;
+
+    /// Every unrefunded resource package's durable `used`, for the ones
+    /// not expired before `now`: what a shared quota is brought back in
+    /// line with after an outage (units spent while it could not count).
+    fn package_usage(&self, now: Timestamp)
+    -> BoxFuture<'_, Result<Vec<PackageUsage>, StoreError>>;
 
     /// What earlier settlements of `month` charged each account.
     fn settled<'a>(
@@ -442,4 +467,16 @@ pub(crate) fn changed_accounts(write: &Write) -> Vec<String> {
         | Write::RefundResourcePackage { .. }
         | Write::AppendUsage { .. } => Vec::new(),
     }
+}
+
+/// The event charged to `payer` instead of the payer it was reserved for:
+/// its `charged_to` label and its JSON, written again (the commit decided
+/// another payer; the stored event says who paid). Rare, so the JSON is
+/// parsed again rather than carried as a value.
+pub(crate) fn relabel(json: &str, payer: &Source) -> Result<(String, String), StoreError> {
+    let bad = |e: serde_json::Error| StoreError::Internal(format!("usage event JSON: {e}"));
+    let mut event: UsageEvent = serde_json::from_str(json).map_err(bad)?;
+    event.data.charged_to = payer.label();
+    let json = serde_json::to_string(&event).map_err(bad)?;
+    Ok((event.data.charged_to, json))
 }

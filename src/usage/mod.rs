@@ -12,4 +12,4 @@ pub mod jsonl;
 mod recorder;
 
 pub use event::{UsageData, UsageEvent};
-pub use recorder::UsageRecorder;
+pub use recorder::{Recorded, UsageRecorder};

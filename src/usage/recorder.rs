@@ -10,6 +10,17 @@ use crate::metrics::Metrics;
 use crate::store::{Committed, Store, StoreError, Write, commit};
 
 use super::UsageEvent;
+use crate::billing::Source;
+
+/// A recorded success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// Its sequence number (its cursor); `None` while it waits in the local
+    /// spool of a shared store that is unreachable (durable either way).
+    pub seq: Option<u64>,
+    /// Who paid, when not the reserved payer (see `Committed::Usage`).
+    pub fell_through: Option<Source>,
+}
 
 #[derive(Clone)]
 pub struct UsageRecorder {
@@ -43,16 +54,15 @@ impl UsageRecorder {
     }
 
     /// Durably stores the event together with its charge to `package` (if
-    /// any) and the billing `month`'s counters; returns its sequence number
-    /// (its cursor), `None` when it waits in the local spool of a shared
-    /// store that is unreachable (it is durable either way). Pokes the
+    /// any, else postpaid; the store falls through to the next payer if the
+    /// package can no longer pay) and the billing `month`'s counters. Pokes the
     /// event sinks (the JSON Lines export) after each commit.
     pub async fn record(
         &self,
         event: UsageEvent,
         package: Option<String>,
         month: String,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Recorded, StoreError> {
         let json =
             serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?;
         let write = Write::AppendUsage {
@@ -71,10 +81,13 @@ impl UsageRecorder {
         );
         self.failing.store(broken, Ordering::Relaxed);
         match committed? {
-            Committed::Usage { seq } => {
+            Committed::Usage { seq, fell_through } => {
                 self.metrics.usage_events_total.inc();
                 self.committed.notify_one();
-                Ok(seq)
+                if let Some(payer) = &fell_through {
+                    tracing::info!(charged_to = %payer.label(), "the reserved unit could no longer pay: charged to the next payer");
+                }
+                Ok(Recorded { seq, fell_through })
             }
             Committed::Done => Err(StoreError::Internal(
                 "usage append returned no sequence".into(),

@@ -7,6 +7,7 @@ use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
 use super::super::{Committed, StoreError, Write, changed_accounts};
+use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 use super::{internal, pg_write_error};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -65,50 +66,67 @@ pub(super) struct UsageRow<'a> {
     pub month: &'a str,
 }
 
-/// Inserts the event and, with it, its counters and its package charge.
+/// Inserts the event and, with it, its counters and its charge (the
+/// reserved package, or the payer the commit falls through to).
 /// `redelivery`: the event may already be stored (a spooled event whose
 /// first commit's outcome was unknown): then nothing happens and `None` is
-/// returned; and a package with no unit left does not refuse an event the
-/// client was already answered for (it is logged instead).
+/// returned; and an account with no payer left does not refuse an event
+/// the client was already answered for (it is logged instead).
 pub(super) async fn append_usage(
     tx: &deadpool_postgres::Transaction<'_>,
     u: &UsageRow<'_>,
     redelivery: bool,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<(Option<u64>, Option<Source>), StoreError> {
     // The hot path of every success: statements prepared once per
     // connection, so each one is one round trip (a text query would be a
     // parse round trip and then an execute round trip).
-    let prepared = |sql: &'static str| async move {
-        tx.prepare_cached(sql)
-            .await
-            .map_err(|e| pg_write_error(e, "a usage statement"))
-    };
     let time: Timestamp = u
         .time
         .parse()
         .map_err(|e| internal(format!("usage event {}: bad time {}: {e}", u.id, u.time)))?;
     let what = format!("usage event {}", u.id);
-    let sql = if redelivery {
-        "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (id) DO NOTHING RETURNING seq"
-    } else {
-        "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES ($1, $2, $3, $4, $5)
-         RETURNING seq"
+    if redelivery {
+        // A spooled event delivered again after a crash: charged once.
+        let seen = prepared(tx, "SELECT 1 FROM usage_events WHERE id = $1").await?;
+        if tx
+            .query_opt(&seen, &[&u.id])
+            .await
+            .map_err(|e| pg_write_error(e, &what))?
+            .is_some()
+        {
+            return Ok((None, None));
+        }
+    }
+    // The charge is decided first: the stored event says who paid.
+    let fell_through = match charge(tx, u, time).await {
+        Err(StoreError::NotFound(why)) if redelivery => {
+            tracing::warn!(event = %u.id, "spooled event delivered without its charge: no {why}");
+            None
+        }
+        other => other?,
     };
-    let insert_event = prepared(sql).await?;
-    let Some(row) = tx
-        .query_opt(
-            &insert_event,
-            &[&u.id, &u.account, &time, &u.charged_to, &u.json],
-        )
+    let relabelled = match &fell_through {
+        Some(payer) => Some(super::super::relabel(u.json, payer)?),
+        None => None,
+    };
+    let (charged_to, json) = match &relabelled {
+        Some((label, json)) => (label.as_str(), json.as_str()),
+        None => (u.charged_to, u.json),
+    };
+    let insert_event = prepared(
+        tx,
+        "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES ($1, $2, $3, $4, $5)
+         RETURNING seq",
+    )
+    .await?;
+    let row = tx
+        .query_one(&insert_event, &[&u.id, &u.account, &time, &charged_to, &json])
         .await
-        .map_err(|e| pg_write_error(e, &what))?
-    else {
-        return Ok(None);
-    };
+        .map_err(|e| pg_write_error(e, &what))?;
     let seq: i64 = row.get(0);
-    let source = u.charged_to.split(':').next().unwrap_or("postpaid");
+    let source = charged_to.split(':').next().unwrap_or("postpaid");
     let count = prepared(
+        tx,
         "INSERT INTO usage_counters(account, month, source, calls) VALUES ($1, $2, $3, 1)
          ON CONFLICT (account, month, source) DO UPDATE SET calls = usage_counters.calls + 1",
     )
@@ -116,25 +134,90 @@ pub(super) async fn append_usage(
     tx.execute(&count, &[&u.account, &u.month, &source])
         .await
         .map_err(|e| pg_write_error(e, "usage counter"))?;
-    if let Some(pkg) = u.package {
-        // The charge and the event stand or fall together.
-        let what = format!("resource package {pkg} with a unit left");
-        let charge =
-            prepared("UPDATE resource_packages SET used = used + 1 WHERE id = $1 AND used < size")
-                .await?;
-        let charged = match tx.execute(&charge, &[&pkg]).await {
-            Ok(0) => Err(StoreError::NotFound(what)),
-            Ok(_) => Ok(()),
-            Err(e) => Err(pg_write_error(e, &what)),
-        };
-        match charged {
-            Err(StoreError::NotFound(what)) if redelivery => {
-                tracing::warn!(event = %u.id, "spooled event delivered without its charge: no {what}");
-            }
-            other => other?,
+    Ok((Some(seq as u64), fell_through))
+}
+
+async fn prepared(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &'static str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    tx.prepare_cached(sql)
+        .await
+        .map_err(|e| pg_write_error(e, "a usage statement"))
+}
+
+/// Charges one unit of the reserved package if it can still pay, else the
+/// next payer in the deduction order; `Some` names the payer when it is
+/// not the reserved one. See the `Store` contract. Concurrent commits of
+/// other replicas are safe: each charge is one guarded update.
+async fn charge(
+    tx: &deadpool_postgres::Transaction<'_>,
+    u: &UsageRow<'_>,
+    at: Timestamp,
+) -> Result<Option<Source>, StoreError> {
+    let Some(reserved) = u.package else {
+        return Ok(None);
+    };
+    let what = format!("resource package {reserved}");
+    let update = prepared(
+        tx,
+        "UPDATE resource_packages SET used = used + 1
+         WHERE id = $1 AND used < size AND refunded_at IS NULL",
+    )
+    .await?;
+    let try_charge = |id: String| {
+        let update = &update;
+        let what = &what;
+        async move {
+            tx.execute(update, &[&id])
+                .await
+                .map(|n| n == 1)
+                .map_err(|e| pg_write_error(e, what))
+        }
+    };
+    if try_charge(reserved.to_string()).await? {
+        return Ok(None);
+    }
+    let rows = tx
+        .query(
+            "SELECT id, kind, effective_at, expires_at FROM resource_packages
+             WHERE account = $1 AND refunded_at IS NULL AND used < size",
+            &[&u.account],
+        )
+        .await
+        .map_err(|e| pg_write_error(e, &what))?;
+    let mut candidates = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id: String = r.get(0);
+        let kind: String = r.get(1);
+        candidates.push(ChargeCandidate {
+            kind: PackageKind::parse(&kind)
+                .ok_or_else(|| internal(format!("package {id}: bad kind")))?,
+            effective_at: r.get(2),
+            expires_at: r.get(3),
+            id,
+        });
+    }
+    for c in charge_order(candidates, at) {
+        if c.id != reserved && try_charge(c.id.clone()).await? {
+            return Ok(Some(Source::Package {
+                id: c.id,
+                kind: c.kind,
+            }));
         }
     }
-    Ok(Some(seq as u64))
+    let postpaid = tx
+        .query_opt("SELECT postpaid FROM accounts WHERE id = $1", &[&u.account])
+        .await
+        .map_err(|e| pg_write_error(e, &what))?
+        .map(|r| r.get::<_, bool>(0));
+    if postpaid == Some(true) {
+        return Ok(Some(Source::Postpaid));
+    }
+    Err(StoreError::NotFound(format!(
+        "a payer for account {}: resource package {reserved} has no unit left and postpaid is off",
+        u.account
+    )))
 }
 
 /// Applies one write; returns its result and the root accounts whose
@@ -206,8 +289,8 @@ pub(super) async fn apply(
                 package: package.as_deref(),
                 month,
             };
-            let seq = append_usage(tx, &row, false).await?;
-            return Ok((Committed::Usage { seq }, changed));
+            let (seq, fell_through) = append_usage(tx, &row, false).await?;
+            return Ok((Committed::Usage { seq, fell_through }, changed));
         }
         Write::CreateConcurrencyPackage(p) => {
             let units = i64::from(p.units);

@@ -78,7 +78,7 @@ async fn deliver_chunk(
         .map_err(pg_error)?;
     let mut inserted = 0;
     for e in chunk {
-        if apply::append_usage(&tx, &e.row(), true).await?.is_some() {
+        if apply::append_usage(&tx, &e.row(), true).await?.0.is_some() {
             inserted += 1;
         }
     }

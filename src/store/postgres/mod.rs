@@ -30,7 +30,7 @@ use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, Snapshot, Store, StoreError, StoreHealth,
+    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError, StoreHealth,
     StoredEvent, Write,
 };
 
@@ -301,6 +301,13 @@ impl Store for PostgresStore {
         month: &'a str,
     ) -> BoxFuture<'a, Result<Vec<(String, Decimal)>, StoreError>> {
         Box::pin(read::settled(&self.shared.pool, month))
+    }
+
+    fn package_usage(
+        &self,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Vec<PackageUsage>, StoreError>> {
+        Box::pin(read::package_usage(&self.shared.pool, now))
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {

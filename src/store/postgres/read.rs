@@ -12,7 +12,7 @@ use crate::billing::{PackageKind, ResourcePackage};
 use crate::entitlements::{ConcurrencyPackage, Period};
 
 use super::super::{
-    AccountRow, KeyRow, MonthUsage, Snapshot, StoreError, StoredEvent, SubAccountRow,
+    AccountRow, KeyRow, MonthUsage, PackageUsage, Snapshot, StoreError, StoredEvent, SubAccountRow,
 };
 use super::{client, internal, pg_error};
 
@@ -209,4 +209,27 @@ pub(super) async fn settled(
         .await
         .map_err(pg_error)?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+pub(super) async fn package_usage(
+    pool: &Pool,
+    now: Timestamp,
+) -> Result<Vec<PackageUsage>, StoreError> {
+    let client = client(pool).await?;
+    let rows = client
+        .query(
+            "SELECT account, id, used FROM resource_packages
+             WHERE refunded_at IS NULL AND expires_at > $1",
+            &[&now],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(rows
+        .iter()
+        .map(|r| PackageUsage {
+            account: r.get(0),
+            package: r.get(1),
+            used: r.get::<_, i64>(2) as u64,
+        })
+        .collect())
 }

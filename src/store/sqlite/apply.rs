@@ -3,6 +3,7 @@
 use rusqlite::{Connection, ErrorCode, params};
 
 use super::super::{Committed, StoreError, Write, changed_accounts};
+use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 use super::internal;
 
 fn map_write_error(e: rusqlite::Error, what: &str) -> StoreError {
@@ -133,25 +134,24 @@ pub(super) fn apply(
             package,
             month,
         } => {
+            // The charge is decided first: the stored event says who paid.
+            let fell_through = charge(conn, event, package.as_deref())?;
+            let relabelled = match &fell_through {
+                Some(payer) => Some(super::super::relabel(json, payer)?),
+                None => None,
+            };
+            let (charged_to, json) = match &relabelled {
+                Some((label, json)) => (label.as_str(), json.as_str()),
+                None => (event.data.charged_to.as_str(), json.as_str()),
+            };
             insert(
                 conn,
                 "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    event.id,
-                    event.subject,
-                    event.time,
-                    event.data.charged_to,
-                    json
-                ],
+                params![event.id, event.subject, event.time, charged_to, json],
                 &format!("usage event {}", event.id),
             )?;
             let seq = conn.last_insert_rowid() as u64;
-            let source = event
-                .data
-                .charged_to
-                .split(':')
-                .next()
-                .unwrap_or("postpaid");
+            let source = charged_to.split(':').next().unwrap_or("postpaid");
             insert(
                 conn,
                 "INSERT INTO usage_counters(account, month, source, calls) VALUES (?1, ?2, ?3, 1)
@@ -159,16 +159,13 @@ pub(super) fn apply(
                 params![event.subject, month, source],
                 "usage counter",
             )?;
-            if let Some(pkg) = package {
-                // The charge and the event stand or fall together.
-                update_one(
-                    conn,
-                    "UPDATE resource_packages SET used = used + 1 WHERE id = ?1 AND used < size",
-                    params![pkg],
-                    &format!("resource package {pkg} with a unit left"),
-                )?;
-            }
-            return Ok((Committed::Usage { seq: Some(seq) }, changed));
+            return Ok((
+                Committed::Usage {
+                    seq: Some(seq),
+                    fell_through,
+                },
+                changed,
+            ));
         }
         Write::CreateConcurrencyPackage(p) => insert(
             conn,
@@ -354,4 +351,71 @@ fn ledger(
         ],
         "ledger entry",
     )
+}
+
+/// Charges one unit of `package` (the one reserved at admission) if it can
+/// still pay, else the next payer in the deduction order; `Some` names the
+/// payer when it is not the reserved one. See the `Store` contract.
+fn charge(
+    conn: &Connection,
+    event: &crate::usage::UsageEvent,
+    package: Option<&str>,
+) -> Result<Option<Source>, StoreError> {
+    const CHARGE: &str = "UPDATE resource_packages SET used = used + 1
+         WHERE id = ?1 AND used < size AND refunded_at IS NULL";
+    let try_charge = |id: &str| -> Result<bool, StoreError> {
+        let n = conn
+            .prepare_cached(CHARGE)
+            .and_then(|mut st| st.execute(params![id]))
+            .map_err(internal)?;
+        Ok(n == 1)
+    };
+    let Some(reserved) = package else {
+        return Ok(None);
+    };
+    if try_charge(reserved)? {
+        return Ok(None);
+    }
+    let at = super::parse_ts(&event.time)?;
+    let mut candidates = Vec::new();
+    {
+        let mut st = conn
+            .prepare_cached(
+                "SELECT id, kind, effective_at, expires_at FROM resource_packages
+                 WHERE account = ?1 AND refunded_at IS NULL AND used < size",
+            )
+            .map_err(internal)?;
+        let mut rows = st.query(params![event.subject]).map_err(internal)?;
+        while let Some(r) = rows.next().map_err(internal)? {
+            let id: String = r.get(0).map_err(internal)?;
+            let kind: String = r.get(1).map_err(internal)?;
+            candidates.push(ChargeCandidate {
+                kind: PackageKind::parse(&kind)
+                    .ok_or_else(|| internal(format!("package {id}: bad kind")))?,
+                effective_at: super::parse_ts(&r.get::<_, String>(2).map_err(internal)?)?,
+                expires_at: super::parse_ts(&r.get::<_, String>(3).map_err(internal)?)?,
+                id,
+            });
+        }
+    }
+    for c in charge_order(candidates, at) {
+        if c.id != reserved && try_charge(&c.id)? {
+            return Ok(Some(Source::Package {
+                id: c.id,
+                kind: c.kind,
+            }));
+        }
+    }
+    use rusqlite::OptionalExtension;
+    let postpaid: Option<bool> = conn
+        .prepare_cached("SELECT postpaid FROM accounts WHERE id = ?1")
+        .and_then(|mut st| st.query_row(params![event.subject], |r| r.get(0)).optional())
+        .map_err(internal)?;
+    if postpaid == Some(true) {
+        return Ok(Some(Source::Postpaid));
+    }
+    Err(StoreError::NotFound(format!(
+        "a payer for account {}: resource package {reserved} has no unit left and postpaid is off",
+        event.subject
+    )))
 }

@@ -9,7 +9,9 @@ use crate::accounts::AccountStatus;
 use crate::billing::{PackageKind, ResourcePackage};
 use crate::entitlements::{ConcurrencyPackage, Period};
 
-use super::super::{AccountRow, KeyRow, MonthUsage, Snapshot, StoreError, SubAccountRow};
+use super::super::{
+    AccountRow, KeyRow, MonthUsage, PackageUsage, Snapshot, StoreError, SubAccountRow,
+};
 use super::{internal, parse_ts, parse_usd};
 
 /// Runs a query and maps each row, with storage errors as `StoreError`.
@@ -188,4 +190,32 @@ pub(super) fn settled(
         params![month],
         |r| Ok((col(r, 0)?, parse_usd(&col::<String>(r, 1)?)?)),
     )
+}
+
+pub(super) fn package_usage(
+    conn: &Connection,
+    now: Timestamp,
+) -> Result<Vec<PackageUsage>, StoreError> {
+    // Expiry is compared after parsing: stored timestamps do not all have
+    // the same number of fraction digits, so text order is not time order.
+    let rows = rows(
+        conn,
+        "SELECT account, id, used, expires_at FROM resource_packages WHERE refunded_at IS NULL",
+        params![],
+        |r| {
+            Ok((
+                PackageUsage {
+                    account: col(r, 0)?,
+                    package: col(r, 1)?,
+                    used: col::<i64>(r, 2)? as u64,
+                },
+                parse_ts(&col::<String>(r, 3)?)?,
+            ))
+        },
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, expires)| *expires > now)
+        .map(|(u, _)| u)
+        .collect())
 }

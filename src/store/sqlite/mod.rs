@@ -27,8 +27,8 @@ use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
 use super::{
-    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, Snapshot, Store, StoreError, StoreHealth,
-    StoredEvent, Write,
+    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
+    StoreHealth, StoredEvent, Write,
 };
 
 const SCHEMA: &str = "
@@ -97,6 +97,8 @@ CREATE TABLE IF NOT EXISTS resource_packages (
     price_usd    TEXT NOT NULL,
     refunded_at  TEXT
 );
+-- The commit's fall-through to the next payer reads an account's packages.
+CREATE INDEX IF NOT EXISTS resource_packages_account ON resource_packages(account);
 CREATE TABLE IF NOT EXISTS settlements (
     account        TEXT NOT NULL REFERENCES accounts(id),
     month          TEXT NOT NULL,
@@ -334,6 +336,13 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<Vec<(String, Decimal)>, StoreError>> {
         let month = month.to_string();
         self.read(move |c| load::settled(c, &month))
+    }
+
+    fn package_usage(
+        &self,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Vec<PackageUsage>, StoreError>> {
+        self.read(move |c| load::package_usage(c, now))
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {
