@@ -60,7 +60,10 @@ async fn a_cursor_sees_every_event_of_concurrent_writers_exactly_once() {
             writers.push(tokio::spawn(async move {
                 for i in (lane..PER_WRITER).step_by(8) {
                     let r = commit(&*store, usage("acme", None, &format!("{name}-{i}"))).await;
-                    assert!(matches!(r, Ok(Committed::Usage { seq: Some(_) })), "{r:?}");
+                    assert!(
+                        matches!(r, Ok(Committed::Usage { seq: Some(_), .. })),
+                        "{r:?}"
+                    );
                 }
             }));
         }
@@ -143,7 +146,7 @@ async fn a_change_through_one_replica_reaches_another_within_a_second() {
 
 async fn spooled_usage(store: &dyn Store, id: &str) {
     let r = commit(store, usage("acme", Some("p1"), id)).await;
-    assert!(matches!(r, Ok(Committed::Usage { seq: None })), "{r:?}");
+    assert!(matches!(r, Ok(Committed::Usage { seq: None, .. })), "{r:?}");
 }
 
 /// Waits (bounded) until `check` holds.

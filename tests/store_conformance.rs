@@ -188,7 +188,10 @@ async fn conformance(store: Arc<dyn Store>) {
             .await
             .unwrap()
         {
-            Committed::Usage { seq: Some(seq) } => seqs.push(seq),
+            Committed::Usage {
+                seq: Some(seq),
+                fell_through: None,
+            } => seqs.push(seq),
             other => panic!("{other:?}"),
         }
     }
@@ -278,12 +281,133 @@ async fn conformance(store: Arc<dyn Store>) {
     commit(s, pg::fixtures::postpaid("other")).await.unwrap();
     expect_change(&mut feed, "other").await;
 
+    charges_fall_through_in_the_deduction_order(s).await;
+
     let store2 = store.clone();
     tokio::task::spawn_blocking(move || store2.close())
         .await
         .unwrap();
     let closed = commit(s, account("late")).await;
     assert!(matches!(closed, Err(StoreError::Closed)), "{closed:?}");
+}
+
+/// A reserved package that can no longer pay (refunded since, or used up)
+/// is never a failed append while the account has another payer: the
+/// commit charges the next one in the deduction order, then postpaid, and
+/// the stored event says so; with no payer left nothing is stored.
+async fn charges_fall_through_in_the_deduction_order(s: &dyn Store) {
+    let now = Timestamp::now();
+    commit(s, account("payer")).await.unwrap();
+    for (id, size) in [("pay-p", 1), ("pay-r", 5)] {
+        let p = ResourcePackage::new(
+            id.into(),
+            "payer",
+            PackageKind::Prepaid,
+            size,
+            Decimal::ONE,
+            now,
+        );
+        commit(s, Write::CreateResourcePackage(Box::new(p)))
+            .await
+            .unwrap();
+    }
+    commit(
+        s,
+        Write::RefundResourcePackage {
+            id: "pay-r".into(),
+            at: Timestamp::now(),
+        },
+    )
+    .await
+    .unwrap();
+    let fell = |w| async move {
+        match commit(s, w).await {
+            Ok(Committed::Usage { fell_through, .. }) => Ok(fell_through.map(|p| p.label())),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        }
+    };
+    // Reserved before the refund: the free package pays (it comes first).
+    assert_eq!(
+        fell(usage("payer", Some("pay-r"), "f1")).await.unwrap(),
+        Some("free".into())
+    );
+    assert_eq!(
+        fell(usage("payer", Some("free-payer"), "f2"))
+            .await
+            .unwrap(),
+        None
+    );
+    // The free package is used up: the prepaid one pays.
+    assert_eq!(
+        fell(usage("payer", Some("free-payer"), "f3"))
+            .await
+            .unwrap(),
+        Some("prepaid:pay-p".into())
+    );
+    // Nothing left and postpaid off: refused, nothing stored.
+    let none = fell(usage("payer", Some("free-payer"), "f4")).await;
+    assert!(matches!(none, Err(StoreError::NotFound(_))), "{none:?}");
+    commit(s, pg::fixtures::postpaid("payer")).await.unwrap();
+    assert_eq!(
+        fell(usage("payer", Some("pay-p"), "f5")).await.unwrap(),
+        Some("postpaid".into())
+    );
+
+    let mut charged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = s.usage_events(after, 100).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            let v: serde_json::Value = serde_json::from_str(e.event.get()).unwrap();
+            if v["subject"] == "payer" {
+                charged.push((
+                    v["data"]["request_id"].as_str().unwrap().to_string(),
+                    v["data"]["charged_to"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+    }
+    let expect = [
+        ("f1", "free"),
+        ("f2", "free"),
+        ("f3", "prepaid:pay-p"),
+        ("f5", "postpaid"),
+    ];
+    assert_eq!(
+        charged,
+        expect.map(|(r, c)| (r.to_string(), c.to_string())).to_vec()
+    );
+    let m = s.month_usage("2026-11", Some("payer")).await.unwrap();
+    assert_eq!(
+        (m[0].calls, m[0].free, m[0].prepaid, m[0].postpaid),
+        (4, 2, 1, 1)
+    );
+    let payer = s
+        .load_account("payer", Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let used = |id: &str| {
+        payer
+            .resource_packages
+            .iter()
+            .find(|p| p.id == id)
+            .unwrap()
+            .used
+    };
+    assert_eq!(
+        (used("free-payer"), used("pay-p"), used("pay-r")),
+        (2, 1, 0)
+    );
+    // What a shared quota is reconciled from: unrefunded packages only.
+    let mut usage = s.package_usage(Timestamp::now()).await.unwrap();
+    usage.retain(|u| u.account == "payer");
+    usage.sort_by(|a, b| a.package.cmp(&b.package));
+    let got: Vec<(&str, u64)> = usage.iter().map(|u| (u.package.as_str(), u.used)).collect();
+    assert_eq!(got, [("free-payer", 2), ("pay-p", 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

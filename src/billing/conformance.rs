@@ -133,7 +133,7 @@ pub async fn committed_units_stay_used(f: &impl Factory, acct: &str) {
     );
     let q = f.make(billing.clone()).await;
     for _ in 0..3 {
-        q.reserve(acct, now).await.expect("a unit").commit();
+        q.reserve(acct, now).await.expect("a unit").commit(None);
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(q.reserve(acct, now).await.err(), Some(Refusal::LowBalance));
@@ -168,7 +168,7 @@ pub async fn deduction_order(f: &impl Factory, acct: &str) {
     let r3 = q.reserve(acct, now).await.expect("the other prepaid");
     assert_eq!(label(&r3), "prepaid:p-late");
     for _ in 0..999 {
-        q.reserve(acct, now).await.expect("p-late").commit();
+        q.reserve(acct, now).await.expect("p-late").commit(None);
     }
     let r4 = q.reserve(acct, now).await.expect("postpaid");
     assert_eq!(*r4.source(), Source::Postpaid);

@@ -129,7 +129,11 @@ fn one_year_after(t: Timestamp) -> Timestamp {
 /// The deduction order among packages that can pay (SPEC §5): the free
 /// package first, then prepaid ones by earliest expiry; the id breaks ties
 /// so every replica and the store pick the same one.
-pub fn deduction_key(kind: PackageKind, expires_at: Timestamp, id: &str) -> (bool, Timestamp, &str) {
+pub fn deduction_key(
+    kind: PackageKind,
+    expires_at: Timestamp,
+    id: &str,
+) -> (bool, Timestamp, &str) {
     (kind == PackageKind::Prepaid, expires_at, id)
 }
 

@@ -410,3 +410,74 @@ mod conformance_local {
         conformance::run_all(&make, "t-").await;
     }
 }
+
+#[test]
+fn the_commit_tries_payers_in_the_deduction_order_at_the_calls_time() {
+    let t0 = ts("2026-01-10T00:00:00Z");
+    let c = |id: &str, kind, from: &str, to: &str| ChargeCandidate {
+        id: id.into(),
+        kind,
+        effective_at: ts(from),
+        expires_at: ts(to),
+    };
+    let candidates = vec![
+        c(
+            "late",
+            PackageKind::Prepaid,
+            "2026-01-01T00:00:00Z",
+            "2027-03-01T00:00:00Z",
+        ),
+        c(
+            "soon",
+            PackageKind::Prepaid,
+            "2026-01-01T00:00:00Z",
+            "2026-06-01T00:00:00Z",
+        ),
+        c(
+            "free",
+            PackageKind::Free,
+            "2025-02-01T00:00:00Z",
+            "2026-02-01T00:00:00Z",
+        ),
+        // Bought after the call was made: it does not pay for it.
+        c(
+            "future",
+            PackageKind::Prepaid,
+            "2026-01-11T00:00:00Z",
+            "2026-02-01T00:00:00Z",
+        ),
+        c(
+            "expired",
+            PackageKind::Prepaid,
+            "2025-01-01T00:00:00Z",
+            "2026-01-10T00:00:00Z",
+        ),
+    ];
+    let order: Vec<String> = charge_order(candidates, t0)
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(order, ["free", "soon", "late"]);
+}
+
+#[test]
+fn a_unit_charged_to_another_payer_frees_the_reserved_one() {
+    let t0 = ts("2026-01-10T00:00:00Z");
+    let mut b = AccountBilling {
+        postpaid: true,
+        packages: vec![free(t0), prepaid("p1", 1_000, t0)],
+        ..Default::default()
+    };
+    let reserved = b.reserve(t0 + 1.second(), GRACE).unwrap();
+    assert_eq!(reserved.package_id(), Some("free"));
+    // The store found the free package used up (another replica's units).
+    let charged = Source::Package {
+        id: "p1".into(),
+        kind: PackageKind::Prepaid,
+    };
+    b.commit_to(&reserved, &charged);
+    assert_eq!((b.packages[0].reserved, b.packages[0].used), (0, 0));
+    assert_eq!((b.packages[1].reserved, b.packages[1].used), (0, 1));
+    b.commit_to(&Source::Postpaid, &Source::Postpaid);
+    assert_eq!(b.packages[1].used, 1);
+}

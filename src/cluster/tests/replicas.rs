@@ -388,8 +388,8 @@ async fn committed_units_stay_taken_past_their_lease() {
     let a = replica(&p).await;
     let qa = RedisQuota::new(a.clone(), load());
     let qb = RedisQuota::new(replica(&p).await, load());
-    qa.reserve("acme", now).await.expect("a unit").commit();
-    qa.reserve("acme", now).await.expect("a unit").commit();
+    qa.reserve("acme", now).await.expect("a unit").commit(None);
+    qa.reserve("acme", now).await.expect("a unit").commit(None);
     // Three leases later, on another replica: both units are still taken.
     tokio::time::sleep(LEASE * 3).await;
     assert_eq!(

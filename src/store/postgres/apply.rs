@@ -7,8 +7,8 @@ use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
 use super::super::{Committed, StoreError, Write, changed_accounts};
-use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 use super::{internal, pg_write_error};
+use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -120,7 +120,10 @@ pub(super) async fn append_usage(
     )
     .await?;
     let row = tx
-        .query_one(&insert_event, &[&u.id, &u.account, &time, &charged_to, &json])
+        .query_one(
+            &insert_event,
+            &[&u.id, &u.account, &time, &charged_to, &json],
+        )
         .await
         .map_err(|e| pg_write_error(e, &what))?;
     let seq: i64 = row.get(0);

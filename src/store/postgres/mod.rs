@@ -30,8 +30,8 @@ use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError, StoreHealth,
-    StoredEvent, Write,
+    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
+    StoreHealth, StoredEvent, Write,
 };
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), one per thing serialized

@@ -138,7 +138,10 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
     match result {
         Ok(()) => {
             for ack in acks {
-                let _ = ack.send(Ok(Committed::Usage { seq: None, fell_through: None }));
+                let _ = ack.send(Ok(Committed::Usage {
+                    seq: None,
+                    fell_through: None,
+                }));
             }
         }
         Err(io) => {

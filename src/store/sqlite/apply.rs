@@ -3,8 +3,8 @@
 use rusqlite::{Connection, ErrorCode, params};
 
 use super::super::{Committed, StoreError, Write, changed_accounts};
-use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 use super::internal;
+use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 
 fn map_write_error(e: rusqlite::Error, what: &str) -> StoreError {
     if let rusqlite::Error::SqliteFailure(f, _) = &e
@@ -409,7 +409,10 @@ fn charge(
     use rusqlite::OptionalExtension;
     let postpaid: Option<bool> = conn
         .prepare_cached("SELECT postpaid FROM accounts WHERE id = ?1")
-        .and_then(|mut st| st.query_row(params![event.subject], |r| r.get(0)).optional())
+        .and_then(|mut st| {
+            st.query_row(params![event.subject], |r| r.get(0))
+                .optional()
+        })
         .map_err(internal)?;
     if postpaid == Some(true) {
         return Ok(Some(Source::Postpaid));

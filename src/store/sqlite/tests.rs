@@ -85,10 +85,12 @@ async fn writes_persist_and_conflicts_are_typed() {
     )
     .await;
     assert!(matches!(orphan, Err(StoreError::NotFound(_))), "{orphan:?}");
-    let Committed::Usage { seq: s1 } = commit(&store, usage("acme", None)).await.unwrap() else {
+    let Committed::Usage { seq: s1, .. } = commit(&store, usage("acme", None)).await.unwrap()
+    else {
         panic!()
     };
-    let Committed::Usage { seq: s2 } = commit(&store, usage("acme", None)).await.unwrap() else {
+    let Committed::Usage { seq: s2, .. } = commit(&store, usage("acme", None)).await.unwrap()
+    else {
         panic!()
     };
     assert!(s2 > s1);
