@@ -40,6 +40,7 @@ fn event(n: u64) -> UsageEvent {
             upstream_ms: 12,
             charged_to: "postpaid".into(),
             client_gone: false,
+            idempotency: None,
         },
     )
 }
@@ -109,7 +110,7 @@ fn measure(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime, store: 
                             let rec = rec.clone();
                             let ev = event(n);
                             tokio::spawn(async move {
-                                rec.record(ev, None, "2026-11".into())
+                                rec.record(ev, None, "2026-11".into(), None)
                                     .await
                                     .expect("stored")
                             })

@@ -16,12 +16,15 @@ use crate::accounts::{AccountService, ChangeError, Registry, hash_key};
 use crate::admin::AdminState;
 use crate::billing;
 use crate::clock::{Clock, SystemClock};
-use crate::cluster::{ClusterError, ClusterSettings, Coordinator, RedisLimiter, RedisQuota};
+use crate::cluster::{
+    ClusterError, ClusterSettings, Coordinator, RedisLimiter, RedisMarkers, RedisQuota,
+};
 use crate::config::StorageKind;
 use crate::config::{Config, DEMO_API_KEY, LiveConfig};
 use crate::entitlements::schedule::Schedule;
 use crate::gateway::Gateway;
 use crate::gateway::proxy::Backend;
+use crate::idempotency::{InProgress, LocalMarkers};
 use crate::limiter::{GateReport, Limiter, LocalLimiter};
 use crate::metrics::Metrics;
 use crate::store::{KeyRow, Store, StoreError};
@@ -179,6 +182,10 @@ impl App {
             ),
             None => billing.clone(),
         };
+        let markers: Arc<dyn InProgress> = match &coordinator {
+            Some(coord) => Arc::new(RedisMarkers::new(coord.clone())),
+            None => Arc::new(LocalMarkers::default()),
+        };
         drop(config);
         let config: LiveConfig = Arc::new(ArcSwap::new(snapshot));
         let backend = Arc::new(ArcSwap::from_pointee(backend));
@@ -197,6 +204,7 @@ impl App {
             tasks: TaskTracker::new(),
             buffers: Default::default(),
             waiting: Default::default(),
+            markers,
         });
         let admin = Arc::new(AdminState {
             config: config.clone(),

@@ -30,6 +30,7 @@ const SECTIONS: &[&str] = &[
     "demo",
     "cluster",
     "auth",
+    "idempotency",
 ];
 
 /// The config the running gateway reads, swapped whole by a reload.
@@ -50,6 +51,29 @@ pub struct Config {
     pub demo: DemoConfig,
     pub cluster: ClusterConfig,
     pub auth: AuthConfig,
+    pub idempotency: IdempotencyConfig,
+}
+
+/// Idempotency keys (SPEC §10.1). Both keys change live on a reload (new
+/// keys take the new values).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a key's first success is remembered.
+    #[serde(deserialize_with = "human_duration")]
+    pub ttl: Duration,
+    /// Answers larger than this are not kept: a retry then gets `409
+    /// FailedOperation.IdempotentAnswerNotStored`.
+    pub max_stored_answer_bytes: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(24 * 3600),
+            max_stored_answer_bytes: 1 << 20,
+        }
+    }
 }
 
 /// The API 3.0 (TC3-HMAC-SHA256) front (SPEC §9).
@@ -612,6 +636,20 @@ impl Config {
         if self.server.instance.is_empty() {
             return Err(invalid("server.instance", "must not be empty"));
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(365 * 86_400))
+            .contains(&self.idempotency.ttl)
+        {
+            return Err(invalid(
+                "idempotency.ttl",
+                "must be between 1s and 365 days",
+            ));
+        }
+        if self.idempotency.max_stored_answer_bytes > 64 << 20 {
+            return Err(invalid(
+                "idempotency.max_stored_answer_bytes",
+                "must be at most 67108864 (64 MiB)",
+            ));
+        }
         for (key, value) in [
             ("server.max_connections", self.server.max_connections),
             ("admin.max_connections", self.admin.max_connections),
@@ -959,6 +997,7 @@ fn apply_env_override(
             | "level"
             | "data_dir"
             | "arrears_grace"
+            | "ttl"
             | "listen"
             | "kind"
             | "redis_url"
@@ -1057,6 +1096,7 @@ mod tests {
             ("storage", 3),
             ("cluster", 4),
             ("billing", 2),
+            ("idempotency", 2),
             ("metrics", 3),
             ("log", 3),
             ("simulator", 4),

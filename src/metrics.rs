@@ -27,14 +27,18 @@ pub enum Outcome {
     Rejected,
     /// The backend could not be reached or timed out, or recording failed.
     Error,
+    /// A retry answered with the stored answer of its key's first success
+    /// (nothing forwarded, nothing charged).
+    Replayed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Success,
         Outcome::Failure,
         Outcome::Rejected,
         Outcome::Error,
+        Outcome::Replayed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -43,13 +47,14 @@ impl Outcome {
             Outcome::Failure => "failure",
             Outcome::Rejected => "rejected",
             Outcome::Error => "error",
+            Outcome::Replayed => "replayed",
         }
     }
 }
 
 pub struct Metrics {
     registry: Registry,
-    outcomes: [IntCounter; 4],
+    outcomes: [IntCounter; 5],
     rejections: IntCounterVec,
     /// The histograms, swapped whole when a reload changes their buckets.
     durations: ArcSwap<Durations>,
@@ -98,7 +103,7 @@ struct Durations {
     upstream: Histogram,
     task_vec: HistogramVec,
     /// `task_vec` by [`Outcome`], resolved once.
-    task: [Histogram; 4],
+    task: [Histogram; 5],
 }
 
 impl Durations {

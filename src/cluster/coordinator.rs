@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::health::{Health, Op};
+use super::markers::MarkerState;
 use super::pool::PoolView;
 use super::quota::UnitState;
 use super::tickets::TicketState;
@@ -100,6 +101,8 @@ pub struct Coordinator {
     pub(super) tickets: DashMap<Arc<str>, TicketState>,
     /// Quota reservations of this replica.
     pub(super) units: DashMap<Arc<str>, UnitState>,
+    /// Idempotency keys' in-progress markers this replica holds.
+    pub(super) markers: DashMap<Arc<str>, MarkerState>,
     /// Every pool this replica has touched, as last seen.
     pub(super) pools: DashMap<Arc<str>, PoolView>,
     /// Releases and cancels spawned from `Drop`; `close` awaits them.
@@ -153,6 +156,7 @@ impl Coordinator {
             health: Health::new(),
             tickets: DashMap::new(),
             units: DashMap::new(),
+            markers: DashMap::new(),
             pools: DashMap::new(),
             tasks: TaskTracker::new(),
             runtime: Handle::current(),
@@ -179,7 +183,7 @@ impl Coordinator {
 
     /// Failed Redis exchanges per `op` label, for
     /// `tollgate_coordination_errors_total{op}`.
-    pub fn coordination_errors(&self) -> [(&'static str, u64); 4] {
+    pub fn coordination_errors(&self) -> [(&'static str, u64); 5] {
         self.health.errors()
     }
 

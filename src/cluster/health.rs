@@ -11,10 +11,17 @@ pub enum Op {
     Release,
     Heartbeat,
     Quota,
+    Idempotency,
 }
 
 impl Op {
-    pub const ALL: [Op; 4] = [Op::Acquire, Op::Release, Op::Heartbeat, Op::Quota];
+    pub const ALL: [Op; 5] = [
+        Op::Acquire,
+        Op::Release,
+        Op::Heartbeat,
+        Op::Quota,
+        Op::Idempotency,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -22,6 +29,7 @@ impl Op {
             Op::Release => "release",
             Op::Heartbeat => "heartbeat",
             Op::Quota => "quota",
+            Op::Idempotency => "idempotency",
         }
     }
 }
@@ -35,7 +43,7 @@ pub(crate) struct Health {
     /// the store at; reservations go through Redis only while it is
     /// current.
     quota_in_line: AtomicU64,
-    errors: [AtomicU64; 4],
+    errors: [AtomicU64; 5],
     leases_lost: AtomicU64,
     /// Replicas with an unexpired registry entry, as last seen; the divisor
     /// of the limit while Redis is unreachable.
@@ -95,7 +103,7 @@ impl Health {
         self.quota_in_line.fetch_max(outages, Ordering::AcqRel);
     }
 
-    pub(crate) fn errors(&self) -> [(&'static str, u64); 4] {
+    pub(crate) fn errors(&self) -> [(&'static str, u64); 5] {
         Op::ALL.map(|op| (op.label(), self.errors[op as usize].load(Ordering::Relaxed)))
     }
 

@@ -45,12 +45,13 @@ impl Coordinator {
             Ok(live) => {
                 self.health.set_live_replicas(live);
                 self.health.reached();
-                tokio::join!(self.beat_pools(), self.beat_units());
+                tokio::join!(self.beat_pools(), self.beat_units(), self.beat_markers());
             }
             Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
         }
         let now = Instant::now();
         self.check_lapsed_tickets(now);
         self.check_lapsed_units(now);
+        self.check_lapsed_markers(now);
     }
 }

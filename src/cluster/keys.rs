@@ -19,6 +19,14 @@ pub(crate) fn quota(prefix: &str, account: &str) -> [String; 3] {
     ["taken", "resv", "resvpkg"].map(|p| format!("{prefix}:{{{account}}}:q:{p}"))
 }
 
+/// The in-progress marker of one idempotency key (its SHA-256, so any
+/// key makes a short, safe Redis key).
+pub(crate) fn marker(prefix: &str, account: &str, key: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(key.as_bytes());
+    format!("{prefix}:{{{account}}}:idem:{}", hex::encode(&h[..16]))
+}
+
 /// The replica registry.
 pub(crate) fn instances(prefix: &str) -> String {
     format!("{prefix}:instances")
@@ -36,6 +44,7 @@ mod tests {
         for k in super::pool("tg", "acme")
             .iter()
             .chain(&super::quota("tg", "acme"))
+            .chain(&[super::marker("tg", "acme", "{other}:key")])
         {
             assert!(k.starts_with("tg:{acme}:"), "{k}");
         }

@@ -107,7 +107,7 @@ impl RedisLimiter {
         self.core.coord.leases_lost()
     }
 
-    pub fn coordination_errors(&self) -> [(&'static str, u64); 4] {
+    pub fn coordination_errors(&self) -> [(&'static str, u64); 5] {
         self.core.coord.coordination_errors()
     }
 }

@@ -34,7 +34,9 @@ mod coordinator;
 mod health;
 mod heartbeat;
 mod keys;
+mod lease;
 mod limiter;
+mod markers;
 mod pool;
 mod pubsub;
 mod quota;
@@ -46,6 +48,7 @@ mod wait;
 pub use coordinator::{ClusterError, ClusterSettings, Coordinator};
 pub use health::Op;
 pub use limiter::RedisLimiter;
+pub use markers::RedisMarkers;
 pub use quota::RedisQuota;
 
 #[cfg(test)]

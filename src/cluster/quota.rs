@@ -9,7 +9,6 @@
 //! `local` reserves in this replica's memory only, so replicas may then
 //! together overdraw by what each of them sees as left.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use tokio::time::Instant;
 use super::coordinator::Coordinator;
 use super::health::Op;
 use super::keys;
+use super::lease::{self, LeaseKind, LeaseState, Leased};
 use super::scripts::{QUOTA_BEAT, RESERVE, SETTLE};
 use crate::billing::{Accounts, HeldUnit, Payer, Quota, Refusal, Reservation, Reserve, Source};
 use crate::clock::Clock;
@@ -44,13 +44,21 @@ pub struct RedisQuota {
 }
 
 pub(super) struct UnitState {
-    account: Arc<str>,
-    renewed_until: Instant,
-    lost: bool,
+    lease: LeaseState,
     /// The success is durable: the next heartbeat drops the record (the
     /// unit stays taken). Until then it is renewed like any other, so it
     /// is never given back by a lapsing lease.
     committed: bool,
+}
+
+impl Leased for UnitState {
+    fn lease(&self) -> Option<&LeaseState> {
+        Some(&self.lease)
+    }
+
+    fn lease_mut(&mut self) -> Option<&mut LeaseState> {
+        Some(&mut self.lease)
+    }
 }
 
 impl RedisQuota {
@@ -217,9 +225,7 @@ impl RedisQuota {
         coord.units.insert(
             id,
             UnitState {
-                account,
-                renewed_until: Instant::now() + coord.lease,
-                lost: false,
+                lease: LeaseState::new(account, coord.lease),
                 committed: false,
             },
         );
@@ -249,7 +255,7 @@ impl Held {
         let lost = match self.coord.units.get_mut(&self.id) {
             Some(mut u) => {
                 u.committed = true;
-                u.lost
+                u.lease.is_lost()
             }
             // Not registered (cannot happen for a held unit): settle now.
             None => return self.settle(true),
@@ -318,25 +324,21 @@ impl HeldUnit for Unit {
 
 impl Coordinator {
     /// The quota's share of the heartbeat: one script per account renewing
-    /// this replica's reservations.
+    /// this replica's reservations and settling the committed ones.
     pub(super) async fn beat_units(&self) {
-        let mut by_account: HashMap<Arc<str>, Vec<(Arc<str>, bool)>> = HashMap::new();
-        for e in self.units.iter() {
-            if !e.value().lost {
-                by_account
-                    .entry(e.value().account.clone())
-                    .or_default()
-                    .push((e.key().clone(), e.value().committed));
-            }
-        }
+        let by_account = lease::by_account(&self.units, |_| true);
         let started = Instant::now();
         let replies = join_all(by_account.into_iter().map(|(account, ids)| async move {
+            let committed: Vec<bool> = ids
+                .iter()
+                .map(|id| self.units.get(id).is_some_and(|u| u.committed))
+                .collect();
             let mut inv = QUOTA_BEAT.prepare_invoke();
             for k in keys::quota(&self.prefix, &account) {
                 inv.key(k);
             }
             inv.arg(self.lease_ms());
-            for (id, committed) in &ids {
+            for (id, committed) in ids.iter().zip(&committed) {
                 if *committed {
                     inv.arg(format!("+{id}"));
                 } else {
@@ -344,41 +346,37 @@ impl Coordinator {
                 }
             }
             let r = self.call::<Vec<i64>>(Op::Heartbeat, &inv).await;
-            (account, ids, r)
+            (account, ids, committed, r)
         }))
         .await;
-        for (account, ids, r) in replies {
+        for (account, ids, committed, r) in replies {
             let Ok(flags) = r else { continue };
-            for ((id, committed), ok) in ids.iter().zip(flags) {
-                if *committed {
+            let mut renew = (Vec::new(), Vec::new());
+            for ((id, committed), ok) in ids.iter().zip(committed).zip(flags) {
+                if committed {
+                    // Settled: the record goes, the unit stays taken.
                     self.units.remove(id);
                     if ok != 1 {
                         self.health.lease_lost();
                         tracing::warn!(%account, reservation = %id, "a committed unit's reservation had expired before it was settled");
                     }
-                    continue;
-                }
-                let Some(mut u) = self.units.get_mut(id) else {
-                    continue;
-                };
-                if ok == 1 {
-                    u.renewed_until = started + self.lease;
-                } else if !u.lost {
-                    u.lost = true;
-                    self.health.lease_lost();
-                    tracing::warn!(%account, reservation = %id, "quota reservation lost: it expired before it was renewed");
+                } else {
+                    renew.0.push(id.clone());
+                    renew.1.push(ok);
                 }
             }
+            lease::apply_renewals(
+                &self.units,
+                &renew.0,
+                &renew.1,
+                started + self.lease,
+                &self.health,
+                LeaseKind::Unit,
+            );
         }
     }
 
     pub(super) fn check_lapsed_units(&self, now: Instant) {
-        for mut u in self.units.iter_mut() {
-            if !u.lost && u.renewed_until <= now {
-                u.lost = true;
-                self.health.lease_lost();
-                tracing::warn!(account = %u.account, "quota reservation lost: Redis unreachable past the lease");
-            }
-        }
+        lease::lapse_all(&self.units, now, &self.health, LeaseKind::Unit);
     }
 }

@@ -27,3 +27,9 @@ pub(crate) static INSTANCES: LazyLock<Script> =
 pub(crate) static RESERVE: LazyLock<Script> = quota_script!("lua/reserve.lua");
 pub(crate) static SETTLE: LazyLock<Script> = quota_script!("lua/settle.lua");
 pub(crate) static QUOTA_BEAT: LazyLock<Script> = quota_script!("lua/quota_beat.lua");
+pub(crate) static MARKER_TAKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/marker_take.lua")));
+pub(crate) static MARKER_BEAT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/marker_beat.lua")));
+pub(crate) static MARKER_RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/marker_release.lua")));

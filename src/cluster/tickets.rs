@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::coordinator::Coordinator;
 use super::health::Op;
 use super::keys;
+use super::lease::{LeaseKind, LeaseState, Leased, apply_renewals, lapse_all};
 use super::scripts::{LEAVE, POOL_BEAT};
 use crate::limiter::LimitError;
 
@@ -29,18 +30,31 @@ pub(super) enum TicketState {
         /// the acquire and take the ticket for gone.
         confirmed: bool,
     },
-    Held {
-        account: Arc<str>,
-        renewed_until: Instant,
-        /// Counted in `leases_lost` already.
-        lost: bool,
-    },
+    /// Holding a slot, under a lease.
+    Held(LeaseState),
 }
 
 impl TicketState {
     fn account(&self) -> &Arc<str> {
         match self {
-            Self::Queued { account, .. } | Self::Held { account, .. } => account,
+            Self::Queued { account, .. } => account,
+            Self::Held(lease) => &lease.account,
+        }
+    }
+}
+
+impl Leased for TicketState {
+    fn lease(&self) -> Option<&LeaseState> {
+        match self {
+            Self::Held(l) => Some(l),
+            Self::Queued { .. } => None,
+        }
+    }
+
+    fn lease_mut(&mut self) -> Option<&mut LeaseState> {
+        match self {
+            Self::Held(l) => Some(l),
+            Self::Queued { .. } => None,
         }
     }
 }
@@ -75,12 +89,7 @@ impl Coordinator {
         if let Signal::Granted = sig {
             // The heartbeat renews it from now on, even before the waiter
             // wakes up.
-            let account = account.clone();
-            *entry = TicketState::Held {
-                account,
-                renewed_until: Instant::now() + self.lease,
-                lost: false,
-            };
+            *entry = TicketState::Held(LeaseState::new(account.clone(), self.lease));
         }
         let _ = tx.send(sig);
     }
@@ -137,8 +146,8 @@ impl Coordinator {
         for e in self.tickets.iter() {
             let slot = pools.entry(e.value().account().clone()).or_default();
             match e.value() {
-                TicketState::Held { lost: false, .. } => slot.0.push(e.key().clone()),
-                TicketState::Held { .. } => {}
+                TicketState::Held(l) if !l.is_lost() => slot.0.push(e.key().clone()),
+                TicketState::Held(_) => {}
                 TicketState::Queued {
                     confirmed: true, ..
                 } => slot.1.push(e.key().clone()),
@@ -181,25 +190,14 @@ impl Coordinator {
                 continue;
             };
             self.note_pool(&account, &stats);
-            for (t, ok) in held.iter().zip(held_ok) {
-                let Some(mut e) = self.tickets.get_mut(t) else {
-                    continue;
-                };
-                if let TicketState::Held {
-                    renewed_until: until,
-                    lost,
-                    ..
-                } = &mut *e
-                {
-                    if ok == 1 {
-                        *until = renewed_until;
-                    } else if !*lost {
-                        *lost = true;
-                        self.health.lease_lost();
-                        tracing::warn!(%account, ticket = %t, "lease lost: the slot expired before it was renewed");
-                    }
-                }
-            }
+            apply_renewals(
+                &self.tickets,
+                &held,
+                &held_ok,
+                renewed_until,
+                &self.health,
+                LeaseKind::Slot,
+            );
             for (t, st) in queued.iter().zip(queued_st) {
                 match st {
                     0 => {
@@ -232,20 +230,6 @@ impl Coordinator {
     /// Held slots whose lease ran out before a renewal reached Redis
     /// (the honest edge of SPEC §8.9): counted once each, and logged.
     pub(super) fn check_lapsed_tickets(&self, now: Instant) {
-        for mut e in self.tickets.iter_mut() {
-            let ticket = e.key().clone();
-            if let TicketState::Held {
-                account,
-                renewed_until,
-                lost,
-            } = e.value_mut()
-                && !*lost
-                && *renewed_until <= now
-            {
-                *lost = true;
-                self.health.lease_lost();
-                tracing::warn!(%account, %ticket, "lease lost: Redis unreachable past the lease");
-            }
-        }
+        lapse_all(&self.tickets, now, &self.health, LeaseKind::Slot);
     }
 }

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::coordinator::Coordinator;
+use super::lease::LeaseState;
 use super::tickets::TicketState;
 use crate::limiter::{Lease, Permit};
 
@@ -37,11 +36,7 @@ impl Waiting {
     pub(super) fn granted(mut self) -> Permit {
         self.armed = false;
         let coord = self.coord.clone();
-        let held = || TicketState::Held {
-            account: self.account.clone(),
-            renewed_until: Instant::now() + coord.lease,
-            lost: false,
-        };
+        let held = || TicketState::Held(LeaseState::new(self.account.clone(), coord.lease));
         // A grant signal already made it `Held`, and the heartbeat may have
         // renewed or lost it since: keep that, never reset it.
         coord

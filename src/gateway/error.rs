@@ -77,6 +77,21 @@ pub enum GatewayError {
     /// `limits.max_queued_tasks` tasks already wait, across accounts.
     #[error("the gateway already holds its maximum of queued tasks; try again shortly")]
     GatewayQueueFull,
+    #[error(
+        "a request with this idempotency key is still queued or running; retry when it has ended"
+    )]
+    IdempotentRequestInProgress { retry_after: Duration },
+    #[error(
+        "this idempotency key was used for another request (method, path, query or body differ)"
+    )]
+    IdempotencyKeyReused,
+    #[error(
+        "the request with this idempotency key succeeded, but its answer was too large to keep"
+    )]
+    IdempotentAnswerNotStored,
+    /// Idempotency keys are checked in the store, which cannot be read.
+    #[error("the gateway cannot check the idempotency key now; try again shortly")]
+    StoreUnavailable,
 }
 
 impl GatewayError {
@@ -101,6 +116,11 @@ impl GatewayError {
             Self::BuffersFull | Self::GatewayQueueFull | Self::AnswersFull => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Self::IdempotentRequestInProgress { .. } | Self::IdempotentAnswerNotStored => {
+                StatusCode::CONFLICT
+            }
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -131,6 +151,12 @@ impl GatewayError {
             Self::InvalidVersion(_) => "InvalidParameterValue",
             Self::BuffersFull | Self::GatewayQueueFull => "RequestLimitExceeded",
             Self::AnswersFull => "FailedOperation.GatewayBusy",
+            Self::IdempotentRequestInProgress { .. } => {
+                "FailedOperation.IdempotentRequestInProgress"
+            }
+            Self::IdempotencyKeyReused => "InvalidParameter.IdempotencyKeyReused",
+            Self::IdempotentAnswerNotStored => "FailedOperation.IdempotentAnswerNotStored",
+            Self::StoreUnavailable => "FailedOperation.StoreUnavailable",
         }
     }
 
@@ -147,9 +173,9 @@ impl GatewayError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::QueueFull { retry_after } | Self::QueueTimeout { retry_after } => {
-                Some(*retry_after)
-            }
+            Self::QueueFull { retry_after }
+            | Self::QueueTimeout { retry_after }
+            | Self::IdempotentRequestInProgress { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -226,6 +252,12 @@ mod tests {
             GatewayError::GatewayQueueFull,
             GatewayError::AnswersFull,
             GatewayError::BodyTooSlow { min_rate: 1 },
+            GatewayError::IdempotentRequestInProgress {
+                retry_after: Duration::from_secs(1),
+            },
+            GatewayError::IdempotencyKeyReused,
+            GatewayError::IdempotentAnswerNotStored,
+            GatewayError::StoreUnavailable,
         ];
         for e in all {
             assert!(

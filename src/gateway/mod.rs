@@ -7,6 +7,7 @@ pub mod budget;
 pub mod client_gone;
 mod detach;
 pub mod error;
+mod keyed;
 mod pipeline;
 pub mod proxy;
 mod shared_stream;

@@ -31,9 +31,11 @@ use super::budget::Share;
 use super::client_gone::ConnWatch;
 use super::detach::DetachOnDrop;
 use super::error::GatewayError;
+use super::keyed::{self, Admission, Keyed};
 use super::proxy::{Answer, TaskBody, X_QUEUE_TIMEOUT_MS, X_REQUEST_ID};
 use super::tally::Tally;
 use super::tc3_front;
+use crate::store::StoreError;
 
 const X_QUEUE_WAIT_MS: http::HeaderName = http::HeaderName::from_static("x-queue-wait-ms");
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -112,24 +114,57 @@ async fn run(
     // One config snapshot for the whole admission (a reload may swap it).
     let config = gw.config();
     check_task_shape(&config, &req)?;
-    let (principal, revoked, req, action, buffer) = if tc3 {
+    let (principal, revoked, req, action, buffer, key) = if tc3 {
         let v = tc3_front::verify(gw, &config, req).await?;
+        let key = match v.request.body() {
+            TaskBody::Buffered(body) => keyed::key_of(v.request.headers(), Some(body))?,
+            TaskBody::Streaming(_) => None,
+        };
         (
             v.principal,
             v.revoked,
             v.request,
             Some(v.action),
             Some(v.share),
+            key,
         )
     } else {
         let (principal, revoked) = auth::api_key::authenticate(&gw.registry, req.headers())
             .ok_or(GatewayError::Unauthorized)?;
         check_declared_length(&config, &req)?;
-        (principal, revoked, req.map(TaskBody::Streaming), None, None)
+        match keyed::key_of(req.headers(), None)? {
+            // The fingerprint covers the body: read before the task queues.
+            Some(key) => {
+                let (parts, body, share) = tc3_front::read_whole(gw, &config, req).await?;
+                let req = Request::from_parts(parts, TaskBody::Buffered(body));
+                (principal, revoked, req, None, Some(share), Some(key))
+            }
+            None => (
+                principal,
+                revoked,
+                req.map(TaskBody::Streaming),
+                None,
+                None,
+                None,
+            ),
+        }
     };
     if let Some(t) = tally.as_mut() {
         t.line.principal(&principal);
     }
+    let keyed = match key {
+        None => None,
+        Some(key) => {
+            let body: &[u8] = match req.body() {
+                TaskBody::Buffered(b) => b,
+                TaskBody::Streaming(_) => &[],
+            };
+            match keyed::admit(gw, &principal, key, req.method(), req.uri(), body).await? {
+                Admission::Replay(answer) => return Ok((answer, Outcome::Replayed)),
+                Admission::Run(k) => Some(k),
+            }
+        }
+    };
     let wait_limit = queue_wait_limit(&config, &req)?;
     let mut reserve = account_gate::check(gw, &principal)?;
 
@@ -225,6 +260,7 @@ async fn run(
         queue_wait: *queue_wait,
         tally: tally.take(),
         action,
+        keyed,
         _buffer: buffer,
     };
     DetachOnDrop::new(
@@ -262,6 +298,9 @@ struct Task {
     tally: Option<Tally>,
     /// API 3.0: the action, which names the usage event's `api`.
     action: Option<String>,
+    /// A task with an idempotency key: its marker, held until the task
+    /// ends, and what its success stores with the event.
+    keyed: Option<Keyed>,
     /// API 3.0: the body's share of `limits.max_buffered_bytes`, held until
     /// the task ends.
     _buffer: Option<Share>,
@@ -339,6 +378,11 @@ impl Task {
         }
         let now = gw.clock.now();
         let month = Month::of(now, &gw.tz).to_string();
+        let account = &*self.principal.root.id;
+        let record = self
+            .keyed
+            .as_ref()
+            .map(|k| k.record(account, &answer, &config, gw));
         let event = UsageEvent::new(
             &config.server.instance,
             now,
@@ -356,10 +400,15 @@ impl Task {
                 upstream_ms: upstream.as_millis() as u64,
                 charged_to: reservation.source().label(),
                 client_gone: client_gone.load(Ordering::Acquire),
+                idempotency: self
+                    .keyed
+                    .as_ref()
+                    .zip(record.as_ref())
+                    .map(|(k, r)| k.event_part(r.answer.is_some())),
             },
         );
         let package = reservation.source().package_id().map(String::from);
-        match gw.recorder.record(event, package, month).await {
+        match gw.recorder.record(event, package, month, record).await {
             Ok(recorded) => {
                 let charged = recorded.fell_through.as_ref();
                 if let Some(t) = tally {
@@ -368,6 +417,19 @@ impl Task {
                 }
                 reservation.commit(charged);
                 Ok((answer, Outcome::Success))
+            }
+            Err(StoreError::Conflict(why)) if self.keyed.is_some() => {
+                let keyed = self.keyed.as_ref().expect("checked");
+                match keyed.answer_of_the_first(gw, account).await {
+                    Some(first) => {
+                        tracing::warn!(%why, "another run of this idempotency key committed first; its answer is returned and this run is not charged");
+                        Ok((first, Outcome::Replayed))
+                    }
+                    None => {
+                        tracing::error!(%why, "usage event could not be stored; the task is not charged");
+                        Err(GatewayError::UsageRecordFailed)
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "usage event could not be stored; the task is not charged");

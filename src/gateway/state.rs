@@ -11,6 +11,7 @@ use crate::accounts::Registry;
 use crate::billing::Quota;
 use crate::clock::Clock;
 use crate::config::{Config, LiveConfig};
+use crate::idempotency::InProgress;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::usage::UsageRecorder;
@@ -43,6 +44,9 @@ pub struct Gateway {
     pub buffers: Budget,
     /// Tasks waiting for a slot, across accounts (`limits.max_queued_tasks`).
     pub waiting: Budget,
+    /// Idempotency keys whose first request is queued or running: in
+    /// process, or shared through Redis.
+    pub markers: Arc<dyn InProgress>,
 }
 
 impl Gateway {

@@ -65,48 +65,7 @@ pub async fn verify(
     };
     tc3::check_context(&auth, headers, &expect).map_err(tc3_error)?;
 
-    let limits = &config.limits;
-    let declared: Option<u64> = match headers.get(CONTENT_LENGTH) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?,
-        ),
-    };
-    if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return Err(GatewayError::BodyTooLarge {
-            limit: limits.max_body_bytes,
-        });
-    }
-    // A body of unknown length books the most it may grow to.
-    let booked = declared.unwrap_or(limits.max_body_bytes);
-    let share = gw
-        .buffers
-        .take(booked, limits.max_buffered_bytes)
-        .ok_or(GatewayError::BuffersFull)?;
-
-    let (parts, body) = req.into_parts();
-    let idle = std::time::Duration::from_millis(limits.body_idle_timeout_ms);
-    let body: Bytes = IdleTimeout::new(Limited::new(body, limits.max_body_bytes as usize), idle)
-        .with_min_rate(limits.min_body_rate_bytes_per_s)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<BodyStalled>().is_some() {
-                GatewayError::BodyTimeout { idle }
-            } else if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
-                GatewayError::BodyTooSlow { min_rate: slow.0 }
-            } else if e.is::<http_body_util::LengthLimitError>() {
-                GatewayError::BodyTooLarge {
-                    limit: limits.max_body_bytes,
-                }
-            } else {
-                GatewayError::BadRequest("the request body could not be read".into())
-            }
-        })?
-        .to_bytes();
+    let (parts, body, share) = read_whole(gw, config, req).await?;
 
     let timestamp = parts
         .headers
@@ -156,4 +115,61 @@ pub async fn verify(
         action,
         share,
     })
+}
+
+/// Reads a task's body whole before it is gated or queued, within
+/// `limits.max_body_bytes` and its share of `limits.max_buffered_bytes`
+/// (held by the returned [`Share`] until the task ends): API 3.0 bodies
+/// (their signature covers them) and bodies of tasks with an idempotency
+/// key (their fingerprint covers them).
+pub async fn read_whole(
+    gw: &Gateway,
+    config: &Config,
+    req: Request<Incoming>,
+) -> Result<(http::request::Parts, Bytes, Share), GatewayError> {
+    let headers = req.headers();
+    let limits = &config.limits;
+    let declared: Option<u64> = match headers.get(CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?,
+        ),
+    };
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return Err(GatewayError::BodyTooLarge {
+            limit: limits.max_body_bytes,
+        });
+    }
+    // A body of unknown length books the most it may grow to.
+    let booked = declared.unwrap_or(limits.max_body_bytes);
+    let share = gw
+        .buffers
+        .take(booked, limits.max_buffered_bytes)
+        .ok_or(GatewayError::BuffersFull)?;
+
+    let (parts, body) = req.into_parts();
+    let idle = std::time::Duration::from_millis(limits.body_idle_timeout_ms);
+    let body: Bytes = IdleTimeout::new(Limited::new(body, limits.max_body_bytes as usize), idle)
+        .with_min_rate(limits.min_body_rate_bytes_per_s)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<BodyStalled>().is_some() {
+                GatewayError::BodyTimeout { idle }
+            } else if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
+                GatewayError::BodyTooSlow { min_rate: slow.0 }
+            } else if e.is::<http_body_util::LengthLimitError>() {
+                GatewayError::BodyTooLarge {
+                    limit: limits.max_body_bytes,
+                }
+            } else {
+                GatewayError::BadRequest("the request body could not be read".into())
+            }
+        })?
+        .to_bytes();
+
+    Ok((parts, body, share))
 }

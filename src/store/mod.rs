@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, oneshot};
 use crate::accounts::{AccountStatus, KeyHash};
 use crate::billing::{Bill, ResourcePackage, Source};
 use crate::entitlements::ConcurrencyPackage;
+use crate::idempotency::IdempotencyRecord;
 use crate::usage::UsageEvent;
 
 pub use postgres::PostgresStore;
@@ -115,6 +116,10 @@ pub enum Write {
         /// The billing month (`YYYY-MM` in the billing time zone) whose
         /// counters the success adds to.
         month: String,
+        /// The task's idempotency key and its stored answer, committed
+        /// with the event or not at all. Refused (`Conflict`) while
+        /// another live record holds the key.
+        idempotency: Option<Box<IdempotencyRecord>>,
     },
     CreateConcurrencyPackage(Box<ConcurrencyPackage>),
     RefundConcurrencyPackage {
@@ -145,6 +150,13 @@ pub enum Write {
         lines: Vec<SettlementLine>,
         at: Timestamp,
     },
+    /// Forgets at most `limit` idempotency records that expired before
+    /// `before_ms` (Unix ms): bounded work per pass. Answers
+    /// [`Committed::Purged`].
+    PurgeIdempotency {
+        before_ms: i64,
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +175,8 @@ pub enum Committed {
         /// charged as reserved.
         fell_through: Option<Source>,
     },
+    /// Idempotency records forgotten.
+    Purged(u64),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -391,6 +405,14 @@ pub trait Store: Send + Sync + 'static {
     fn package_usage(&self, now: Timestamp)
     -> BoxFuture<'_, Result<Vec<PackageUsage>, StoreError>>;
 
+    /// The idempotency record of `key` in root account `account`, expired
+    /// or not (the caller decides with the clock).
+    fn idempotency_record<'a>(
+        &'a self,
+        account: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>>;
+
     /// What earlier settlements of `month` charged each account.
     fn settled<'a>(
         &'a self,
@@ -465,7 +487,8 @@ pub(crate) fn changed_accounts(write: &Write) -> Vec<String> {
         Write::RevokeKey { .. }
         | Write::RefundConcurrencyPackage { .. }
         | Write::RefundResourcePackage { .. }
-        | Write::AppendUsage { .. } => Vec::new(),
+        | Write::AppendUsage { .. }
+        | Write::PurgeIdempotency { .. } => Vec::new(),
     }
 }
 
@@ -479,4 +502,56 @@ pub(crate) fn relabel(json: &str, payer: &Source) -> Result<(String, String), St
     event.data.charged_to = payer.label();
     let json = serde_json::to_string(&event).map_err(bad)?;
     Ok((event.data.charged_to, json))
+}
+
+/// An idempotency record from its stored columns (both stores keep the
+/// same ones).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn idempotency_row(
+    account: &str,
+    key: &str,
+    fingerprint: &[u8],
+    status: Option<i64>,
+    headers: Option<String>,
+    body: Option<Vec<u8>>,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+) -> Result<IdempotencyRecord, StoreError> {
+    let bad = |what: &str| {
+        StoreError::Internal(format!("idempotency record {account}/{key}: bad {what}"))
+    };
+    let fingerprint =
+        crate::idempotency::Fingerprint(fingerprint.try_into().map_err(|_| bad("fingerprint"))?);
+    let answer = match status {
+        None => None,
+        Some(status) => Some(crate::idempotency::StoredAnswer {
+            status: u16::try_from(status).map_err(|_| bad("status"))?,
+            headers: serde_json::from_str(headers.as_deref().unwrap_or("[]"))
+                .map_err(|_| bad("headers"))?,
+            body: body.unwrap_or_default(),
+        }),
+    };
+    Ok(IdempotencyRecord {
+        account: account.to_string(),
+        key: key.to_string(),
+        fingerprint,
+        answer,
+        created_at_ms,
+        expires_at_ms,
+    })
+}
+
+/// The stored columns of an idempotency record's answer: status, headers
+/// (JSON) and body, all `None` when the answer was not kept.
+pub(crate) fn answer_columns(
+    r: &IdempotencyRecord,
+) -> (Option<i64>, Option<String>, Option<&[u8]>) {
+    match &r.answer {
+        None => (None, None, None),
+        Some(a) => (
+            Some(i64::from(a.status)),
+            Some(serde_json::to_string(&a.headers).unwrap_or_else(|_| "[]".into())),
+            Some(&a.body),
+        ),
+    }
 }

@@ -36,6 +36,17 @@ pub struct UsageData {
     /// The client had gone away before the backend answered; the task ran to
     /// completion anyway and is billed.
     pub client_gone: bool,
+    /// Only for a task with an idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<EventIdempotency>,
+}
+
+/// A keyed task's key, and whether its answer was kept for retries (an
+/// answer over `idempotency.max_stored_answer_bytes` is not).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventIdempotency {
+    pub key: String,
+    pub answer_stored: bool,
 }
 
 impl UsageEvent {
@@ -75,6 +86,7 @@ mod tests {
                 upstream_ms: 840,
                 charged_to: "prepaid:p1".into(),
                 client_gone: false,
+                idempotency: None,
             },
         );
         let v = serde_json::to_value(&ev).unwrap();

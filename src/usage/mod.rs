@@ -11,5 +11,5 @@ pub mod export;
 pub mod jsonl;
 mod recorder;
 
-pub use event::{UsageData, UsageEvent};
+pub use event::{EventIdempotency, UsageData, UsageEvent};
 pub use recorder::{Recorded, UsageRecorder};

@@ -11,6 +11,7 @@ use crate::store::{Committed, Store, StoreError, Write, commit};
 
 use super::UsageEvent;
 use crate::billing::Source;
+use crate::idempotency::IdempotencyRecord;
 
 /// A recorded success.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +43,11 @@ impl UsageRecorder {
         }
     }
 
+    /// The store the events go to (idempotency records are read there).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// True while successes cannot be recorded (the last attempt failed).
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
@@ -62,6 +68,7 @@ impl UsageRecorder {
         event: UsageEvent,
         package: Option<String>,
         month: String,
+        idempotency: Option<Box<IdempotencyRecord>>,
     ) -> Result<Recorded, StoreError> {
         let json =
             serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?;
@@ -70,6 +77,7 @@ impl UsageRecorder {
             json,
             package,
             month,
+            idempotency,
         };
         let committed = commit(&*self.store, write).await;
         // Only a store that cannot record counts: a refusal of this one
@@ -89,7 +97,7 @@ impl UsageRecorder {
                 }
                 Ok(Recorded { seq, fell_through })
             }
-            Committed::Done => Err(StoreError::Internal(
+            Committed::Done | Committed::Purged(_) => Err(StoreError::Internal(
                 "usage append returned no sequence".into(),
             )),
         }

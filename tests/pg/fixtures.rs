@@ -52,6 +52,7 @@ pub fn event(account: &str, charged_to: &str, request_id: &str) -> UsageEvent {
             upstream_ms: 1,
             charged_to: charged_to.into(),
             client_gone: false,
+            idempotency: None,
         },
     )
 }
@@ -62,6 +63,7 @@ pub fn append(event: UsageEvent, package: Option<&str>) -> Write {
         event: Box::new(event),
         package: package.map(String::from),
         month: "2026-11".into(),
+        idempotency: None,
     }
 }
 

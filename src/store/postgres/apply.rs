@@ -9,6 +9,7 @@ use tokio_postgres::types::ToSql;
 use super::super::{Committed, StoreError, Write, changed_accounts};
 use super::{internal, pg_write_error};
 use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
+use crate::idempotency::IdempotencyRecord;
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -64,6 +65,7 @@ pub(super) struct UsageRow<'a> {
     pub json: &'a str,
     pub package: Option<&'a str>,
     pub month: &'a str,
+    pub idempotency: Option<&'a IdempotencyRecord>,
 }
 
 /// Inserts the event and, with it, its counters and its charge (the
@@ -95,6 +97,16 @@ pub(super) async fn append_usage(
             .is_some()
         {
             return Ok((None, None));
+        }
+    }
+    if let Some(r) = u.idempotency {
+        match remember(tx, r).await {
+            // A spooled success whose key another task took meanwhile:
+            // its event still counts (the client was answered).
+            Err(StoreError::Conflict(why)) if redelivery => {
+                tracing::warn!(event = %u.id, "spooled event delivered without its idempotency record: {why}");
+            }
+            other => other?,
         }
     }
     // The charge is decided first: the stored event says who paid.
@@ -147,6 +159,51 @@ async fn prepared(
     tx.prepare_cached(sql)
         .await
         .map_err(|e| pg_write_error(e, "a usage statement"))
+}
+
+/// Stores a key's record, unless a live one holds the key (`Conflict`):
+/// an expired record is replaced.
+async fn remember(
+    tx: &deadpool_postgres::Transaction<'_>,
+    r: &IdempotencyRecord,
+) -> Result<(), StoreError> {
+    let (status, headers, body) = super::super::answer_columns(r);
+    let st = prepared(
+        tx,
+        "INSERT INTO idempotency_keys
+         (account, idem_key, fingerprint, status, headers, body, created_at_ms, expires_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (account, idem_key) DO UPDATE SET
+           fingerprint = excluded.fingerprint, status = excluded.status,
+           headers = excluded.headers, body = excluded.body,
+           created_at_ms = excluded.created_at_ms, expires_at_ms = excluded.expires_at_ms
+         WHERE idempotency_keys.expires_at_ms <= excluded.created_at_ms",
+    )
+    .await?;
+    let fp: &[u8] = &r.fingerprint.0;
+    let n = tx
+        .execute(
+            &st,
+            &[
+                &r.account,
+                &r.key,
+                &fp,
+                &status,
+                &headers,
+                &body,
+                &r.created_at_ms,
+                &r.expires_at_ms,
+            ],
+        )
+        .await
+        .map_err(|e| pg_write_error(e, "idempotency key"))?;
+    if n == 0 {
+        return Err(StoreError::Conflict(format!(
+            "idempotency key of account {} (already remembered)",
+            r.account
+        )));
+    }
+    Ok(())
 }
 
 /// Charges one unit of the reserved package if it can still pay, else the
@@ -282,8 +339,20 @@ pub(super) async fn apply(
             )
             .await?,
         ),
-        Write::AppendUsage { event, json, package, month } => {
+        Write::PurgeIdempotency { before_ms, limit } => {
+            let n = tx
+                .execute(
+                    "DELETE FROM idempotency_keys WHERE ctid IN
+                     (SELECT ctid FROM idempotency_keys WHERE expires_at_ms <= $1 LIMIT $2)",
+                    &[before_ms, &i64::from(*limit)],
+                )
+                .await
+                .map_err(|e| pg_write_error(e, "expired idempotency keys"))?;
+            return Ok((Committed::Purged(n), changed));
+        }
+        Write::AppendUsage { event, json, package, month, idempotency } => {
             let row = UsageRow {
+                idempotency: idempotency.as_deref(),
                 id: &event.id,
                 account: &event.subject,
                 time: &event.time,

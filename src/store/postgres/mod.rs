@@ -29,6 +29,8 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
+use crate::idempotency::IdempotencyRecord;
+
 use super::{
     AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
     StoreHealth, StoredEvent, Write,
@@ -308,6 +310,14 @@ impl Store for PostgresStore {
         now: Timestamp,
     ) -> BoxFuture<'_, Result<Vec<PackageUsage>, StoreError>> {
         Box::pin(read::package_usage(&self.shared.pool, now))
+    }
+
+    fn idempotency_record<'a>(
+        &'a self,
+        account: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
+        Box::pin(read::idempotency_record(&self.shared.pool, account, key))
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {

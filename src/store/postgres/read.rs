@@ -10,6 +10,7 @@ use tokio_postgres::IsolationLevel;
 use crate::accounts::AccountStatus;
 use crate::billing::{PackageKind, ResourcePackage};
 use crate::entitlements::{ConcurrencyPackage, Period};
+use crate::idempotency::IdempotencyRecord;
 
 use super::super::{
     AccountRow, KeyRow, MonthUsage, PackageUsage, Snapshot, StoreError, StoredEvent, SubAccountRow,
@@ -232,4 +233,37 @@ pub(super) async fn package_usage(
             used: r.get::<_, i64>(2) as u64,
         })
         .collect())
+}
+
+pub(super) async fn idempotency_record(
+    pool: &Pool,
+    account: &str,
+    key: &str,
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    let client = client(pool).await?;
+    let st = client
+        .prepare_cached(
+            "SELECT fingerprint, status, headers, body, created_at_ms, expires_at_ms
+             FROM idempotency_keys WHERE account = $1 AND idem_key = $2",
+        )
+        .await
+        .map_err(pg_error)?;
+    let Some(r) = client
+        .query_opt(&st, &[&account, &key])
+        .await
+        .map_err(pg_error)?
+    else {
+        return Ok(None);
+    };
+    super::super::idempotency_row(
+        account,
+        key,
+        r.get::<_, &[u8]>(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+    )
+    .map(Some)
 }

@@ -108,7 +108,25 @@ CREATE TABLE changes (
 /// Migration 2: TC3 key pairs keep their secret sealed beside the key.
 const V2: &str = "ALTER TABLE api_keys ADD COLUMN sealed_secret text;";
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+/// Migration 3: idempotency keys (SPEC §10.1), written in the transaction
+/// of their task's usage event; status NULL: the answer was too large to
+/// keep. The expiry index serves the purge's bounded passes.
+const V3: &str = "
+CREATE TABLE idempotency_keys (
+    account       text NOT NULL,
+    idem_key      text NOT NULL,
+    fingerprint   bytea NOT NULL,
+    status        bigint,
+    headers       text,
+    body          bytea,
+    created_at_ms bigint NOT NULL,
+    expires_at_ms bigint NOT NULL,
+    PRIMARY KEY (account, idem_key)
+);
+CREATE INDEX idempotency_keys_expiry ON idempotency_keys(expires_at_ms);
+";
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 /// Applies the migrations not applied yet. Also what `tollgate migrate`
 /// runs before it copies a single node's data, so both make one schema.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::apply::UsageRow;
+use crate::idempotency::IdempotencyRecord;
 
 /// One spooled usage append: the event and what its commit needs.
 #[derive(Debug, Serialize, Deserialize)]
@@ -23,6 +24,9 @@ pub(super) struct SpooledEvent {
     pub json: String,
     pub package: Option<String>,
     pub month: String,
+    /// The task's idempotency record, delivered with its event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Box<IdempotencyRecord>>,
 }
 
 impl SpooledEvent {
@@ -35,6 +39,7 @@ impl SpooledEvent {
             json: &self.json,
             package: self.package.as_deref(),
             month: &self.month,
+            idempotency: self.idempotency.as_deref(),
         }
     }
 }

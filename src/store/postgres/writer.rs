@@ -114,6 +114,7 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
                 json,
                 package,
                 month,
+                idempotency,
             } => {
                 spooled.push(SpooledEvent {
                     id: event.id,
@@ -123,6 +124,7 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
                     json,
                     package,
                     month,
+                    idempotency,
                 });
                 acks.push(ack);
             }

@@ -5,6 +5,7 @@ use rusqlite::{Connection, ErrorCode, params};
 use super::super::{Committed, StoreError, Write, changed_accounts};
 use super::internal;
 use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
+use crate::idempotency::IdempotencyRecord;
 
 fn map_write_error(e: rusqlite::Error, what: &str) -> StoreError {
     if let rusqlite::Error::SqliteFailure(f, _) = &e
@@ -133,7 +134,11 @@ pub(super) fn apply(
             json,
             package,
             month,
+            idempotency,
         } => {
+            if let Some(r) = idempotency {
+                remember(conn, r)?;
+            }
             // The charge is decided first: the stored event says who paid.
             let fell_through = charge(conn, event, package.as_deref())?;
             let relabelled = match &fell_through {
@@ -166,6 +171,16 @@ pub(super) fn apply(
                 },
                 changed,
             ));
+        }
+        Write::PurgeIdempotency { before_ms, limit } => {
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE rowid IN
+                     (SELECT rowid FROM idempotency_keys WHERE expires_at_ms <= ?1 LIMIT ?2)",
+                )
+                .and_then(|mut st| st.execute(params![before_ms, limit]))
+                .map_err(internal)?;
+            return Ok((Committed::Purged(n as u64), changed));
         }
         Write::CreateConcurrencyPackage(p) => insert(
             conn,
@@ -421,4 +436,41 @@ fn charge(
         "a payer for account {}: resource package {reserved} has no unit left and postpaid is off",
         event.subject
     )))
+}
+
+/// Stores a key's record, unless a live one holds the key (`Conflict`):
+/// an expired record is replaced.
+fn remember(conn: &Connection, r: &IdempotencyRecord) -> Result<(), StoreError> {
+    let (status, headers, body) = super::super::answer_columns(r);
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO idempotency_keys
+             (account, idem_key, fingerprint, status, headers, body, created_at_ms, expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(account, idem_key) DO UPDATE SET
+               fingerprint = excluded.fingerprint, status = excluded.status,
+               headers = excluded.headers, body = excluded.body,
+               created_at_ms = excluded.created_at_ms, expires_at_ms = excluded.expires_at_ms
+             WHERE idempotency_keys.expires_at_ms <= excluded.created_at_ms",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                r.account,
+                r.key,
+                &r.fingerprint.0[..],
+                status,
+                headers,
+                body,
+                r.created_at_ms,
+                r.expires_at_ms
+            ])
+        })
+        .map_err(internal)?;
+    if n == 0 {
+        return Err(StoreError::Conflict(format!(
+            "idempotency key of account {} (already remembered)",
+            r.account
+        )));
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@ use rust_decimal::Decimal;
 use crate::accounts::AccountStatus;
 use crate::billing::{PackageKind, ResourcePackage};
 use crate::entitlements::{ConcurrencyPackage, Period};
+use crate::idempotency::IdempotencyRecord;
 
 use super::super::{
     AccountRow, KeyRow, MonthUsage, PackageUsage, Snapshot, StoreError, SubAccountRow,
@@ -218,4 +219,30 @@ pub(super) fn package_usage(
         .filter(|(_, expires)| *expires > now)
         .map(|(u, _)| u)
         .collect())
+}
+
+pub(super) fn idempotency_record(
+    conn: &Connection,
+    account: &str,
+    key: &str,
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    let mut found = rows(
+        conn,
+        "SELECT fingerprint, status, headers, body, created_at_ms, expires_at_ms
+         FROM idempotency_keys WHERE account = ?1 AND idem_key = ?2",
+        params![account, key],
+        |r| {
+            super::super::idempotency_row(
+                account,
+                key,
+                &col::<Vec<u8>>(r, 0)?,
+                col::<Option<i64>>(r, 1)?,
+                col::<Option<String>>(r, 2)?,
+                col::<Option<Vec<u8>>>(r, 3)?,
+                col(r, 4)?,
+                col(r, 5)?,
+            )
+        },
+    )?;
+    Ok(found.pop())
 }

@@ -26,6 +26,8 @@ use serde_json::value::RawValue;
 
 use tokio::sync::broadcast;
 
+use crate::idempotency::IdempotencyRecord;
+
 use super::{
     AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
     StoreHealth, StoredEvent, Write,
@@ -118,6 +120,21 @@ CREATE TABLE IF NOT EXISTS ledger (
     memo       TEXT NOT NULL,
     at         TEXT NOT NULL
 );
+-- Idempotency keys (SPEC §10.1): a record is written in the transaction
+-- of its task's usage event; status NULL: the answer was too large to keep.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    account       TEXT NOT NULL,
+    idem_key      TEXT NOT NULL,
+    fingerprint   BLOB NOT NULL,
+    status        INTEGER,
+    headers       TEXT,
+    body          BLOB,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (account, idem_key)
+);
+-- The purge's bounded passes read the oldest first, never the whole table.
+CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys(expires_at_ms);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -343,6 +360,15 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> BoxFuture<'_, Result<Vec<PackageUsage>, StoreError>> {
         self.read(move |c| load::package_usage(c, now))
+    }
+
+    fn idempotency_record<'a>(
+        &'a self,
+        account: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
+        let (account, key) = (account.to_string(), key.to_string());
+        self.read(move |c| load::idempotency_record(c, &account, &key))
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {

@@ -26,6 +26,7 @@ fn event(account: &str, charged_to: &str) -> UsageEvent {
             upstream_ms: 1,
             charged_to: charged_to.into(),
             client_gone: false,
+            idempotency: None,
         },
     )
 }
@@ -42,6 +43,7 @@ fn usage(account: &str, package: Option<&str>) -> Write {
         event: Box::new(event),
         package: package.map(String::from),
         month: "2026-11".into(),
+        idempotency: None,
     }
 }
 
@@ -158,6 +160,7 @@ async fn settlements_replace_the_month_line_and_keep_a_ledger() {
     };
     let settle = |l: SettlementLine| Write::Settle {
         month: "2026-11".into(),
+        idempotency: None,
         lines: vec![l],
         at: Timestamp::now(),
     };

@@ -28,6 +28,7 @@ fn usage(account: &str) -> Write {
             upstream_ms: 1,
             charged_to: "postpaid".into(),
             client_gone: false,
+            idempotency: None,
         },
     );
     Write::AppendUsage {
@@ -35,6 +36,7 @@ fn usage(account: &str) -> Write {
         event: Box::new(event),
         package: None,
         month: "2026-11".into(),
+        idempotency: None,
     }
 }
 
