@@ -531,6 +531,11 @@ async fn run_with(
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.admin.clone(), admin, stop.clone()));
     tokio::spawn(app.schedule.clone().run(stop.clone()));
+    tokio::spawn(crate::idempotency::purge::run(
+        app.store.clone(),
+        app.gateway.clock.clone(),
+        stop.clone(),
+    ));
     if config.storage.kind == StorageKind::Postgres {
         // Other replicas change the shared store: follow them. A single
         // node's memory is changed by its own admin calls only, after

@@ -1646,7 +1646,7 @@ async fn a_refunded_package_is_never_charged() {
             .await;
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stream: Vec<_> = (0..6usize)
+        let stream: Vec<_> = (0..30usize)
             .map(|w| {
                 let client = c.client(w % 3);
                 let key = key.clone();
@@ -1660,7 +1660,7 @@ async fn a_refunded_package_is_never_charged() {
                         }
                         let rid = format!("{tag}{n}");
                         let r = client
-                            .task(&key, &[("x-sim-delay-ms", "200"), ("x-request-id", &rid)])
+                            .task(&key, &[("x-sim-delay-ms", "20"), ("x-request-id", &rid)])
                             .await;
                         answers.push((rid, r));
                     }

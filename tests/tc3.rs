@@ -576,3 +576,37 @@ async fn bodies_waiting_to_be_verified_are_bounded_and_hold_no_slot() {
     }
     assert!(fits, "the budget is given back when the upload ends");
 }
+
+/// SPEC §10.1 on the API 3.0 front: the SDK's `ClientToken` is the
+/// idempotency key. A retry gets the first call's answer (the same
+/// `Response`, its RequestId included) and is not charged again; the same
+/// token with other parameters is refused with the service's code.
+#[tokio::test]
+async fn a_client_token_retry_through_the_sdk_is_replayed_and_charged_once() {
+    let stack = start();
+    stack.admin().create_account("acme").await;
+    let pair = tc3_pair(&stack, "acme", None).await;
+    let params = json!({"InputUrl": "https://example.com/cat.png", "Styles": ["201"], "ClientToken": "order-7"});
+    let call = with(job(&stack, &pair), json!({"params": params}));
+    let first = sdk(call.clone()).await;
+    let second = sdk(call).await;
+    assert!(first[0]["response"]["Response"].is_object(), "{first:?}");
+    assert_eq!(
+        first[0]["response"], second[0]["response"],
+        "the retry is the first answer"
+    );
+    let events = stack.admin().all_events().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["data"]["idempotency"]["key"], "order-7");
+
+    let other = with(
+        job(&stack, &pair),
+        json!({"params": {"InputUrl": "https://example.com/dog.png", "ClientToken": "order-7"}}),
+    );
+    let reused = sdk(other).await;
+    assert_eq!(
+        reused[0]["code"], "InvalidParameter.IdempotencyKeyReused",
+        "{reused:?}"
+    );
+    assert_eq!(stack.admin().all_events().await.len(), 1);
+}

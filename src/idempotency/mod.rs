@@ -9,6 +9,7 @@
 //! values and times; the gateway does the I/O.
 
 mod in_progress;
+pub mod purge;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};

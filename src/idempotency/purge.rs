@@ -1,0 +1,59 @@
+//! Forgetting expired keys: bounded passes in the background, never a scan
+//! on a request's path (a request reads one record by its primary key and
+//! ignores it if expired).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::store::{Committed, Store, Write, commit};
+
+/// Between passes.
+pub const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Records forgotten per write: one write holds the store's writer only
+/// this long.
+pub const PURGE_BATCH: u32 = 500;
+/// Writes per pass at most: a pass that finds more leaves them to the next.
+pub const PURGE_BATCHES_PER_PASS: u32 = 20;
+
+/// One pass: forgets up to `PURGE_BATCH × PURGE_BATCHES_PER_PASS` expired
+/// records; returns how many.
+pub async fn purge_pass(store: &dyn Store, clock: &dyn Clock) -> u64 {
+    let mut total = 0;
+    for _ in 0..PURGE_BATCHES_PER_PASS {
+        let write = Write::PurgeIdempotency {
+            before_ms: clock.now().as_millisecond(),
+            limit: PURGE_BATCH,
+        };
+        match commit(store, write).await {
+            Ok(Committed::Purged(n)) => {
+                total += n;
+                if n < u64::from(PURGE_BATCH) {
+                    break;
+                }
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "expired idempotency keys not purged; the next pass retries");
+                break;
+            }
+        }
+    }
+    total
+}
+
+/// Runs [`purge_pass`] every [`PURGE_EVERY`] until `stop`.
+pub async fn run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+        let n = purge_pass(&*store, &*clock).await;
+        if n > 0 {
+            tracing::debug!(purged = n, "expired idempotency keys forgotten");
+        }
+    }
+}
