@@ -230,3 +230,46 @@ async fn a_retry_after_kill_9_of_the_gateway_is_replayed() {
     assert_eq!(stack.admin().all_events().await.len(), 1);
     assert_eq!(forwarded(&stack, "acme").await, 1);
 }
+
+/// The client's connection dies after the task was forwarded (it never
+/// sees the answer); the gateway commits the success anyway, then is
+/// killed. The client's retry, on the restarted gateway, gets the answer
+/// it never received, and pays once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_lost_answer_and_kill_9_is_the_answer_it_never_got() {
+    let mut stack = Stack::start(Opts::default());
+    let key = stack.account_with_key("acme").await;
+    let socket = common::raw_task(
+        &stack.gw.url,
+        &key,
+        "Idempotency-Key: lost-1\r\nX-Sim-Delay-Ms: 600\r\nX-Request-Id: lost-first\r\n",
+        BODY,
+    )
+    .await;
+    wait_for(&stack.admin(), "acme", "the task at the backend", |a| {
+        a["concurrency"]["in_flight"] == 1
+    })
+    .await;
+    drop(socket);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stack.admin().all_events().await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the detached success was not recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stack.gw.restart(&Opts::default());
+    let retry = keyed(&stack, &key, "lost-1", BODY, &[]).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert!(replayed(&retry));
+    assert!(
+        String::from_utf8_lossy(&retry.body).contains("lost-first"),
+        "the first run's answer: {}",
+        String::from_utf8_lossy(&retry.body)
+    );
+    let events = stack.admin().all_events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["data"]["client_gone"], true);
+    assert_eq!(forwarded(&stack, "acme").await, 1);
+}

@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use tollgate::accounts::hash_key;
 use tollgate::billing::{self, PackageKind, ResourcePackage};
 use tollgate::entitlements::{ConcurrencyPackage, Period};
+use tollgate::idempotency::{Fingerprint, IdempotencyRecord, StoredAnswer};
 use tollgate::store::{
     Change, Committed, KeyRow, PostgresStore, SettlementLine, SqliteStore, Store, StoreError,
     SubAccountRow, Write, commit,
@@ -282,6 +283,7 @@ async fn conformance(store: Arc<dyn Store>) {
     expect_change(&mut feed, "other").await;
 
     charges_fall_through_in_the_deduction_order(s).await;
+    idempotency_records_stand_or_fall_with_their_event(s).await;
 
     let store2 = store.clone();
     tokio::task::spawn_blocking(move || store2.close())
@@ -408,6 +410,142 @@ async fn charges_fall_through_in_the_deduction_order(s: &dyn Store) {
     usage.sort_by(|a, b| a.package.cmp(&b.package));
     let got: Vec<(&str, u64)> = usage.iter().map(|u| (u.package.as_str(), u.used)).collect();
     assert_eq!(got, [("free-payer", 2), ("pay-p", 1)]);
+}
+
+fn keyed_usage(
+    account: &str,
+    package: Option<&str>,
+    request_id: &str,
+    key: &str,
+    created_ms: i64,
+    ttl_ms: i64,
+) -> (Write, IdempotencyRecord) {
+    let record = IdempotencyRecord {
+        account: account.into(),
+        key: key.into(),
+        fingerprint: Fingerprint::of("POST", "/v1/x", "", request_id.as_bytes()),
+        answer: Some(StoredAnswer {
+            status: 201,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: format!("{{\"id\":\"{request_id}\"}}").into_bytes(),
+        }),
+        created_at_ms: created_ms,
+        expires_at_ms: created_ms + ttl_ms,
+    };
+    let mut w = usage(account, package, request_id);
+    if let Write::AppendUsage { idempotency, .. } = &mut w {
+        *idempotency = Some(Box::new(record.clone()));
+    }
+    (w, record)
+}
+
+/// A key's record is committed with its task's event or not at all; a
+/// live record holds its key, an expired one is replaced; the purge
+/// forgets expired records in bounded writes.
+async fn idempotency_records_stand_or_fall_with_their_event(s: &dyn Store) {
+    let now = Timestamp::now().as_millisecond();
+    commit(s, account("idem")).await.unwrap();
+    let events = || async {
+        let page = s.usage_events(0, 10_000).await.unwrap();
+        page.iter()
+            .filter(|e| e.event.get().contains("\"subject\":\"idem\""))
+            .count()
+    };
+    let (w, rec) = keyed_usage("idem", None, "i1", "k1", now, 60_000);
+    commit(s, w).await.unwrap();
+    assert_eq!(
+        s.idempotency_record("idem", "k1").await.unwrap(),
+        Some(rec.clone())
+    );
+    assert_eq!(
+        s.idempotency_record("other", "k1").await.unwrap(),
+        None,
+        "scoped to the account"
+    );
+    // A live record holds its key: the second success is not stored.
+    let (w, _) = keyed_usage("idem", None, "i2", "k1", now, 60_000);
+    let dup = commit(s, w).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert_eq!(events().await, 1, "no event without its record");
+    assert_eq!(s.idempotency_record("idem", "k1").await.unwrap(), Some(rec));
+    // An expired record is replaced.
+    let (w, _) = keyed_usage("idem", None, "i3", "k2", now - 10_000, 1_000);
+    commit(s, w).await.unwrap();
+    let (w, fresh) = keyed_usage("idem", None, "i4", "k2", now, 60_000);
+    commit(s, w).await.unwrap();
+    assert_eq!(
+        s.idempotency_record("idem", "k2").await.unwrap(),
+        Some(fresh)
+    );
+    // A refused append leaves no record behind.
+    commit(s, usage("idem", Some("free-idem"), "fill-1"))
+        .await
+        .unwrap();
+    commit(s, usage("idem", Some("free-idem"), "fill-2"))
+        .await
+        .unwrap();
+    let (w, _) = keyed_usage("idem", Some("free-idem"), "i5", "k3", now, 60_000);
+    let refused = commit(s, w).await;
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
+    assert_eq!(s.idempotency_record("idem", "k3").await.unwrap(), None);
+    // A record whose answer was too large keeps no answer.
+    let (mut w, mut big) = keyed_usage("idem", None, "i6", "k-big", now, 60_000);
+    big.answer = None;
+    if let Write::AppendUsage { idempotency, .. } = &mut w {
+        *idempotency = Some(Box::new(big.clone()));
+    }
+    commit(s, w).await.unwrap();
+    assert_eq!(
+        s.idempotency_record("idem", "k-big").await.unwrap(),
+        Some(big)
+    );
+
+    // The purge: five expired records, forgotten two at a time.
+    for i in 0..5 {
+        let (w, _) = keyed_usage(
+            "idem",
+            None,
+            &format!("old{i}"),
+            &format!("old{i}"),
+            now - 10_000,
+            1_000,
+        );
+        commit(s, w).await.unwrap();
+    }
+    let mut purged = Vec::new();
+    loop {
+        let n = match commit(
+            s,
+            Write::PurgeIdempotency {
+                before_ms: now,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap()
+        {
+            Committed::Purged(n) => n,
+            other => panic!("{other:?}"),
+        };
+        purged.push(n);
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(purged, [2, 2, 1, 0]);
+    assert!(
+        s.idempotency_record("idem", "old0")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.idempotency_record("idem", "k1").await.unwrap().is_some(),
+        "live records stay"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
