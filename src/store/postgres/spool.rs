@@ -179,6 +179,7 @@ mod tests {
             json: "{}".into(),
             package: None,
             month: "2026-11".into(),
+            idempotency: None,
         }
     }
 

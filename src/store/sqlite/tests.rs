@@ -160,7 +160,6 @@ async fn settlements_replace_the_month_line_and_keep_a_ledger() {
     };
     let settle = |l: SettlementLine| Write::Settle {
         month: "2026-11".into(),
-        idempotency: None,
         lines: vec![l],
         at: Timestamp::now(),
     };
