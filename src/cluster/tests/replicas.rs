@@ -402,3 +402,59 @@ async fn committed_units_stay_taken_past_their_lease() {
     );
     cleanup(&p).await;
 }
+
+/// Idempotency markers (SPEC §10.1): one key's marker is held by one task
+/// across replicas, renewed past its lease while held, given back when
+/// the task ends, and a crashed replica's marker lapses like its slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_marker_is_held_once_across_replicas_and_lapses_with_its_replica() {
+    use crate::cluster::RedisMarkers;
+    use crate::idempotency::{IdempotencyKey, InProgress, MarkerTaken};
+    let p = prefix();
+    let (a, b) = (replica(&p).await, replica(&p).await);
+    let (ma, mb) = (RedisMarkers::new(a.clone()), RedisMarkers::new(b.clone()));
+    let key = IdempotencyKey::parse(b"order-1", "k").unwrap();
+    let held = ma.take("acme", &key).await.expect("the first takes it");
+    assert_eq!(mb.take("acme", &key).await.err(), Some(MarkerTaken::Held));
+    // Scoped to the root account.
+    let other = mb.take("other", &key).await.expect("another account's key");
+    // Held longer than a lease: the heartbeat renews it.
+    tokio::time::sleep(LEASE * 2).await;
+    assert_eq!(mb.take("acme", &key).await.err(), Some(MarkerTaken::Held));
+    drop(held);
+    let released = Instant::now();
+    let next = loop {
+        match mb.take("acme", &key).await {
+            Ok(m) => break m,
+            Err(MarkerTaken::Held) if released.elapsed() < RECOVERY => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("the released marker is still held: {e:?}"),
+        }
+    };
+    drop((next, other));
+    // A crashed replica's marker lapses within the lease.
+    let released = Instant::now();
+    let crashing = loop {
+        match ma.take("acme", &key).await {
+            Ok(m) => break m,
+            Err(MarkerTaken::Held) if released.elapsed() < RECOVERY => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    a.abort();
+    let crashed = Instant::now();
+    loop {
+        match mb.take("acme", &key).await {
+            Ok(_) => break,
+            Err(MarkerTaken::Held) if crashed.elapsed() < RECOVERY => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the crashed replica's marker did not lapse: {e:?}"),
+        }
+    }
+    drop(crashing);
+    cleanup(&p).await;
+}
