@@ -126,8 +126,11 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
     // Postpaid past the free units, then settled: a settlement, a negative
     // balance and an arrears date to move.
     let gamma_key = stack.account_with_key("gamma").await;
-    for _ in 0..52 {
-        assert_eq!(stack.task(&gamma_key, &[]).await.status, StatusCode::OK);
+    for i in 0..52 {
+        // One with an idempotency key: a retry after the move replays.
+        let keyed = [("idempotency-key", "moved-1")];
+        let headers: &[(&str, &str)] = if i == 0 { &keyed } else { &[] };
+        assert_eq!(stack.task(&gamma_key, headers).await.status, StatusCode::OK);
     }
     let month = jiff::Timestamp::now().strftime("%Y-%m").to_string();
     admin_ok(
@@ -192,6 +195,7 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         "usage_counters",
         "settlements",
         "ledger",
+        "idempotency_keys",
     ] {
         assert!(
             shown.lines().any(|l| l.trim_start().starts_with(line)),
@@ -210,6 +214,7 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
     assert_eq!(rows("settlements"), Some(1), "{shown}");
     assert_eq!(rows("ledger"), Some(2), "a top-up, a settlement: {shown}");
     assert_eq!(rows("usage_events"), Some(111), "{shown}");
+    assert_eq!(rows("idempotency_keys"), Some(1), "{shown}");
     assert!(shown.contains("usage/*.jsonl"), "{shown}");
     assert_eq!(
         db.query_i64("SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL")
@@ -258,6 +263,11 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         stack.task(&revoked_key, &[]).await.status,
         StatusCode::UNAUTHORIZED
     );
+    let retry = stack
+        .task(&gamma_key, &[("idempotency-key", "moved-1")])
+        .await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert_eq!(retry.header("idempotent-replayed").as_deref(), Some("true"));
     let page = admin
         .call(
             Method::GET,

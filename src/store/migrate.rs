@@ -669,9 +669,54 @@ impl CopyRow for LedgerEntry {
     }
 }
 
+/// A remembered idempotency key: a retry after the move still replays.
+struct IdempotencyKeyRow {
+    account: String,
+    idem_key: String,
+    fingerprint: Vec<u8>,
+    status: Option<i64>,
+    headers: Option<String>,
+    body: Option<Vec<u8>>,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl CopyRow for IdempotencyKeyRow {
+    const TABLE: &'static str = "idempotency_keys";
+    const SELECT: &'static str = "SELECT account, idem_key, fingerprint, status, headers, body,
+         created_at_ms, expires_at_ms FROM idempotency_keys ORDER BY account, idem_key";
+    const INSERT: &'static str = "INSERT INTO idempotency_keys
+         (account, idem_key, fingerprint, status, headers, body, created_at_ms, expires_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+    fn read(r: &rusqlite::Row<'_>) -> Result<Self, ReadError> {
+        Ok(Self {
+            account: r.get(0)?,
+            idem_key: r.get(1)?,
+            fingerprint: r.get(2)?,
+            status: r.get(3)?,
+            headers: r.get(4)?,
+            body: r.get(5)?,
+            created_at_ms: r.get(6)?,
+            expires_at_ms: r.get(7)?,
+        })
+    }
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.account,
+            &self.idem_key,
+            &self.fingerprint,
+            &self.status,
+            &self.headers,
+            &self.body,
+            &self.created_at_ms,
+            &self.expires_at_ms,
+        ]
+    }
+}
+
 /// Every table the copy fills, parents before children (foreign keys).
 /// The SQLite `meta` table is not copied: the store never reads it.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 10] = [
     "accounts",
     "sub_accounts",
     "api_keys",
@@ -681,6 +726,7 @@ const TABLES: [&str; 9] = [
     "usage_counters",
     "settlements",
     "ledger",
+    "idempotency_keys",
 ];
 
 /// Rows sent to PostgreSQL at once: the inserts of a chunk are pipelined
@@ -852,6 +898,10 @@ pub async fn run(args: &MigrateArgs) -> Result<Summary, MigrateError> {
         ("usage_counters", copy::<UsageCounter>(&src, db, &to).await?),
         ("settlements", copy::<Settlement>(&src, db, &to).await?),
         ("ledger", copy::<LedgerEntry>(&src, db, &to).await?),
+        (
+            "idempotency_keys",
+            copy::<IdempotencyKeyRow>(&src, db, &to).await?,
+        ),
     ];
     // Counted in the same read transaction: a row the copy skipped or read
     // twice would show here.
