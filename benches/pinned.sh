@@ -158,8 +158,12 @@ for i in $(seq 1 $ACCOUNTS); do
   curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts/pin-$i/keys" -d '{}' | sed 's/.*"api_key":"\([^"]*\)".*/\1/'
   echo
 done >"$work/keys.txt"
-TARGETS=(backend nginx haproxy tollgate)
-declare -A URL=([backend]="$BACKEND" [nginx]="$NGINX" [haproxy]="$HAPROXY" [tollgate]="$GW")
+# tollgate-keyed: the same gateway, every request with its own
+# Idempotency-Key (the cost of a key per task: its body read first, the
+# key's store read and in-progress marker, the stored answer committed with
+# the event).
+TARGETS=(backend nginx haproxy tollgate tollgate-keyed)
+declare -A URL=([backend]="$BACKEND" [nginx]="$NGINX" [haproxy]="$HAPROXY" [tollgate]="$GW" [tollgate-keyed]="$GW")
 if [ -n "${BENCH_BASE_BIN:-}" ]; then
   kill "$(pgrep -f "$work/tollgate.toml")"; wait "$(pgrep -f "$work/tollgate.toml")" 2>/dev/null || sleep 1
   cp -r "$work/data-tollgate" "$work/data-base"
@@ -188,12 +192,19 @@ request = function()
   return wrk.format("POST", "/v1/style-transfer", {["Authorization"] = "Bearer " .. k, ["Content-Type"] = "application/json"}, body)
 end''')
 PY
+# The same with a key per request, unique across runs (a repeated key
+# would be a replay, not a task).
+sed -e 's/^local n = 0$/local n = 0\nmath.randomseed(os.time())\nlocal run = os.time() .. "-" .. math.random(1, 1000000000)/' \
+    -e 's/\["Content-Type"\] = "application\/json"}/["Content-Type"] = "application\/json", ["Idempotency-Key"] = "pin-" .. run .. "-" .. n}/' \
+    "$work/post.lua" >"$work/post-keyed.lua"
+grep -q Idempotency-Key "$work/post-keyed.lua"
+script_of() { [ "$1" = tollgate-keyed ] && echo "$work/post-keyed.lua" || echo "$work/post.lua"; }
 
 cpu0() { awk '$1=="cpu0" {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc/stat; }
 measure() { # name url -> appends "name rps us_per_req" to results
   local name=$1 url=$2 before after out rps reqs
   before=$(cpu0)
-  out=$(taskset -c 1 wrk -t1 -c64 -d"${SECS}s" -s "$work/post.lua" "$url/v1/style-transfer")
+  out=$(taskset -c 1 wrk -t1 -c64 -d"${SECS}s" -s "$(script_of "$name")" "$url/v1/style-transfer")
   after=$(cpu0)
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -211,7 +222,7 @@ PY
 
 # warm every target (connection pools, page cache, SQLite file size)
 for t in "${TARGETS[@]}"; do
-  taskset -c 1 wrk -t1 -c64 -d2s -s "$work/post.lua" "${URL[$t]}/v1/style-transfer" >/dev/null
+  taskset -c 1 wrk -t1 -c64 -d2s -s "$(script_of "$t")" "${URL[$t]}/v1/style-transfer" >/dev/null
 done
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r/$ROUNDS" >&2
@@ -247,13 +258,26 @@ json.dump(res, open(f"{out}/pinned.json", "w"), indent=2)
 md = [f"Pinned side by side: server side on cpu0, wrk -t1 -c64 on cpu1, POST 200 B, 2 KiB reply, {secs} s x {rounds} interleaved rounds, median.\n",
       "| target | req/s | CPU µs per request on cpu0 (backend included) | cpu0 busy | x nginx throughput |", "|---|---:|---:|---:|---:|"]
 n = med["nginx"]["rps"]
-for t in ["backend", "nginx", "haproxy", "tollgate", "tollgate-base"]:
+for t in ["backend", "nginx", "haproxy", "tollgate", "tollgate-keyed", "tollgate-base"]:
     if t not in med:
         continue
     m = med[t]
     md.append(f"| {t} | {m['rps']:,.0f} | {m['us_per_req']:.1f} | {m['cpu0_busy']:.0%} | {m['rps'] / n:.2f} |")
 bad = med["tollgate"]["non_2xx"]
 md.append(f"\ntollgate non-2xx answers over all rounds: {bad}\n")
+if "tollgate-keyed" in med:
+    k, t = med["tollgate-keyed"], med["tollgate"]
+    md.append(f"An idempotency key per task: {k['us_per_req'] - t['us_per_req']:+.1f} µs of cpu0 per request "
+              f"({k['rps'] / t['rps']:.2f}x the throughput without a key); keyed non-2xx: {k['non_2xx']}\n")
+    import sqlite3
+    db = sqlite3.connect(f"{work}/data-tollgate/tollgate.db")
+    n = db.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0]
+    try:
+        size = db.execute("SELECT sum(pgsize) FROM dbstat WHERE name LIKE '%idempotency_keys%'").fetchone()[0]
+        md.append(f"Remembered keys in the store: {n:,}, {size / max(n, 1):,.0f} bytes each (table and its indexes, "
+                  f"2 KiB answers included; dbstat)\n")
+    except sqlite3.OperationalError:
+        md.append(f"Remembered keys in the store: {n:,}\n")
 
 b = res["open_loop"]["backend"]
 md.append(f"Open loop at {rate} req/s (50 % of tollgate's maximum), backend straight: p50 {b['p50_ms']:.3f} ms / p99 {b['p99_ms']:.3f} ms\n")
