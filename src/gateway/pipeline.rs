@@ -382,7 +382,7 @@ impl Task {
         let record = self
             .keyed
             .as_ref()
-            .map(|k| k.record(account, &answer, &config, gw));
+            .map(|k| k.record(account, &answer, config, gw));
         let event = UsageEvent::new(
             &config.server.instance,
             now,
