@@ -35,13 +35,7 @@ async fn keyed(
 
 /// Requests the simulator saw for `account`.
 async fn forwarded(stack: &Stack, account: &str) -> u64 {
-    stack.sim.stats(&stack.http).await["accounts"][account]["requests"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
-fn replayed(r: &common::Resp) -> bool {
-    r.header("idempotent-replayed").as_deref() == Some("true")
+    stack.sim.requests(&stack.http, account).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,11 +44,11 @@ async fn a_retry_of_a_success_is_the_same_answer_and_is_not_charged_again() {
     let key = stack.account_with_key("acme").await;
     let first = keyed(&stack, &key, "order-1", BODY, &[]).await;
     assert_eq!(first.status, StatusCode::OK);
-    assert!(!replayed(&first));
+    assert!(!first.replayed());
     for _ in 0..3 {
         let again = keyed(&stack, &key, "order-1", BODY, &[]).await;
         assert_eq!(again.status, StatusCode::OK);
-        assert!(replayed(&again), "{:?}", again.headers);
+        assert!(again.replayed(), "{:?}", again.headers);
         assert_eq!(again.body, first.body, "the stored answer, byte for byte");
         assert_eq!(again.header("content-type"), first.header("content-type"));
         // A new request id of its own: the replay is a new request.
@@ -79,7 +73,7 @@ async fn a_retry_of_a_success_is_the_same_answer_and_is_not_charged_again() {
     let other = stack.account_with_key("other").await;
     let r = keyed(&stack, &other, "order-1", BODY, &[]).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(!replayed(&r));
+    assert!(!r.replayed());
     assert_eq!(stack.admin().all_events().await.len(), 2);
 }
 
@@ -120,7 +114,7 @@ async fn a_retry_while_the_first_is_queued_is_refused_and_then_replayed() {
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::OK);
     let after = keyed(&stack, &key, "q-1", BODY, &[]).await;
-    assert!(replayed(&after));
+    assert!(after.replayed());
     assert_eq!(after.body, first.body);
     assert_eq!(
         stack.admin().all_events().await.len(),
@@ -142,9 +136,9 @@ async fn a_failure_is_not_remembered_and_its_retry_runs() {
     // the same request.
     let retry = keyed(&stack, &key, "f-1", BODY, &[]).await;
     assert_eq!(retry.status, StatusCode::OK);
-    assert!(!replayed(&retry), "a failure is not replayed");
+    assert!(!retry.replayed(), "a failure is not replayed");
     let third = keyed(&stack, &key, "f-1", BODY, &[]).await;
-    assert!(replayed(&third));
+    assert!(third.replayed());
     assert_eq!(stack.admin().all_events().await.len(), 1);
     assert_eq!(forwarded(&stack, "acme").await, 2);
 }
@@ -204,11 +198,11 @@ async fn concurrent_requests_with_one_key_run_once() {
             .await;
     let ran: Vec<_> = answers
         .iter()
-        .filter(|r| r.status == StatusCode::OK && !replayed(r))
+        .filter(|r| r.status == StatusCode::OK && !r.replayed())
         .collect();
     assert_eq!(ran.len(), 1, "exactly one runs");
     for r in &answers {
-        let ok = (r.status == StatusCode::OK && (replayed(r) || r.body == ran[0].body))
+        let ok = (r.status == StatusCode::OK && (r.replayed() || r.body == ran[0].body))
             || r.error_code() == "FailedOperation.IdempotentRequestInProgress";
         assert!(ok, "{} {}", r.status, String::from_utf8_lossy(&r.body));
     }
@@ -225,7 +219,7 @@ async fn a_retry_after_kill_9_of_the_gateway_is_replayed() {
     stack.gw.restart(&Opts::default());
     let retry = keyed(&stack, &key, "crash-1", BODY, &[]).await;
     assert_eq!(retry.status, StatusCode::OK);
-    assert!(replayed(&retry));
+    assert!(retry.replayed());
     assert_eq!(retry.body, first.body);
     assert_eq!(stack.admin().all_events().await.len(), 1);
     assert_eq!(forwarded(&stack, "acme").await, 1);
@@ -262,7 +256,7 @@ async fn a_retry_after_a_lost_answer_and_kill_9_is_the_answer_it_never_got() {
     stack.gw.restart(&Opts::default());
     let retry = keyed(&stack, &key, "lost-1", BODY, &[]).await;
     assert_eq!(retry.status, StatusCode::OK);
-    assert!(replayed(&retry));
+    assert!(retry.replayed());
     assert!(
         String::from_utf8_lossy(&retry.body).contains("lost-first"),
         "the first run's answer: {}",

@@ -195,10 +195,35 @@ async fn an_outage_spools_usage_and_delivers_it_exactly_once() {
     // admin writes and reads fail as unavailable.
     let p = pg.clone();
     tokio::task::spawn_blocking(move || p.down()).await.unwrap();
-    for i in 0..5 {
+    // One of them with an idempotency key.
+    let record = tollgate::idempotency::IdempotencyRecord {
+        account: "acme".into(),
+        key: "k-outage".into(),
+        fingerprint: tollgate::idempotency::Fingerprint::of("POST", "/v1/x", "", b"{}"),
+        answer: Some(tollgate::idempotency::StoredAnswer {
+            status: 200,
+            headers: Vec::new(),
+            body: b"{\"Response\":{}}".to_vec(),
+        }),
+        created_at_ms: Timestamp::now().as_millisecond(),
+        expires_at_ms: Timestamp::now().as_millisecond() + 60_000,
+    };
+    let mut keyed = usage("acme", Some("p1"), "during-0");
+    if let Write::AppendUsage { idempotency, .. } = &mut keyed {
+        *idempotency = Some(Box::new(record.clone()));
+    }
+    let r = commit(&*store, keyed).await;
+    assert!(matches!(r, Ok(Committed::Usage { seq: None, .. })), "{r:?}");
+    for i in 1..5 {
         spooled_usage(&*store, &format!("during-{i}")).await;
     }
     assert_eq!(store.spooled(), 5);
+    // The spooled success holds its key while PostgreSQL is down: a retry
+    // replays it instead of running again.
+    assert_eq!(
+        store.idempotency_record("acme", "k-outage").await.unwrap(),
+        Some(record.clone())
+    );
     assert_eq!(store.health(), StoreHealth::Degraded { spooled: 5 });
     let admin = commit(&*store, account("other")).await;
     assert!(
@@ -243,6 +268,11 @@ async fn an_outage_spools_usage_and_delivers_it_exactly_once() {
         .unwrap();
     assert_eq!(p1.used, 10);
     assert_eq!(store.health(), StoreHealth::Ok);
+    // Delivered with its event.
+    assert_eq!(
+        store.idempotency_record("acme", "k-outage").await.unwrap(),
+        Some(record)
+    );
 
     // A crash with a non-empty spool: the next process on the same data
     // directory delivers it, and delivering the same spool again (a crash

@@ -153,7 +153,20 @@ impl BillingService {
             id: pkg_id.to_string(),
             at: now,
         };
-        commit(&*self.store, write).await?;
+        match commit(&*self.store, write).await {
+            Ok(_) => {}
+            // The store's guard (unused, unrefunded) refused it: a task of
+            // another replica was charged to the package meanwhile.
+            Err(StoreError::NotFound(_)) => {
+                return Err(ChangeError::Conflict {
+                    code: "FailedOperation.RefundNotAllowed",
+                    message: format!(
+                        "resource package {pkg_id} was used meanwhile; only an unused package can be refunded"
+                    ),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
         let mut refunded = pkg;
         refunded.refunded_at = Some(now);
         self.billing.with(account, |b| {

@@ -7,7 +7,11 @@
 //!
 //! While Redis is unreachable: `reject` refuses (`Refusal::Unavailable`);
 //! `local` reserves in this replica's memory only, so replicas may then
-//! together overdraw by what each of them sees as left.
+//! together reserve more than is left; the store's commit never charges a
+//! package past its size and falls through to the next payer (with
+//! postpaid off and nothing left, such a success is answered 503,
+//! uncharged). Once Redis is back the quota is reconciled with the store
+//! before it hands out units again ([`RedisQuota::reconciling_with`]).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -170,6 +170,13 @@ impl Simulator {
             .as_u64()
             .unwrap_or(0)
     }
+
+    /// Requests that reached the simulator for `account`.
+    pub async fn requests(&self, client: &Http, account: &str) -> u64 {
+        self.stats(client).await["accounts"][account]["requests"]
+            .as_u64()
+            .unwrap_or(0)
+    }
 }
 
 /// Gateway options a test may change; the rest is fixed for the tests.
@@ -302,6 +309,11 @@ impl Resp {
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
+    }
+
+    /// Whether this is a stored answer given again for an idempotency key.
+    pub fn replayed(&self) -> bool {
+        self.header("idempotent-replayed").as_deref() == Some("true")
     }
 }
 
@@ -573,8 +585,16 @@ pub struct TaskClient {
     pub url: String,
 }
 
+/// The body of every task `TaskClient::task` sends.
+pub const TASK_BODY: &str = r#"{"InputImage":"x"}"#;
+
 impl TaskClient {
     pub async fn task(&self, key: &str, headers: &[(&str, &str)]) -> Resp {
+        self.task_with_body(key, headers, TASK_BODY).await
+    }
+
+    /// A task of `body` (`POST /v1/style-transfer`).
+    pub async fn task_with_body(&self, key: &str, headers: &[(&str, &str)], body: &str) -> Resp {
         let auth = format!("Bearer {key}");
         let mut all = vec![("authorization", auth.as_str())];
         all.extend_from_slice(headers);
@@ -583,7 +603,7 @@ impl TaskClient {
                 Method::POST,
                 &format!("{}/v1/style-transfer", self.url),
                 &all,
-                r#"{"InputImage":"x"}"#,
+                body.to_string(),
             )
             .await
     }

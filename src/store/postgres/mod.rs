@@ -317,7 +317,29 @@ impl Store for PostgresStore {
         account: &'a str,
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
-        Box::pin(read::idempotency_record(&self.shared.pool, account, key))
+        Box::pin(async move {
+            // A success spooled during an outage holds its key before it
+            // reaches PostgreSQL: a retry meanwhile must replay it, not
+            // run again (and be charged twice once the spool is
+            // delivered). Delivery clears the spool only after its commit.
+            if self.shared.spool.count() > 0 {
+                let spooled = self
+                    .shared
+                    .spool
+                    .lock()
+                    .await
+                    .read()
+                    .map_err(|e| internal(format!("usage spool: {e}")))?;
+                let found = spooled.into_iter().rev().find_map(|e| {
+                    e.idempotency
+                        .filter(|r| r.account == account && r.key == key)
+                });
+                if let Some(r) = found {
+                    return Ok(Some(*r));
+                }
+            }
+            read::idempotency_record(&self.shared.pool, account, key).await
+        })
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {
