@@ -422,39 +422,32 @@ async fn an_idempotency_marker_is_held_once_across_replicas_and_lapses_with_its_
     tokio::time::sleep(LEASE * 2).await;
     assert_eq!(mb.take("acme", &key).await.err(), Some(MarkerTaken::Held));
     drop(held);
-    let released = Instant::now();
-    let next = loop {
-        match mb.take("acme", &key).await {
-            Ok(m) => break m,
-            Err(MarkerTaken::Held) if released.elapsed() < RECOVERY => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("the released marker is still held: {e:?}"),
-        }
-    };
+    let next = take_within(&mb, &key, "the released marker to be free").await;
     drop((next, other));
     // A crashed replica's marker lapses within the lease.
-    let released = Instant::now();
-    let crashing = loop {
-        match ma.take("acme", &key).await {
-            Ok(m) => break m,
-            Err(MarkerTaken::Held) if released.elapsed() < RECOVERY => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("{e:?}"),
-        }
-    };
+    let crashing = take_within(&ma, &key, "the marker to be free again").await;
     a.abort();
-    let crashed = Instant::now();
-    loop {
-        match mb.take("acme", &key).await {
-            Ok(_) => break,
-            Err(MarkerTaken::Held) if crashed.elapsed() < RECOVERY => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("the crashed replica's marker did not lapse: {e:?}"),
-        }
-    }
+    let _ = take_within(&mb, &key, "the crashed replica's marker to lapse").await;
     drop(crashing);
     cleanup(&p).await;
+}
+
+/// Takes `key`'s marker in account acme, retrying while another holds it,
+/// for at most [`RECOVERY`].
+async fn take_within(
+    markers: &crate::cluster::RedisMarkers,
+    key: &crate::idempotency::IdempotencyKey,
+    what: &str,
+) -> crate::idempotency::Marker {
+    use crate::idempotency::{InProgress, MarkerTaken};
+    let since = Instant::now();
+    loop {
+        match markers.take("acme", key).await {
+            Ok(m) => return m,
+            Err(MarkerTaken::Held) if since.elapsed() < RECOVERY => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("timed out waiting for {what}: {e:?}"),
+        }
+    }
 }
