@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod entitlements;
 pub mod gateway;
+pub mod head_check;
 pub mod idempotency;
 pub mod limiter;
 pub mod listen;

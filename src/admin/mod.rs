@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::{bearer_token, secrets_match};
+use crate::head_check::{self, HeadCheck};
 use crate::listen::Acceptor;
 use crate::store::StoreHealth;
 
@@ -186,6 +187,16 @@ async fn json_errors(req: Request, next: Next) -> Response {
     fixed
 }
 
+/// The answer to a head `head_check` refused.
+fn refused_head(refusal: Option<head_check::Refusal>) -> Response {
+    let refusal = refusal.unwrap_or(head_check::Refusal::Malformed);
+    let mut resp =
+        ApiError::new(refusal.status(), refusal.code(), refusal.message()).into_response();
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 /// How long open admin connections may finish their current call once the
 /// gateway stops.
 const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -208,8 +219,24 @@ pub async fn serve(app: Arc<AdminState>, listener: TcpListener, stop: Cancellati
         &app.metrics,
     );
     while let Some((stream, slot)) = acceptor.next(&stop).await {
-        let service = TowerToHyperService::new(router.clone());
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let routes = TowerToHyperService::new(router.clone());
+        // Heads are checked before hyper reads them, as on the data plane:
+        // a malformed one gets the JSON error and the connection closes.
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let refused = head_check::refusal_of(&req);
+                let routed = refused
+                    .is_none()
+                    .then(|| hyper::service::Service::call(&routes, req));
+                async move {
+                    match (refused, routed) {
+                        (_, Some(routed)) => routed.await,
+                        (refusal, None) => Ok(refused_head(refusal)),
+                    }
+                }
+            });
+        let io = TokioIo::new(HeadCheck::new(stream));
+        let conn = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "admin connection ended with an error");

@@ -12,7 +12,10 @@ use http_body_util::Full;
 
 use crate::api_error::error_body;
 use crate::auth::tc3::Tc3Error;
+use crate::head_check::Refusal;
 use crate::metrics::Outcome;
+
+use super::path::InvalidPath;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -41,6 +44,13 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("{0} is not a task this gateway forwards")]
     MethodNotAllowed(http::Method),
+    /// A path with a `..` above the root, an encoded separator, … (see
+    /// `gateway::path`).
+    #[error("{}", .0.message())]
+    InvalidPath(InvalidPath),
+    /// A request head refused before hyper read it (see `head_check`).
+    #[error("{}", .0.message())]
+    MalformedHead(Refusal),
     #[error("the backend is unavailable")]
     BackendUnavailable,
     #[error("the backend did not answer in time")]
@@ -104,6 +114,8 @@ impl GatewayError {
             Self::BodyTimeout { .. } | Self::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            Self::MalformedHead(r) => r.status(),
             Self::BackendUnavailable => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UsageRecordFailed | Self::ShuttingDown | Self::CoordinationUnavailable => {
@@ -139,6 +151,8 @@ impl GatewayError {
             }
             Self::BadRequest(_) => "InvalidParameter.InvalidParameter",
             Self::MethodNotAllowed(_) => "UnsupportedOperation.MethodNotAllowed",
+            Self::InvalidPath(_) => "InvalidParameter.InvalidPath",
+            Self::MalformedHead(r) => r.code(),
             Self::BackendUnavailable => "FailedOperation.BackendUnavailable",
             Self::BackendTimeout => "FailedOperation.RequestTimeout",
             Self::UsageRecordFailed => "FailedOperation.UsageRecordFailed",
@@ -240,6 +254,10 @@ mod tests {
             },
             GatewayError::BadRequest("x".into()),
             GatewayError::MethodNotAllowed(http::Method::TRACE),
+            GatewayError::InvalidPath(InvalidPath::AboveRoot),
+            GatewayError::MalformedHead(Refusal::LengthWithEncoding),
+            GatewayError::MalformedHead(Refusal::TargetTooLong),
+            GatewayError::MalformedHead(Refusal::HeadTooLarge),
             GatewayError::BackendUnavailable,
             GatewayError::BackendTimeout,
             GatewayError::UsageRecordFailed,

@@ -8,6 +8,7 @@ pub mod client_gone;
 mod detach;
 pub mod error;
 mod keyed;
+mod path;
 mod pipeline;
 pub mod proxy;
 mod shared_stream;
@@ -27,6 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::head_check::HeadCheck;
 use crate::listen::Acceptor;
 use client_gone::ConnWatch;
 use shared_stream::SharedStream;
@@ -62,7 +64,9 @@ pub async fn serve(
             let watch = watch.clone();
             async move { Ok::<_, Infallible>(pipeline::handle(gw, watch, req).await) }
         });
-        let io = TokioIo::new(SharedStream(stream));
+        // Heads are checked before hyper reads them: a malformed one gets
+        // the JSON error, not hyper's bare answer.
+        let io = TokioIo::new(HeadCheck::new(SharedStream(stream)));
         let conn = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -21,6 +21,7 @@ use crate::accounts::Principal;
 use crate::auth;
 use crate::billing::{Month, Reservation};
 use crate::config::Config;
+use crate::head_check;
 use crate::limiter::{LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
 use crate::usage::{UsageData, UsageEvent};
@@ -49,6 +50,16 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let request_id = request_id_of(&req);
+    if let Some(refusal) = head_check::refusal_of(&req) {
+        // A head refused before hyper read it: nothing else is done, and
+        // hyper closes the connection after this answer.
+        let mut resp = GatewayError::MalformedHead(refusal)
+            .into_response(request_id.to_str().unwrap_or_default());
+        let headers = resp.headers_mut();
+        headers.insert(X_REQUEST_ID, request_id);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     if req.uri().path() == "/healthz" && req.method() == http::Method::GET {
         return healthz(&request_id);
     }
@@ -467,6 +478,9 @@ fn check_task_shape<B>(config: &Config, req: &Request<B>) -> Result<(), GatewayE
             "the request target must be a path such as /v1/style-transfer".into(),
         ));
     }
+    // Forwarded normalised (proxy.rs); refused here, before any unit is
+    // reserved, if it climbs above the root or could be made to.
+    super::path::normalize(req.uri().path()).map_err(GatewayError::InvalidPath)?;
     if req.headers().contains_key(header::UPGRADE) {
         return Err(GatewayError::BadRequest(
             "protocol upgrades are not forwarded".into(),

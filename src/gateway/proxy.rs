@@ -164,11 +164,14 @@ impl Backend {
         request_id: &HeaderValue,
     ) -> Result<Answer, GatewayError> {
         let (parts, body) = req.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: http::Uri = format!(
-            "http://{}{}{}",
-            self.base.authority, self.base.path_prefix, path
-        )
+        // The path normalised (no dot segment, no `//`: it cannot leave
+        // the prefix), the query as sent.
+        let path = super::path::normalize(parts.uri.path()).map_err(GatewayError::InvalidPath)?;
+        let (base, prefix) = (&self.base.authority, &self.base.path_prefix);
+        let uri: http::Uri = match parts.uri.query() {
+            Some(query) => format!("http://{base}{prefix}{path}?{query}"),
+            None => format!("http://{base}{prefix}{path}"),
+        }
         .parse()
         .map_err(|_| GatewayError::BadRequest("the request path is not valid".into()))?;
         let mut headers = parts.headers;
