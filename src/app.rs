@@ -120,18 +120,27 @@ impl App {
         } else {
             None
         };
+        // The cluster's value wins over this replica's file (one limit per
+        // account whichever replica a task reaches).
+        let default_limit = match &coordinator {
+            Some(coord) => coord
+                .agree_default_limit(config.limits.default_concurrency)
+                .await
+                .map_err(|e| StartError::Cluster(e.to_string()))?,
+            None => config.limits.default_concurrency,
+        };
         let (limiter, gates): (Arc<dyn Limiter>, Arc<dyn GateReport>) = match &coordinator {
             Some(coord) => {
                 let shared = Arc::new(RedisLimiter::new(
                     coord.clone(),
-                    config.limits.default_concurrency,
+                    default_limit,
                     config.limits.max_queue_per_account,
                 ));
                 (shared.clone(), shared)
             }
             None => {
                 let local = Arc::new(LocalLimiter::new(
-                    config.limits.default_concurrency,
+                    default_limit,
                     config.limits.max_queue_per_account,
                 ));
                 (local.clone(), local)
@@ -148,11 +157,7 @@ impl App {
                 reason: e.to_string(),
             })
         })?;
-        let schedule = Arc::new(Schedule::new(
-            config.limits.default_concurrency,
-            clock.clone(),
-            limiter.clone(),
-        ));
+        let schedule = Arc::new(Schedule::new(default_limit, clock.clone(), limiter.clone()));
         let registry = Arc::new(Registry::new());
         let billing = Arc::new(billing::Accounts::new(config.billing.arrears_grace));
         let accounts = Arc::new(
@@ -288,11 +293,30 @@ impl App {
             .store(Arc::new(running.succeeded_by(fresh, keep_pool)));
         self.limiter
             .set_max_queue(next.limits.max_queue_per_account);
+        let default_limit = next.limits.default_concurrency;
+        if default_limit != current.limits.default_concurrency {
+            match &self.coordinator {
+                // Every replica applies it when it reaches Redis.
+                Some(coord) => coord.publish_default_limit(default_limit),
+                None => self.apply_default_limit(default_limit),
+            }
+        }
         self.gateway
             .metrics
             .set_max_queued_tasks(next.limits.max_queued_tasks);
         self.config.store(next);
         Ok(kept)
+    }
+
+    /// A new `limits.default_concurrency` in force: every account's limit
+    /// is the new default plus its packages at once (queued tasks may
+    /// start).
+    pub fn apply_default_limit(&self, limit: u32) {
+        let mut in_use = Vec::new();
+        self.admin
+            .gates
+            .for_each_gate(&mut |account, _| in_use.push(account.to_string()));
+        self.schedule.set_base(limit, in_use);
     }
 
     /// With the demo off, the public demo key must not authenticate: a data
@@ -399,7 +423,8 @@ async fn reload_on_hangup(
             || "(no file: defaults and environment)".to_string(),
             |p| p.display().to_string(),
         );
-        let next = match Config::load(reloads.path.as_deref(), std::env::vars()) {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let next = match Config::load(reloads.path.as_deref(), env.clone()) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(file, error = %e, "reload refused: the running configuration is kept");
@@ -415,13 +440,39 @@ async fn reload_on_hangup(
                         "reload: these keys changed but take effect only at restart; their running values are kept"
                     );
                 }
-                tracing::info!(file, "configuration reloaded");
+                let from_env = set_by_environment(env);
+                if from_env.is_empty() {
+                    tracing::info!(file, "configuration reloaded");
+                } else {
+                    tracing::info!(
+                        file,
+                        set_by_environment = from_env,
+                        "configuration reloaded; environment variables win over the file for the keys they set"
+                    );
+                }
             }
             Err(e) => {
                 tracing::error!(file, error = %e, "reload refused: the running configuration is kept");
             }
         }
     }
+}
+
+/// The keys the environment sets, for a reload's log line: editing them
+/// in the file changes nothing (`limits.max_queue_per_account is set by
+/// TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT; the file's value is not used`).
+/// `RUST_LOG` stands in for `log.level`. Names only, never a value.
+fn set_by_environment(env: Vec<(String, String)>) -> String {
+    let rust_log = env.iter().any(|(k, v)| k == "RUST_LOG" && !v.is_empty());
+    let mut keys = crate::config::keys_set_by_env(env);
+    if rust_log {
+        keys.retain(|(k, _)| k != "log.level");
+        keys.push(("log.level".into(), "RUST_LOG".into()));
+    }
+    keys.iter()
+        .map(|(key, var)| format!("{key} is set by {var}; the file's value is not used"))
+        .collect::<Vec<_>>()
+        .join(". ")
 }
 
 /// Runs a whole gateway until `shutdown` is cancelled, then shuts down in
@@ -531,6 +582,13 @@ async fn run_with(
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let admin_task = tokio::spawn(crate::admin::serve(app.admin.clone(), admin, stop.clone()));
     tokio::spawn(app.schedule.clone().run(stop.clone()));
+    if let Some(coord) = &app.coordinator {
+        tokio::spawn(follow_default_limit(
+            app.clone(),
+            coord.default_limit_changes(),
+            stop.clone(),
+        ));
+    }
     tokio::spawn(crate::idempotency::purge::run(
         app.store.clone(),
         app.gateway.clock.clone(),
@@ -588,5 +646,26 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Applies the cluster's `limits.default_concurrency` whenever it changes
+/// (a reload of any replica), until `stop`.
+async fn follow_default_limit(
+    app: Arc<App>,
+    mut changes: tokio::sync::watch::Receiver<u32>,
+    stop: CancellationToken,
+) {
+    let mut applied = *changes.borrow_and_update();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let limit = *changes.borrow_and_update();
+        if limit != applied && limit > 0 {
+            app.apply_default_limit(limit);
+            applied = limit;
+        }
     }
 }

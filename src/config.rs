@@ -403,7 +403,9 @@ pub enum LogFormat {
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
-    /// A tracing-subscriber filter, e.g. `info` or `tollgate=debug`.
+    /// A level (`info`) or tracing-subscriber directives
+    /// (`info,tollgate=debug`); a bare word that is not a level is refused
+    /// ([`check_log_level`]).
     pub level: String,
     /// One line per task (target `tollgate::access`, in `format`), whatever
     /// `level` says.
@@ -675,12 +677,7 @@ impl Config {
         if !self.backend.url.is_empty() {
             BackendUrl::parse(&self.backend.url).map_err(|r| invalid("backend.url", r))?;
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                "is not a log filter (e.g. \"info\", \"warn\", \"tollgate=debug,info\")",
-            ));
-        }
+        check_log_level(&self.log.level).map_err(|reason| invalid("log.level", reason))?;
         for (key, bounds) in [
             ("metrics.duration_buckets", &self.metrics.duration_buckets),
             (
@@ -835,9 +832,9 @@ impl Config {
     /// a restart kept at its running value, and the names of those keys
     /// that `next` tried to change. Listeners, storage, cluster, billing,
     /// auth, the demo and the simulator are fixed for the process's life;
-    /// limits (but the default concurrency, which sets every account's
-    /// entitlement), backend, log level, the access log, buckets and the
-    /// admin token change live.
+    /// limits (the default concurrency too: every account's limit follows
+    /// it, across the cluster), backend, log level, the access log,
+    /// buckets, idempotency and the admin token change live.
     pub fn reload_into(&self, mut next: Config) -> (Config, Vec<&'static str>) {
         let mut kept = Vec::new();
         macro_rules! keep {
@@ -857,7 +854,6 @@ impl Config {
             "admin.listen" => admin.listen,
             "admin.max_connections" => admin.max_connections,
             "admin.idle_timeout_ms" => admin.idle_timeout_ms,
-            "limits.default_concurrency" => limits.default_concurrency,
             "storage" => storage,
             "billing" => billing,
             "metrics.per_account_labels" => metrics.per_account_labels,
@@ -930,6 +926,58 @@ fn toml_error(e: &toml::de::Error, text: &str) -> String {
         }
         None => e.message().to_string(),
     }
+}
+
+/// The level names `log.level` (and `RUST_LOG`) may give bare.
+pub const LOG_LEVELS: &str = "error, warn, info, debug, trace, off";
+
+/// Checks a `log.level` value: a level (`warn`) or tracing directives
+/// (`info,tollgate::access=off`, `tollgate=debug`). A bare word that is not
+/// a level is refused: the filter would read it as a target name (`inf0`)
+/// and silence every line but the access log's. A target is given with its
+/// level (`tollgate=debug`) or as a path (`tollgate::gateway`).
+pub fn check_log_level(level: &str) -> Result<(), String> {
+    if level.trim().is_empty() {
+        return Err(format!("is empty; give a level ({LOG_LEVELS})"));
+    }
+    if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+        return Err(format!(
+            "is not a log filter: give a level ({LOG_LEVELS}) or directives such as \
+             \"info,tollgate=debug\""
+        ));
+    }
+    for word in level.split(',').map(str::trim) {
+        let directive = word.is_empty() || word.contains(['=', '[']) || word.contains("::");
+        if !directive
+            && word
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!(
+                "`{word}` is not a level ({LOG_LEVELS}); a bare word is read as a target \
+                 name and would silence every other log line (a target is given with \
+                 its level, as in \"tollgate=debug\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The config keys the `TOLLGATE_*` variables in `env` set, each with its
+/// variable (`limits.max_queue_per_account`,
+/// `TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT`): the file's values of these
+/// keys are not used. Variables that name no key are left out.
+pub fn keys_set_by_env(env: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut scratch = toml::Table::new();
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for (name, value) in env {
+        if let Ok(Some(key)) = apply_env_override(&mut scratch, &name, &value) {
+            keys.retain(|(k, _)| *k != key);
+            keys.push((key, name));
+        }
+    }
+    keys.sort();
+    keys
 }
 
 fn check_buckets(bounds: &[f64]) -> Result<(), String> {
@@ -1189,12 +1237,10 @@ mod tests {
         assert_eq!(applied.limits.max_queue_per_account, 1);
         assert_eq!(applied.log.level, "warn");
         assert_eq!(applied.server.listen, running.server.listen);
-        assert_eq!(applied.limits.default_concurrency, 3);
+        // Live: every account's limit follows it at once.
+        assert_eq!(applied.limits.default_concurrency, 9);
         assert_eq!(applied.storage, running.storage);
-        assert_eq!(
-            kept,
-            ["server.listen", "limits.default_concurrency", "storage"]
-        );
+        assert_eq!(kept, ["server.listen", "storage"]);
         // From the simulator to a real backend is a restart (demo mode).
         let real = Config::from_toml_and_env("[backend]\nurl = \"http://10.0.0.1:80\"\n", no_env())
             .unwrap();
@@ -1208,6 +1254,78 @@ mod tests {
         let (applied, kept) = real.reload_into(other);
         assert_eq!(applied.backend.url, "http://10.0.0.2:80");
         assert!(kept.is_empty(), "{kept:?}");
+    }
+
+    #[test]
+    fn a_bare_word_that_is_not_a_level_is_refused_as_log_level() {
+        for good in [
+            "info",
+            "WARN",
+            "error",
+            "debug",
+            "trace",
+            "off",
+            "3",
+            "info,tollgate::access=off",
+            "tollgate=debug",
+            "warn,tollgate=debug",
+            "tollgate::gateway",
+            "info,",
+            "[request]=debug",
+        ] {
+            assert_eq!(check_log_level(good), Ok(()), "{good}");
+            Config::from_toml_and_env(&format!("[log]\nlevel = \"{good}\"\n"), no_env())
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "inf0",
+            "warnn",
+            "tollgate",
+            "info,warnn",
+            "",
+            " ",
+            "tollgate=inf0",
+        ] {
+            let reason = check_log_level(bad).unwrap_err();
+            assert!(reason.contains(LOG_LEVELS), "{bad}: {reason}");
+            let err = Config::from_toml_and_env(&format!("[log]\nlevel = \"{bad}\"\n"), no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`log.level`"), "{bad}: {err}");
+            assert!(err.contains(LOG_LEVELS), "{bad}: {err}");
+        }
+        assert!(check_log_level("inf0").unwrap_err().contains("`inf0`"));
+        // From the variable, the variable is named.
+        let err =
+            Config::from_toml_and_env("", vec![("TOLLGATE_LOG_LEVEL".into(), "warnn".into())])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("TOLLGATE_LOG_LEVEL"), "{err}");
+        assert!(err.contains("`warnn`"), "{err}");
+    }
+
+    #[test]
+    fn the_keys_set_by_variables_are_named_with_their_variable() {
+        let keys = keys_set_by_env(vec![
+            ("TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT".into(), "5".into()),
+            ("TOLLGATE_CONFIG".into(), "/etc/tollgate.toml".into()),
+            ("PATH".into(), "/usr/bin".into()),
+            ("TOLLGATE_NOSUCHSECTION_X".into(), "1".into()),
+            ("TOLLGATE_ADMIN_TOKEN".into(), "s3cret-s3cret-s3cret".into()),
+        ]);
+        assert_eq!(
+            keys,
+            [
+                (
+                    "admin.token".to_string(),
+                    "TOLLGATE_ADMIN_TOKEN".to_string()
+                ),
+                (
+                    "limits.max_queue_per_account".to_string(),
+                    "TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT".to_string()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -420,3 +420,53 @@ async fn a_queued_task_costs_one_descriptor_and_the_queue_across_accounts_is_cap
     let r = stack.task(&other, &[]).await;
     assert_eq!(r.status, StatusCode::OK);
 }
+
+/// `limits.default_concurrency` is live: raised by a SIGHUP from 3 to 5,
+/// every account gets 5 at once and its queued tasks start without
+/// waiting for the running ones; the backend sees 5 at once, never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_default_concurrency_applies_to_every_account_at_once() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[limits]\ndefault_concurrency = 3\n".into(),
+        env: vec![("RUST_LOG", String::new())],
+    });
+    let key = stack.account_with_key("acme").await;
+    let held = stack.hold_slots("acme", &key, 3, 2_500).await;
+    let client = stack.client();
+    let queued: Vec<_> = (0..3)
+        .map(|i| client.spawn(&key, 2_500, &format!("q{i}")))
+        .collect();
+    wait_for(&stack.admin(), "acme", "3 queued", |a| {
+        a["concurrency"]["queued"] == 3
+    })
+    .await;
+    let original = std::fs::read_to_string(&stack.gw.config_path).unwrap();
+    std::fs::write(
+        &stack.gw.config_path,
+        original.replace("default_concurrency = 3", "default_concurrency = 5"),
+    )
+    .unwrap();
+    stack.gw.proc.hangup();
+    // Two of the queued tasks start while the first three still run.
+    let view = wait_for(&stack.admin(), "acme", "the new limit in force", |a| {
+        a["concurrency"]["in_flight"] == 5
+    })
+    .await;
+    assert_eq!(view["concurrency"]["limit"], 5, "{view}");
+    assert_eq!(view["concurrency"]["queued"], 1, "{view}");
+    // Another account, never used before, gets the new default too.
+    stack.admin().create_account("other").await;
+    assert_eq!(
+        stack.admin().account("other").await["concurrency"]["limit"],
+        5
+    );
+    for h in held.into_iter().chain(queued) {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(stack.sim.max_in_flight(&stack.http, "acme").await, 5);
+    assert!(
+        !stack.gw.proc.logs().contains("limits.default_concurrency"),
+        "not named as a key that needs a restart:\n{}",
+        stack.gw.proc.logs()
+    );
+}

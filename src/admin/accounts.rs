@@ -93,7 +93,13 @@ pub async fn get_account(State(app): State<Arc<AdminState>>, Path(id): Path<Stri
             tracing::debug!(error = %e, "account view from memory: the store is unavailable");
         }
     }
-    Ok((StatusCode::OK, Json(account_view(&app, &id)?)))
+    let mut view = account_view(&app, &id)?;
+    // In cluster mode every replica shows the cluster's counts now, not
+    // what it last saw of the account.
+    let stats = app.limiter.fresh_stats(&id).await;
+    view["concurrency"]["in_flight"] = json!(stats.in_flight);
+    view["concurrency"]["queued"] = json!(stats.queued);
+    Ok((StatusCode::OK, Json(view)))
 }
 
 fn account_view(app: &AdminState, id: &str) -> Result<Value, ApiError> {

@@ -103,6 +103,9 @@ pub struct Coordinator {
     pub(super) units: DashMap<Arc<str>, UnitState>,
     /// Idempotency keys' in-progress markers this replica holds.
     pub(super) markers: DashMap<Arc<str>, MarkerState>,
+    /// `limits.default_concurrency` as the cluster applies it (0 until
+    /// agreed at start).
+    pub(super) default_limit: tokio::sync::watch::Sender<u32>,
     /// Every pool this replica has touched, as last seen.
     pub(super) pools: DashMap<Arc<str>, PoolView>,
     /// Releases and cancels spawned from `Drop`; `close` awaits them.
@@ -157,6 +160,7 @@ impl Coordinator {
             tickets: DashMap::new(),
             units: DashMap::new(),
             markers: DashMap::new(),
+            default_limit: tokio::sync::watch::Sender::new(0),
             pools: DashMap::new(),
             tasks: TaskTracker::new(),
             runtime: Handle::current(),

@@ -45,7 +45,12 @@ impl Coordinator {
             Ok(live) => {
                 self.health.set_live_replicas(live);
                 self.health.reached();
-                tokio::join!(self.beat_pools(), self.beat_units(), self.beat_markers());
+                tokio::join!(
+                    self.beat_pools(),
+                    self.beat_units(),
+                    self.beat_markers(),
+                    self.beat_default_limit()
+                );
             }
             Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
         }

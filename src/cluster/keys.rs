@@ -5,10 +5,10 @@
 //! touches keys of one slot.
 
 /// The pool of one root account: the order is the one `lua/pool.lua` reads.
-pub(crate) fn pool(prefix: &str, account: &str) -> [String; 12] {
-    const PARTS: [&str; 12] = [
+pub(crate) fn pool(prefix: &str, account: &str) -> [String; 13] {
+    const PARTS: [&str; 13] = [
         "holders", "hsub", "subn", "queue", "qlive", "qsub", "qcap", "owner", "seq", "limit",
-        "ver", "ewma",
+        "ver", "ewma", "limsrc",
     ];
     PARTS.map(|p| format!("{prefix}:{{{account}}}:{p}"))
 }
@@ -25,6 +25,12 @@ pub(crate) fn marker(prefix: &str, account: &str, key: &str) -> String {
     use sha2::Digest;
     let h = sha2::Sha256::digest(key.as_bytes());
     format!("{prefix}:{{{account}}}:idem:{}", hex::encode(&h[..16]))
+}
+
+/// `limits.default_concurrency` as the whole cluster applies it: one
+/// value, so two replicas never enforce different limits for an account.
+pub(crate) fn default_concurrency(prefix: &str) -> String {
+    format!("{prefix}:default_concurrency")
 }
 
 /// The replica registry.

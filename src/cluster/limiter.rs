@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::coordinator::Coordinator;
 use super::health::Op;
 use super::keys;
-use super::scripts::{ACQUIRE, REFUSE, SET_LIMIT};
+use super::scripts::{ACQUIRE, POOL_STATS, REFUSE, SET_LIMIT};
 use super::tickets::{Signal, TicketState};
 use super::wait::Waiting;
 use crate::config::RedisOutagePolicy;
@@ -29,7 +29,8 @@ pub struct RedisLimiter {
 
 struct Core {
     coord: Arc<Coordinator>,
-    default_limit: u32,
+    /// `limits.default_concurrency` as the cluster agrees on it.
+    default_limit: AtomicU32,
     /// `limits.max_queue_per_account`, changed live on a config reload.
     max_queue: AtomicUsize,
     /// Limits set through [`Limiter::set_limit`]: every acquire carries
@@ -81,7 +82,7 @@ impl RedisLimiter {
         let (limit_writes, rx) = mpsc::unbounded_channel();
         let core = Arc::new(Core {
             coord,
-            default_limit,
+            default_limit: AtomicU32::new(default_limit),
             max_queue: AtomicUsize::new(max_queue),
             limits: DashMap::new(),
             fallback: LocalLimiter::new(default_limit, max_queue),
@@ -116,7 +117,7 @@ impl Core {
     fn known_limit(&self, account: &str) -> (u32, bool) {
         match self.limits.get(account) {
             Some(l) => (*l, true),
-            None => (self.default_limit, false),
+            None => (self.default_limit.load(Ordering::Acquire), false),
         }
     }
 
@@ -131,7 +132,9 @@ impl Core {
                     None => self
                         .coord
                         .pool_view(&t.account)
-                        .map_or(self.default_limit, |v| v.stats.limit),
+                        .map_or(self.default_limit.load(Ordering::Acquire), |v| {
+                            v.stats.limit
+                        }),
                 };
                 let share = (limit / self.coord.live_replicas()).max(1);
                 self.fallback.set_limit(&t.account, share);
@@ -263,6 +266,35 @@ impl Limiter for RedisLimiter {
         )
     }
 
+    fn fresh_stats<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = GateStats> + Send + 'a>> {
+        Box::pin(async move {
+            let core = &self.core;
+            if core.coord.is_coordinated() {
+                let mut inv = POOL_STATS.prepare_invoke();
+                for k in keys::pool(&core.coord.prefix, account) {
+                    inv.key(k);
+                }
+                // `{version, limit, holders, queued, ewma_ms}`; the limit is
+                // the one this replica knows (a pool never used has none).
+                if let Ok(raw) = core.coord.call::<Vec<i64>>(Op::Acquire, &inv).await
+                    && let [_, _, holders, queued, _] = raw[..]
+                {
+                    let count = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+                    return GateStats {
+                        limit: core.known_limit(account).0,
+                        in_flight: count(holders),
+                        queued: count(queued),
+                    };
+                }
+            }
+            // Unreachable: what this replica last saw (or its outage gate).
+            self.stats(account)
+        })
+    }
+
     fn refuse_queued(&self, account: &str) {
         let core = &self.core;
         core.fallback.refuse_queued(account);
@@ -305,6 +337,11 @@ impl Limiter for RedisLimiter {
         self.core.max_queue.store(max_queue, Ordering::Relaxed);
         self.core.fallback.set_max_queue(max_queue);
     }
+
+    fn set_default_limit(&self, limit: u32) {
+        self.core.default_limit.store(limit, Ordering::Release);
+        self.core.fallback.set_default_limit(limit);
+    }
 }
 
 /// Writes limit changes to Redis one after the other, each with the
@@ -321,9 +358,15 @@ async fn write_limits(core: Weak<Core>, mut changed: mpsc::UnboundedReceiver<Arc
         for k in keys::pool(&coord.prefix, &account) {
             inv.key(k);
         }
+        let source = if limit == core.default_limit.load(Ordering::Acquire) {
+            "default"
+        } else {
+            "set"
+        };
         inv.arg(limit)
             .arg(coord.lease_ms())
-            .arg(&coord.channel_prefix);
+            .arg(&coord.channel_prefix)
+            .arg(source);
         if let Ok((_, stats)) = coord.call::<(i64, Vec<i64>)>(Op::Acquire, &inv).await {
             coord.note_pool(&account, &stats);
         }

@@ -31,6 +31,7 @@
 //! last handle is dropped).
 
 mod coordinator;
+mod default_limit;
 mod health;
 mod heartbeat;
 mod keys;

@@ -67,6 +67,11 @@ impl Book {
         self.by_account.get(account).map_or(&[], Vec::as_slice)
     }
 
+    /// Accounts with packages in the book.
+    pub fn accounts(&self) -> impl Iterator<Item = &str> {
+        self.by_account.keys().map(String::as_str)
+    }
+
     pub fn limit(&self, account: &str, t: Timestamp) -> u32 {
         limit_at(self.base, self.packages(account), t)
     }
@@ -130,6 +135,23 @@ impl Schedule {
     pub fn apply(&self, account: &str) {
         let limit = self.book().limit(account, self.clock.now());
         self.limiter.set_limit(account, limit);
+    }
+
+    /// A new `limits.default_concurrency`: every account's limit is the
+    /// new base plus its packages from now on. `in_use` are the accounts
+    /// the limiter holds a gate for (their limit is applied at once, so
+    /// queued tasks may start); others get the new default when they are
+    /// next used.
+    pub fn set_base(&self, base: u32, in_use: Vec<String>) {
+        self.limiter.set_default_limit(base);
+        let accounts: Vec<String> = {
+            let mut book = self.book();
+            book.base = base;
+            book.accounts().map(String::from).chain(in_use).collect()
+        };
+        for account in accounts {
+            self.apply(&account);
+        }
     }
 
     /// Adds a package (already stored) and applies it at once if valid now.

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,7 +20,8 @@ use super::{
 
 pub struct LocalLimiter {
     gates: DashMap<Arc<str>, Arc<Gate>>,
-    default_limit: u32,
+    /// `limits.default_concurrency`, changed live on a config reload.
+    default_limit: AtomicU32,
     /// `limits.max_queue_per_account`, changed live on a config reload.
     max_queue: AtomicUsize,
     shutting_down: AtomicBool,
@@ -30,7 +31,7 @@ impl LocalLimiter {
     pub fn new(default_limit: u32, max_queue: usize) -> Self {
         Self {
             gates: DashMap::new(),
-            default_limit,
+            default_limit: AtomicU32::new(default_limit),
             max_queue: AtomicUsize::new(max_queue),
             shutting_down: AtomicBool::new(false),
         }
@@ -42,7 +43,7 @@ impl LocalLimiter {
         }
         self.gates
             .entry(Arc::from(account))
-            .or_insert_with(|| Arc::new(Gate::new(self.default_limit)))
+            .or_insert_with(|| Arc::new(Gate::new(self.default_limit.load(Ordering::Acquire))))
             .clone()
     }
 }
@@ -88,7 +89,8 @@ impl Limiter for LocalLimiter {
     }
 
     fn set_limit(&self, account: &str, limit: u32) {
-        if limit == self.default_limit && !self.gates.contains_key(account) {
+        if limit == self.default_limit.load(Ordering::Acquire) && !self.gates.contains_key(account)
+        {
             return;
         }
         let gate = self.gate(account);
@@ -103,7 +105,7 @@ impl Limiter for LocalLimiter {
     fn stats(&self, account: &str) -> GateStats {
         self.gates.get(account).map_or(
             GateStats {
-                limit: self.default_limit,
+                limit: self.default_limit.load(Ordering::Acquire),
                 in_flight: 0,
                 queued: 0,
             },
@@ -127,6 +129,10 @@ impl Limiter for LocalLimiter {
 
     fn set_max_queue(&self, max_queue: usize) {
         self.max_queue.store(max_queue, Ordering::Relaxed);
+    }
+
+    fn set_default_limit(&self, limit: u32) {
+        self.default_limit.store(limit, Ordering::Release);
     }
 }
 

@@ -79,6 +79,18 @@ pub trait Limiter: Send + Sync + 'static {
     /// shared limiter, as of its last exchange with the coordinator).
     fn stats(&self, account: &str) -> GateStats;
 
+    /// The account's gate now, asked of the coordinator if the limiter is
+    /// shared (the admin's account view; one round trip): every replica
+    /// shows the same counts at the same moment. In process it is
+    /// [`Limiter::stats`].
+    fn fresh_stats<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = GateStats> + Send + 'a>> {
+        let stats = self.stats(account);
+        Box::pin(std::future::ready(stats))
+    }
+
     /// Refuses every task queued for the account (e.g. it was deactivated).
     fn refuse_queued(&self, account: &str);
 
@@ -88,6 +100,11 @@ pub trait Limiter: Send + Sync + 'static {
     /// `limits.max_queue_per_account` after a config reload: later
     /// arrivals see it; tasks already queued keep their places.
     fn set_max_queue(&self, max_queue: usize);
+
+    /// `limits.default_concurrency` after a config reload: the limit of
+    /// accounts without a package from now on. Accounts with a gate get
+    /// theirs through [`Limiter::set_limit`] (the schedule re-applies them).
+    fn set_default_limit(&self, limit: u32);
 }
 
 /// Every gate a limiter holds on this replica, for the metrics scrape.

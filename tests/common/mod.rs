@@ -123,6 +123,15 @@ impl Proc {
     pub fn logs(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
+
+    /// SIGHUP: the gateway reloads its config file.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
 }
 
 impl Drop for Proc {

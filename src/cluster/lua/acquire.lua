@@ -1,13 +1,17 @@
--- ARGV: ticket, owner instance, limit, 1 to set the limit (0: only if
--- absent), max queue, lease ms, sub-account ('' for none), its cap, grant
--- channel prefix. Returns {status, stats}: 1 granted, 0 queued, 2 full.
+-- ARGV: ticket, owner instance, limit, 1 if the limit was set for this
+-- account (0: it is the default concurrency: it replaces only another
+-- default, never a limit set with the account's packages), max queue,
+-- lease ms, sub-account ('' for none), its cap, grant channel prefix.
+-- Returns {status, stats}: 1 granted, 0 queued, 2 full.
 local now = server_now()
 local t, owner = ARGV[1], ARGV[2]
 local lease, chan = tonumber(ARGV[6]), ARGV[9]
 if ARGV[4] == '1' then
   redis.call('SET', K_LIMIT, ARGV[3])
-else
-  redis.call('SET', K_LIMIT, ARGV[3], 'NX')
+  redis.call('SET', K_LIMSRC, 'set')
+elseif redis.call('GET', K_LIMSRC) ~= 'set' then
+  redis.call('SET', K_LIMIT, ARGV[3])
+  redis.call('SET', K_LIMSRC, 'default')
 end
 purge(now)
 -- Waiters first: a newcomer never overtakes one that could run.

@@ -4,10 +4,12 @@
 -- qlive (ZSET ticket -> liveness deadline ms), qsub / qcap (HASH queued
 -- ticket -> sub, cap), owner (HASH queued ticket -> instance), seq, limit,
 -- ver (a counter every script bumps, so replies can be ordered), ewma
--- (task duration in ms, for Retry-After).
+-- (task duration in ms, for Retry-After), limsrc ('set': the limit was
+-- set for this account, its packages counted; 'default': it is the
+-- cluster's default concurrency, which any replica may bring up to date).
 local K_HOLDERS, K_HSUB, K_SUBN, K_QUEUE, K_QLIVE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_QSUB, K_QCAP, K_OWNER, K_SEQ, K_LIMIT = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local K_VER, K_EWMA = KEYS[11], KEYS[12]
+local K_VER, K_EWMA, K_LIMSRC = KEYS[11], KEYS[12], KEYS[13]
 
 -- Idle pools fade away; any live ticket keeps touching them.
 local IDLE_MS = 86400000
@@ -123,7 +125,7 @@ end
 -- at least as new.
 local function stats()
   local ver = redis.call('INCR', K_VER)
-  for _, k in ipairs({K_VER, K_SEQ, K_LIMIT, K_EWMA}) do
+  for _, k in ipairs({K_VER, K_SEQ, K_LIMIT, K_EWMA, K_LIMSRC}) do
     redis.call('PEXPIRE', k, IDLE_MS)
   end
   local s = {ver, limit(), redis.call('ZCARD', K_HOLDERS), redis.call('ZCARD', K_QUEUE),
