@@ -56,6 +56,10 @@ enum Command {
     Migrate(tollgate::store::migrate::MigrateArgs),
 }
 
+/// The target of the warning about a suspect `RUST_LOG`, let through by
+/// the filter whatever `RUST_LOG` says.
+const FILTER_WARNING: &str = "tollgate::log_filter";
+
 /// Installs the subscriber; the returned function swaps its filter (a
 /// config reload). With `RUST_LOG` set, that variable stands in for
 /// `log.level` (at start and on reloads); `log.access` applies either way.
@@ -74,15 +78,29 @@ fn init_logging(log: &LogConfig) -> (LogReload, WorkerGuard) {
             std::io::stderr(),
         ));
     let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    // RUST_LOG is the operator's escape hatch: a value `log.level` would
+    // refuse (a bare word such as `warnn`, read as a target name) is used
+    // as given, with a warning that its own filter lets through.
+    let rust_log_problem = from_env
+        .as_deref()
+        .and_then(|v| tollgate::config::check_log_level(v).err());
+    let warning_passes = rust_log_problem.is_some();
     let filter_of = move |log: &LogConfig| {
         let level = from_env.clone().unwrap_or_else(|| log.level.clone());
-        LogConfig {
+        let filter = LogConfig {
             level,
             ..log.clone()
         }
-        .filter()
+        .filter();
+        if warning_passes {
+            format!("{filter},{FILTER_WARNING}=warn")
+        } else {
+            filter
+        }
     };
-    let filter = EnvFilter::try_new(filter_of(log)).unwrap_or_else(|_| EnvFilter::new("info"));
+    let parsed = EnvFilter::try_new(filter_of(log));
+    let fell_back = parsed.is_err();
+    let filter = parsed.unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -103,6 +121,14 @@ fn init_logging(log: &LogConfig) -> (LogReload, WorkerGuard) {
         LogFormat::Json => install!(builder.json()),
         LogFormat::Text => install!(builder),
     };
+    if let Some(problem) = rust_log_problem {
+        let instead = if fell_back {
+            "; logging at info instead"
+        } else {
+            "; it stands in for log.level and is used as given"
+        };
+        tracing::warn!(target: FILTER_WARNING, "RUST_LOG: {problem}{instead}");
+    }
     (reload, guard)
 }
 

@@ -566,9 +566,21 @@ async fn task_until(
     within: Duration,
     ok: impl Fn(&Resp) -> bool,
 ) -> Resp {
+    task_until_with(c, i, key, &[("x-sim-delay-ms", "0")], within, ok).await
+}
+
+/// Like `task_until`, each try with `headers`.
+async fn task_until_with(
+    c: &Cluster,
+    i: usize,
+    key: &str,
+    headers: &[(&str, &str)],
+    within: Duration,
+    ok: impl Fn(&Resp) -> bool,
+) -> Resp {
     let deadline = Instant::now() + within;
     loop {
-        let r = c.client(i).task(key, &[("x-sim-delay-ms", "0")]).await;
+        let r = c.client(i).task(key, headers).await;
         if ok(&r) {
             return r;
         }

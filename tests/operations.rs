@@ -645,3 +645,141 @@ async fn the_access_log_follows_log_access_under_rust_log_and_logs_hang_ups_as_4
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `tollgate serve --config <file>` with `env`, `RUST_LOG` unset: must
+/// refuse to start. Its exit code and stderr.
+fn refused_serve(config_toml: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n{config_toml}",
+        dir.path().join("data").display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("TOLLGATE_LOG_LEVEL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    common::refused_start(cmd.spawn().unwrap())
+}
+
+const LEVELS: &str = "error, warn, info, debug, trace, off";
+
+#[test]
+fn a_log_level_that_is_not_a_level_stops_the_start_naming_the_key_or_variable() {
+    // A typo would be read as a target name and silence every log line.
+    for typo in ["inf0", "warnn", "info,warnn"] {
+        let (code, stderr) = refused_serve(&format!("[log]\nlevel = \"{typo}\"\n"), &[]);
+        assert_eq!(code, Some(2), "{typo}: {stderr}");
+        assert!(stderr.contains("log.level"), "{typo}: {stderr}");
+        assert!(stderr.contains(LEVELS), "the levels are listed: {stderr}");
+    }
+    let (code, stderr) = refused_serve("", &[("TOLLGATE_LOG_LEVEL", "warnn")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("TOLLGATE_LOG_LEVEL"), "{stderr}");
+    assert!(stderr.contains("`warnn`"), "{stderr}");
+    assert!(stderr.contains(LEVELS), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_directive_starts_and_is_obeyed() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[log]\nlevel = \"info,tollgate::access=off\"\naccess = false\n".into(),
+        env: vec![("RUST_LOG", String::new())],
+    });
+    let key = stack.account_with_key("acme").await;
+    assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
+    let logs = wait_for_log(&stack, "tollgate serving", 1).await;
+    assert!(!logs.contains("tollgate::access"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_bad_log_level_is_refused_in_the_log_and_later_warnings_still_appear() {
+    let stack = Stack::start(Opts {
+        env: vec![
+            ("RUST_LOG", String::new()),
+            ("TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT", "7".into()),
+            ("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+        ],
+        ..reloadable()
+    });
+    let original = std::fs::read_to_string(&stack.gw.config_path).unwrap();
+    let typo = original.replace("access = true", "access = true\nlevel = \"warnn\"");
+    assert_ne!(typo, original);
+    std::fs::write(&stack.gw.config_path, &typo).unwrap();
+    hangup(&stack);
+    // Refused, and the refusal is logged under the running filter.
+    let logs = wait_for_log(&stack, "reload refused", 1).await;
+    assert!(logs.contains("log.level"), "{logs}");
+    assert!(logs.contains("`warnn`"), "{logs}");
+    assert!(!logs.contains("configuration reloaded"), "{logs}");
+
+    // The old filter stays: a later reload's warning and info lines appear.
+    // Its line names the keys the environment sets, never their values.
+    std::fs::write(
+        &stack.gw.config_path,
+        original
+            .replace("instance = \"test\"", "instance = \"renamed\"")
+            .replace("[limits]", "[limits]\nmax_queue_per_account = 1"),
+    )
+    .unwrap();
+    hangup(&stack);
+    let logs = wait_for_log(&stack, "configuration reloaded", 1).await;
+    assert!(
+        logs.contains("WARN") && logs.contains("take effect only at restart"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(
+            "limits.max_queue_per_account is set by TOLLGATE_LIMITS_MAX_QUEUE_PER_ACCOUNT; \
+             the file's value is not used"
+        ),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("admin.token is set by TOLLGATE_ADMIN_TOKEN"),
+        "{logs}"
+    );
+    assert!(!logs.contains(ADMIN_TOKEN), "{logs}");
+    // And the variable did win: 7 queued, not 1.
+    let key = stack.account_with_key("acme").await;
+    let held = stack.hold_slots("acme", &key, 3, 1_000).await;
+    let queued: Vec<_> = (0..2)
+        .map(|_| {
+            let c = stack.client();
+            let key = key.clone();
+            tokio::spawn(async move { c.task(&key, &[]).await })
+        })
+        .collect();
+    common::wait_for(&stack.admin(), "acme", "two queued", |a| {
+        a["concurrency"]["queued"] == 2
+    })
+    .await;
+    for t in queued {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_with_a_word_that_is_not_a_level_starts_with_a_warning() {
+    // RUST_LOG is the escape hatch: used as given, but said.
+    let stack = Stack::start(Opts {
+        env: vec![("RUST_LOG", "warnn".into())],
+        ..Opts::default()
+    });
+    let logs = wait_for_log(&stack, "RUST_LOG", 1).await;
+    let line = logs.lines().find(|l| l.contains("RUST_LOG")).unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("`warnn` is not a level"), "{line}");
+    let key = stack.account_with_key("acme").await;
+    assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
+}
