@@ -348,13 +348,24 @@ pub struct BillingConfig {
     pub timezone: String,
     #[serde(deserialize_with = "human_duration")]
     pub arrears_grace: Duration,
+    /// The largest balance a top-up may leave (USD, a decimal string like
+    /// every amount of money): a top-up past it is refused, unchanged.
+    #[serde(deserialize_with = "usd_amount")]
+    pub max_balance_usd: rust_decimal::Decimal,
 }
+
+/// `billing.max_balance_usd` unless set: the largest single top-up.
+pub const DEFAULT_MAX_BALANCE_USD: &str = "1000000000";
+/// The largest `billing.max_balance_usd` accepted (far from where a
+/// balance's arithmetic could overflow).
+pub const MAX_MAX_BALANCE_USD: &str = "1000000000000000";
 
 impl Default for BillingConfig {
     fn default() -> Self {
         Self {
             timezone: "UTC".into(),
             arrears_grace: Duration::from_secs(24 * 3600),
+            max_balance_usd: DEFAULT_MAX_BALANCE_USD.parse().expect("a decimal"),
         }
     }
 }
@@ -580,6 +591,26 @@ fn human_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error>
     })
 }
 
+/// A USD amount written as a string: `^[0-9]+(\.[0-9]{1,2})?$`, as the
+/// admin API takes money (no float, sign, exponent or spaces).
+fn usd_amount<'de, D: Deserializer<'de>>(d: D) -> Result<rust_decimal::Decimal, D::Error> {
+    let text = String::deserialize(d)?;
+    let (whole, cents) = match text.split_once('.') {
+        Some((w, c)) => (w, Some(c)),
+        None => (text.as_str(), None),
+    };
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    let well_formed = digits(whole) && cents.is_none_or(|c| digits(c) && c.len() <= 2);
+    well_formed
+        .then(|| text.parse().ok())
+        .flatten()
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a USD amount such as \"1000000000\" or \"250.50\" (a string of digits, at most 2 decimals)"
+            ))
+        })
+}
+
 impl Config {
     /// Loads the file (if any), applies `TOLLGATE_*` variables from `env`,
     /// and validates.
@@ -778,6 +809,15 @@ impl Config {
                     format!("is not a PostgreSQL URL: {e}"),
                 ));
             }
+        }
+        let max_balance: rust_decimal::Decimal = MAX_MAX_BALANCE_USD.parse().expect("a decimal");
+        if self.billing.max_balance_usd <= rust_decimal::Decimal::ZERO
+            || self.billing.max_balance_usd > max_balance
+        {
+            return Err(invalid(
+                "billing.max_balance_usd",
+                format!("must be greater than 0 and at most {MAX_MAX_BALANCE_USD}"),
+            ));
         }
         if jiff::tz::TimeZone::get(&self.billing.timezone).is_err() {
             return Err(invalid(
@@ -1045,6 +1085,7 @@ fn apply_env_override(
             | "level"
             | "data_dir"
             | "arrears_grace"
+            | "max_balance_usd"
             | "ttl"
             | "listen"
             | "kind"
@@ -1143,7 +1184,7 @@ mod tests {
             ("auth", 3),
             ("storage", 3),
             ("cluster", 4),
-            ("billing", 2),
+            ("billing", 3),
             ("idempotency", 2),
             ("metrics", 3),
             ("log", 3),
@@ -1451,6 +1492,38 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn max_balance_is_money_as_a_string_checked_at_start() {
+        let d = Config::default().billing.max_balance_usd;
+        assert_eq!(d.to_string(), DEFAULT_MAX_BALANCE_USD);
+        let c = Config::from_toml_and_env("[billing]\nmax_balance_usd = \"250.50\"\n", no_env())
+            .unwrap();
+        assert_eq!(c.billing.max_balance_usd.to_string(), "250.50");
+        // A variable of digits stays a string (TOML would read a number).
+        let env = vec![("TOLLGATE_BILLING_MAX_BALANCE_USD".into(), "5000".into())];
+        let c = Config::from_toml_and_env("", env).unwrap();
+        assert_eq!(c.billing.max_balance_usd.to_string(), "5000");
+        for bad in [
+            "1000",
+            "1e9",
+            "\"-5\"",
+            "\"5.001\"",
+            "\" 5\"",
+            "\"\"",
+            "\"0\"",
+            "\"0.00\"",
+            "\"1000000000000000.01\"",
+        ] {
+            let err = Config::from_toml_and_env(
+                &format!("[billing]\nmax_balance_usd = {bad}\n"),
+                no_env(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("billing.max_balance_usd"), "{bad}: {err}");
         }
     }
 

@@ -199,6 +199,187 @@ async fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
     );
 }
 
+/// The error message of an answer.
+fn message(r: &common::Resp) -> String {
+    r.json()["Response"]["Error"]["Message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_with_a_repeated_key_is_refused_naming_it_and_changes_nothing() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    admin.create_plain_account("acme").await;
+    let cases = [
+        ("/v1/accounts", r#"{"id":"a","id":"b"}"#, "id"),
+        ("/v1/accounts", r#"{"id":"c","id":"c"}"#, "id"),
+        // Nested: refused for the repeat (before the unknown field).
+        ("/v1/accounts", r#"{"id":"d","x":{"k":1,"k":2}}"#, "k"),
+        (
+            "/v1/accounts/acme/sub-accounts",
+            r#"{"id":"s","max_concurrency":1,"max_concurrency":2}"#,
+            "max_concurrency",
+        ),
+        (
+            "/v1/accounts/acme/keys",
+            r#"{"type":"api_key","type":"tc3"}"#,
+            "type",
+        ),
+        (
+            "/v1/accounts/acme/top-up",
+            r#"{"amount":"5","amount":"6"}"#,
+            "amount",
+        ),
+        (
+            "/v1/accounts/acme/resource-packages",
+            r#"{"size":1000,"size":10000}"#,
+            "size",
+        ),
+        (
+            "/v1/accounts/acme/concurrency-packages",
+            r#"{"units":1,"units":2,"period":"daily","start":"2999-01-01"}"#,
+            "units",
+        ),
+        (
+            "/v1/billing/settle",
+            r#"{"month":"2026-01","month":"2026-02"}"#,
+            "month",
+        ),
+    ];
+    for (path, body, key) in cases {
+        let r = admin.call_raw(Method::POST, path, body.to_string()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path} {body}");
+        assert_eq!(r.error_code(), "InvalidParameterValue", "{path} {body}");
+        assert!(
+            message(&r).contains(&format!("duplicate key `{key}`")),
+            "{path} {body}: {}",
+            message(&r)
+        );
+    }
+    let r = admin
+        .call_raw(
+            Method::PUT,
+            "/v1/accounts/acme/postpaid",
+            r#"{"enabled":true,"enabled":false}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        message(&r).contains("duplicate key `enabled`"),
+        "{}",
+        message(&r)
+    );
+
+    // Nothing was made or changed.
+    for id in ["a", "b", "c", "d", "s"] {
+        let r = admin
+            .call(Method::GET, &format!("/v1/accounts/{id}"), None)
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{id} exists");
+    }
+    let a = admin.account("acme").await;
+    assert_eq!(a["sub_accounts"], json!([]), "{a}");
+    assert_eq!(a["balance_usd"], "0", "{a}");
+    assert_eq!(a["postpaid"], false, "{a}");
+    assert_eq!(a["concurrency_packages"], json!([]), "{a}");
+    assert_eq!(a["resource_packages"].as_array().unwrap().len(), 1, "{a}");
+    let r = admin
+        .call(Method::GET, "/v1/accounts/acme/keys", None)
+        .await;
+    assert_eq!(r.json()["keys"], json!([]), "a key was issued");
+    // The same key in two sibling objects is no repeat.
+    let r = admin
+        .call_raw(Method::POST, "/v1/accounts", r#"{"id":"e"}"#)
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_query_parameter_of_a_paged_list_is_refused_naming_it() {
+    let stack = Stack::start(Opts::default());
+    let admin = stack.admin();
+    admin.create_plain_account("acme").await;
+    for (query, name) in [
+        ("/v1/usage-events?limit=1&limit=2", "limit"),
+        ("/v1/usage-events?limit=5&limit=5", "limit"),
+        ("/v1/usage-events?after=0&after=1", "after"),
+        ("/v1/usage-events?after=&limit=1&after=", "after"),
+        ("/v1/accounts?limit=1&limit=2", "limit"),
+        ("/v1/accounts?after=a&after=acme", "after"),
+    ] {
+        let r = admin.call(Method::GET, query, None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(r.error_code(), "InvalidParameterValue", "{query}");
+        assert!(
+            message(&r).contains(&format!("query parameter `{name}` is given more than once")),
+            "{query}: {}",
+            message(&r)
+        );
+    }
+    // Each once is fine.
+    for ok in [
+        "/v1/usage-events?after=0&limit=2",
+        "/v1/accounts?limit=1&after=",
+    ] {
+        assert_eq!(
+            admin.call(Method::GET, ok, None).await.status,
+            StatusCode::OK,
+            "{ok}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_past_the_max_balance_is_refused_and_changes_nothing() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[billing]\nmax_balance_usd = \"100\"\n".into(),
+        ..Opts::default()
+    });
+    let admin = stack.admin();
+    admin.create_plain_account("acme").await;
+    let top_up = |amount: &'static str| {
+        let admin = stack.admin();
+        async move {
+            admin
+                .call(
+                    Method::POST,
+                    "/v1/accounts/acme/top-up",
+                    Some(json!({ "amount": amount })),
+                )
+                .await
+        }
+    };
+    let r = top_up("60").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    // Up to the max exactly is allowed.
+    let r = top_up("40.00").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert_eq!(r.json()["balance_usd"], "100.00");
+    for past in ["0.01", "1000000000"] {
+        let r = top_up(past).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{past}: {:?}", r.json());
+        assert_eq!(r.error_code(), "FailedOperation.BalanceLimitExceeded");
+        assert!(
+            message(&r).contains("billing.max_balance_usd (100 USD)"),
+            "{}",
+            message(&r)
+        );
+        assert!(
+            message(&r).contains("nothing was changed"),
+            "{}",
+            message(&r)
+        );
+    }
+    assert_eq!(admin.account("acme").await["balance_usd"], "100.00");
+    // After a restart (billing is read at start) the balance is the same:
+    // no refused top-up was stored.
+    let mut stack = stack;
+    stack.gw.restart(&Opts::default());
+    assert_eq!(stack.admin().account("acme").await["balance_usd"], "100.00");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_appear_in_logs_or_metrics() {
     let stack = Stack::start(Opts {
@@ -316,6 +497,14 @@ fn a_bad_config_is_refused_at_start_naming_the_key() {
         (
             "[billing]\narrears_grace = \"tomorrow\"\n",
             "billing.arrears_grace",
+        ),
+        (
+            "[billing]\nmax_balance_usd = 5000\n",
+            "billing.max_balance_usd",
+        ),
+        (
+            "[billing]\nmax_balance_usd = \"0\"\n",
+            "billing.max_balance_usd",
         ),
         ("[backend]\nurl = \"https://x\"\n", "backend.url"),
         ("[server]\nlisten = \"nowhere\"\n", "server.listen"),

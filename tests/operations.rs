@@ -4,6 +4,8 @@
 //! lists, the API description matches the routes, and the deploy/ alert
 //! rules and dashboard only name series that exist.
 
+#[path = "common/api_examples.rs"]
+mod api_examples;
 mod common;
 
 use std::collections::BTreeSet;
@@ -468,7 +470,9 @@ async fn accounts_are_listed_in_pages_and_keys_without_secrets() {
 
 /// Every `(method, path)` of the OpenAPI description is a route, and every
 /// admin route is described: the documented methods are answered, the
-/// others get 405, and the router's paths are the described ones.
+/// others get 405, and the router's paths are the described ones. And
+/// docs/API.md's examples, replayed in order on a fresh gateway, get the
+/// answers the document shows (tests/common/api_examples.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_description_matches_the_admin_routes() {
     let root = env!("CARGO_MANIFEST_DIR");
@@ -498,7 +502,23 @@ async fn the_openapi_description_matches_the_admin_routes() {
     let described: BTreeSet<String> = paths.keys().cloned().collect();
     assert_eq!(described, routed, "docs/openapi.json vs src/admin/mod.rs");
 
-    let stack = Stack::start(Opts::default());
+    // The examples' gateway: the default instance name (shown in events and
+    // /readyz) and a key to seal TC3 secrets with.
+    let stack = Stack::start(Opts {
+        env: vec![
+            ("TOLLGATE_SERVER_INSTANCE", "local".into()),
+            ("TOLLGATE_AUTH_SECRET_ENCRYPTION_KEY", "ab".repeat(32)),
+        ],
+        ..Opts::default()
+    });
+    let doc = std::fs::read_to_string(format!("{root}/docs/API.md")).unwrap();
+    let replayed = api_examples::replay(&doc, &stack.http, &stack.gw.admin, &stack.gw.url).await;
+    assert!(
+        replayed.answers >= 18 && replayed.requests >= 80,
+        "the examples were found: {} answers, {} requests",
+        replayed.answers,
+        replayed.requests
+    );
     let admin = stack.admin();
     let methods = [
         Method::GET,

@@ -17,7 +17,7 @@ use crate::billing::Standing;
 use crate::clock::rfc3339_millis;
 use crate::config::StorageKind;
 
-use super::error::{ApiError, page_limit, parse_json};
+use super::error::{ApiError, page_query, parse_json};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -37,10 +37,11 @@ pub async fn create_account(State(app): State<Arc<AdminState>>, body: Bytes) -> 
 /// `GET /v1/accounts?limit=&after=`: root accounts in id order, paged.
 pub async fn list_accounts(
     State(app): State<Arc<AdminState>>,
-    Query(q): Query<std::collections::HashMap<String, String>>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> Reply {
-    let limit = page_limit(&q)?;
-    let after = q.get("after").map(String::as_str).filter(|a| !a.is_empty());
+    let page = page_query(&q)?;
+    let limit = page.limit;
+    let after = page.after.filter(|a| !a.is_empty());
     let (page, more) = app.registry.roots_page(after, limit);
     let mut accounts = Vec::with_capacity(page.len());
     for root in &page {

@@ -163,7 +163,8 @@ pub async fn top_up(
         .as_str()
         .and_then(billing::parse_amount)
         .ok_or_else(|| ApiError::bad_request("amount: must be a positive USD amount as a string, at most 2 decimals, e.g. \"12.50\""))?;
-    let (balance, in_arrears) = app.billing_service.top_up(&id, amount).await?;
+    let max_balance = app.config().billing.max_balance_usd;
+    let (balance, in_arrears) = app.billing_service.top_up(&id, amount, max_balance).await?;
     tracing::info!(account = %id, %amount, "balance topped up");
     Ok((
         StatusCode::OK,

@@ -117,8 +117,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
             "the request body must be a JSON object",
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let value = serde_json::from_slice::<NoDuplicateKeys>(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+        .0;
     if !value.is_object() {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",
@@ -126,6 +127,79 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     }
     serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// A JSON value read with every object's keys checked for repeats, at any
+/// depth: serde_json keeps the last of `{"id":"a","id":"b"}` silently,
+/// and a body that says two things is refused rather than guessed at.
+struct NoDuplicateKeys(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeysVisitor)
+            .map(NoDuplicateKeys)
+    }
+}
+
+struct NoDuplicateKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeysVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        // JSON has no NaN or infinity, so this is always a number.
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(NoDuplicateKeys(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key `{key}`"
+                )));
+            }
+            let NoDuplicateKeys(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(object.into())
+    }
 }
 
 /// The error code for a status an admin answer got without an error body
@@ -148,24 +222,47 @@ pub const MAX_PAGE: usize = 1000;
 /// A page without `limit`.
 pub const DEFAULT_PAGE: usize = 100;
 
-/// The query of a paged list: no parameter but `after` and `limit`, and
-/// `limit` (if given) in 1 ..= [`MAX_PAGE`]. Returns the page size.
-pub fn page_limit(q: &std::collections::HashMap<String, String>) -> Result<usize, ApiError> {
-    if let Some(unknown) = q.keys().find(|k| *k != "after" && *k != "limit") {
-        return Err(ApiError::bad_request(format!(
-            "unknown query parameter `{unknown}`"
-        )));
+/// A paged list's query, as given.
+pub struct PageQuery<'a> {
+    /// `after`, if given (possibly empty).
+    pub after: Option<&'a str>,
+    /// `limit`, or [`DEFAULT_PAGE`].
+    pub limit: usize,
+}
+
+/// The query of a paged list: no parameter but `after` and `limit`, each
+/// at most once (`?limit=1&limit=2` says two things and is refused, not
+/// read as one of them), and `limit` (if given) in 1 ..= [`MAX_PAGE`].
+pub fn page_query(q: &[(String, String)]) -> Result<PageQuery<'_>, ApiError> {
+    let mut after = None;
+    let mut limit = None;
+    for (name, value) in q {
+        let slot = match name.as_str() {
+            "after" => &mut after,
+            "limit" => &mut limit,
+            unknown => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{unknown}`"
+                )));
+            }
+        };
+        if slot.replace(value.as_str()).is_some() {
+            return Err(ApiError::bad_request(format!(
+                "query parameter `{name}` is given more than once"
+            )));
+        }
     }
-    match q.get("limit") {
-        None => Ok(DEFAULT_PAGE),
+    let limit = match limit {
+        None => DEFAULT_PAGE,
         Some(l) => l
             .parse()
             .ok()
             .filter(|n| (1..=MAX_PAGE).contains(n))
             .ok_or_else(|| {
                 ApiError::bad_request(format!("limit: must be between 1 and {MAX_PAGE}"))
-            }),
-    }
+            })?,
+    };
+    Ok(PageQuery { after, limit })
 }
 
 #[cfg(test)]
@@ -185,5 +282,30 @@ mod tests {
             let e = parse_json::<NewAccount>(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_at_any_depth_naming_it() {
+        for (bad, key) in [
+            (&br#"{"id":"a","id":"b"}"#[..], "id"),
+            (br#"{"id":"a","x":{"k":1,"k":2}}"#, "k"),
+            (br#"{"id":"a","x":[{"n":{"deep":1,"deep":1}}]}"#, "deep"),
+        ] {
+            let e = parse_json::<serde_json::Value>(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(
+                e.message.contains(&format!("duplicate key `{key}`")),
+                "{}",
+                e.message
+            );
+        }
+        // The same key in two objects is no repeat; values are kept as sent.
+        let v: serde_json::Value =
+            parse_json(br#"{"a":{"k":1},"b":{"k":-2.5},"c":[null,true,"s",18446744073709551615]}"#)
+                .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a":{"k":1},"b":{"k":-2.5},"c":[null,true,"s",18446744073709551615u64]})
+        );
     }
 }

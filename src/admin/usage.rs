@@ -1,6 +1,5 @@
 //! The usage-event cursor feed: `GET /v1/usage-events?after=&limit=`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
@@ -10,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::AdminState;
 
-use super::error::{ApiError, page_limit};
+use super::error::{ApiError, page_query};
 
 #[derive(serde::Serialize)]
 struct Page<'a> {
@@ -21,10 +20,11 @@ struct Page<'a> {
 
 pub async fn list(
     State(app): State<Arc<AdminState>>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    let limit = page_limit(&q)?;
-    let after: u64 = match q.get("after").map(String::as_str) {
+    let page = page_query(&q)?;
+    let limit = page.limit;
+    let after: u64 = match page.after {
         None | Some("") => 0,
         Some(c) => c
             .parse()

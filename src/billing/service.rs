@@ -198,10 +198,15 @@ impl BillingService {
     /// The store sets the balance only if it is still the one the new one
     /// was computed from; if another replica changed it meanwhile, the
     /// account is read again and the top-up computed again.
+    ///
+    /// A top-up that would leave more than `max_balance` is refused with
+    /// `FailedOperation.BalanceLimitExceeded`, nothing changed (checked
+    /// against the balance it would be added to, read fresh each attempt).
     pub async fn top_up(
         &self,
         account: &str,
         amount: Decimal,
+        max_balance: Decimal,
     ) -> Result<(Decimal, bool), ChangeError> {
         let _serial = self.balances.lock().await;
         let mut attempt = 0;
@@ -212,6 +217,14 @@ impl BillingService {
                 .billing
                 .with(account, |b| (b.balance, b.after_top_up(amount)))
                 .ok_or_else(|| ChangeError::NotFound(format!("account {account}")))?;
+            if balance > max_balance {
+                return Err(ChangeError::Conflict {
+                    code: "FailedOperation.BalanceLimitExceeded",
+                    message: format!(
+                        "the balance would be {balance} USD, over billing.max_balance_usd ({max_balance} USD); nothing was changed"
+                    ),
+                });
+            }
             let write = Write::TopUp {
                 account: account.to_string(),
                 amount_usd: amount,
