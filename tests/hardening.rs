@@ -485,25 +485,12 @@ async fn raw_exchange_streaming(addr: &str, head: String, body: Vec<u8>) -> RawA
         let _ = wr.write_all(&body).await;
         wr
     });
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some((status, _, body)) = common::complete_answer(&buf) {
-            writer.abort();
-            return RawAnswer {
-                status,
-                body: body.to_vec(),
-            };
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, rd.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            other => panic!(
-                "no whole answer ({other:?}); got {:?}",
-                String::from_utf8_lossy(&buf)
-            ),
-        }
+    let buf = common::read_one_answer(&mut rd, "a streamed request").await;
+    writer.abort();
+    let (status, _, body) = common::complete_answer(&buf).expect("read whole");
+    RawAnswer {
+        status,
+        body: body.to_vec(),
     }
 }
 

@@ -41,14 +41,6 @@ async fn wait_for_log(stack: &Stack, needle: &str, count: usize) -> String {
     }
 }
 
-fn hangup(stack: &Stack) {
-    let status = Command::new("kill")
-        .args(["-HUP", &stack.gw.proc.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// An admin GET with `token` (the reload test rotates it).
 async fn admin_get(stack: &Stack, token: &str, path: &str) -> common::Resp {
     let auth = format!("Bearer {token}");
@@ -92,7 +84,7 @@ async fn sighup_reloads_live_keys_without_dropping_a_task_and_refuses_a_bad_file
         .replace("instance = \"test\"", "instance = \"renamed\"");
     assert_ne!(edited, original);
     std::fs::write(&stack.gw.config_path, &edited).unwrap();
-    hangup(&stack);
+    stack.gw.proc.hangup();
     let logs = wait_for_log(&stack, "configuration reloaded", 1).await;
     assert!(
         logs.contains("server.instance"),
@@ -146,7 +138,7 @@ async fn sighup_reloads_live_keys_without_dropping_a_task_and_refuses_a_bad_file
 
     // A file that does not load is refused; the running config stays.
     std::fs::write(&stack.gw.config_path, "[limits\nmax_body_bytes = ").unwrap();
-    hangup(&stack);
+    stack.gw.proc.hangup();
     let logs = wait_for_log(&stack, "reload refused", 1).await;
     assert!(logs.contains("config"), "the reason is given: {logs}");
     // A valid file with a bad value is refused with the key named.
@@ -155,7 +147,7 @@ async fn sighup_reloads_live_keys_without_dropping_a_task_and_refuses_a_bad_file
         edited.replace("max_body_bytes = 10", "max_body_bytes = 0"),
     )
     .unwrap();
-    hangup(&stack);
+    stack.gw.proc.hangup();
     let logs = wait_for_log(&stack, "reload refused", 2).await;
     assert!(logs.contains("limits.max_body_bytes"), "{logs}");
     assert_eq!(send_50().await.status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -580,7 +572,7 @@ async fn a_reload_moves_new_tasks_to_a_new_backend_while_old_ones_finish() {
         original.replace(&stack.sim.url, &second.url),
     )
     .unwrap();
-    hangup(&stack);
+    stack.gw.proc.hangup();
     wait_for_log(&stack, "configuration reloaded", 1).await;
     assert_eq!(stack.task(&key, &[]).await.status, StatusCode::OK);
     assert_eq!(second.max_in_flight(&stack.http, "acme").await, 1);
@@ -733,7 +725,7 @@ async fn a_reload_with_a_bad_log_level_is_refused_in_the_log_and_later_warnings_
     let typo = original.replace("access = true", "access = true\nlevel = \"warnn\"");
     assert_ne!(typo, original);
     std::fs::write(&stack.gw.config_path, &typo).unwrap();
-    hangup(&stack);
+    stack.gw.proc.hangup();
     // Refused, and the refusal is logged under the running filter.
     let logs = wait_for_log(&stack, "reload refused", 1).await;
     assert!(logs.contains("log.level"), "{logs}");
@@ -749,7 +741,7 @@ async fn a_reload_with_a_bad_log_level_is_refused_in_the_log_and_later_warnings_
             .replace("[limits]", "[limits]\nmax_queue_per_account = 1"),
     )
     .unwrap();
-    hangup(&stack);
+    stack.gw.proc.hangup();
     let logs = wait_for_log(&stack, "configuration reloaded", 1).await;
     assert!(
         logs.contains("WARN") && logs.contains("take effect only at restart"),

@@ -84,25 +84,12 @@ async fn one(addr: &str, request: String) -> Answer {
     let addr = addr.trim_start_matches("http://");
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some((status, head, body)) = common::complete_answer(&raw) {
-            return Answer {
-                status,
-                head,
-                body: body.to_vec(),
-            };
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => raw.extend_from_slice(&chunk[..n]),
-            other => panic!(
-                "no answer to {request:?}: {other:?}, got {:?}",
-                String::from_utf8_lossy(&raw)
-            ),
-        }
+    let raw = common::read_one_answer(&mut s, &format!("{request:?}")).await;
+    let (status, head, body) = common::complete_answer(&raw).expect("read whole");
+    Answer {
+        status,
+        head,
+        body: body.to_vec(),
     }
 }
 

@@ -816,3 +816,23 @@ pub async fn app_in_process(
         .expect("the app builds");
     (app, store)
 }
+
+/// Reads from `s` until it holds one whole HTTP answer (bounded: 10 s);
+/// returns the bytes read, to be parsed with [`complete_answer`].
+pub async fn read_one_answer(s: &mut (impl tokio::io::AsyncRead + Unpin), what: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while complete_answer(&raw).is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => raw.extend_from_slice(&chunk[..n]),
+            other => panic!(
+                "no whole answer to {what}: {other:?}, got {:?}",
+                String::from_utf8_lossy(&raw)
+            ),
+        }
+    }
+    raw
+}
