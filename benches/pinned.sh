@@ -172,6 +172,7 @@ if [ -n "${BENCH_BASE_BIN:-}" ]; then
   # false` to measure the access log with BENCH_BASE_BIN = the same build).
   start_gw base "$BENCH_BASE_BIN" "${BENCH_BASE_LOG:-}"
   URL[tollgate]=$GW_tollgate
+  URL[tollgate-keyed]=$GW_tollgate
   URL[tollgate-base]=$GW_base
   TARGETS+=(tollgate-base)
 fi

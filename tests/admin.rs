@@ -297,7 +297,7 @@ async fn a_body_with_a_repeated_key_is_refused_naming_it_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_query_parameter_of_a_paged_list_is_refused_naming_it() {
+async fn a_repeated_query_parameter_is_refused_naming_it() {
     let stack = Stack::start(Opts::default());
     let admin = stack.admin();
     admin.create_plain_account("acme").await;
@@ -308,6 +308,14 @@ async fn a_repeated_query_parameter_of_a_paged_list_is_refused_naming_it() {
         ("/v1/usage-events?after=&limit=1&after=", "after"),
         ("/v1/accounts?limit=1&limit=2", "limit"),
         ("/v1/accounts?after=a&after=acme", "after"),
+        (
+            "/v1/accounts/acme/usage?month=2026-01&month=2026-02",
+            "month",
+        ),
+        (
+            "/v1/accounts/acme/usage?month=2026-01&month=2026-01",
+            "month",
+        ),
     ] {
         let r = admin.call(Method::GET, query, None).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{query}");
@@ -322,6 +330,7 @@ async fn a_repeated_query_parameter_of_a_paged_list_is_refused_naming_it() {
     for ok in [
         "/v1/usage-events?after=0&limit=2",
         "/v1/accounts?limit=1&after=",
+        "/v1/accounts/acme/usage?month=2026-01",
     ] {
         assert_eq!(
             admin.call(Method::GET, ok, None).await.status,

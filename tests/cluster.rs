@@ -1779,3 +1779,348 @@ async fn a_refunded_package_is_never_charged() {
         refusals.join("\n")
     );
 }
+
+// --- Idempotency keys across replicas (SPEC §10.1, issue 17) ---
+
+/// A task with `Idempotency-Key: idem` through replica `i`.
+async fn keyed_task(c: &Cluster, i: usize, key: &str, idem: &str, extra: &[(&str, &str)]) -> Resp {
+    let mut headers = vec![("idempotency-key", idem)];
+    headers.extend_from_slice(extra);
+    c.client(i).task(key, &headers).await
+}
+
+/// Waits (bounded) until the cluster has stored `n` usage events.
+async fn events_until(c: &Cluster, i: usize, n: usize, what: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let evs = events(c, i).await;
+        if evs.len() >= n {
+            return evs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} events of {n}",
+            evs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_through_another_replica_is_replayed_and_not_charged_again() {
+    let _s = SERIAL.lock().await;
+    let c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    let first = keyed_task(&c, 0, &key, "order-1", &[("x-sim-delay-ms", "0")]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(!first.replayed());
+    for i in [1, 2, 0] {
+        let again = keyed_task(&c, i, &key, "order-1", &[("x-sim-delay-ms", "0")]).await;
+        assert_eq!(
+            again.status,
+            StatusCode::OK,
+            "replica {i}: {}",
+            String::from_utf8_lossy(&again.body)
+        );
+        assert!(again.replayed(), "replica {i}: {:?}", again.headers);
+        assert_eq!(again.body, first.body, "replica {i}: the stored answer");
+    }
+    // The same key with another body is another request: refused anywhere.
+    let reused = c
+        .client(2)
+        .task_with_body(
+            &key,
+            &[("idempotency-key", "order-1")],
+            r#"{"InputImage":"y"}"#,
+        )
+        .await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reused.error_code(), "InvalidParameter.IdempotencyKeyReused");
+    let evs = events(&c, 1).await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["data"]["idempotency"]["key"], "order-1");
+    assert_eq!(c.sim.requests(&c.http, "acme").await, 1, "forwarded once");
+}
+
+/// The replica that ran and committed the first task is killed after the
+/// commit and before its client saw the answer (the client hung up while
+/// the task was at the backend); the retry through another replica gets
+/// that answer, and the task is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_kill_9_of_the_committing_replica_is_replayed_elsewhere() {
+    let _s = SERIAL.lock().await;
+    let mut c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    let socket = common::raw_task(
+        &c.gw(2).url,
+        &key,
+        "Idempotency-Key: lost-1\r\nX-Sim-Delay-Ms: 600\r\nX-Request-Id: lost-first\r\n",
+        common::TASK_BODY,
+    )
+    .await;
+    view_until(&c, 2, "acme", Duration::from_secs(5), "1 in flight", |v| {
+        v["concurrency"]["in_flight"] == 1
+    })
+    .await;
+    drop(socket);
+    events_until(&c, 0, 1, "the detached success committed").await;
+    c.kill9(2);
+    let retry = keyed_task(&c, 0, &key, "lost-1", &[("x-sim-delay-ms", "0")]).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&retry.body)
+    );
+    assert!(retry.replayed());
+    assert!(
+        String::from_utf8_lossy(&retry.body).contains("lost-first"),
+        "the first run's answer: {}",
+        String::from_utf8_lossy(&retry.body)
+    );
+    let again = keyed_task(&c, 1, &key, "lost-1", &[("x-sim-delay-ms", "0")]).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, retry.body);
+    let evs = events(&c, 1).await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["data"]["client_gone"], true);
+    assert_eq!(c.sim.requests(&c.http, "acme").await, 1);
+}
+
+/// Requests with one key sent at once through two replicas: one runs,
+/// every other is refused as in progress (or, once it is done, replayed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_sent_at_once_through_two_replicas_reaches_the_backend_once() {
+    let _s = SERIAL.lock().await;
+    let c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    for round in 0..3 {
+        let idem = format!("race-{round}");
+        let sends: Vec<_> = (0..8)
+            .map(|n| {
+                let client = c.client(n % 2);
+                let key = key.clone();
+                let idem = idem.clone();
+                tokio::spawn(async move {
+                    client
+                        .task(
+                            &key,
+                            &[("idempotency-key", &idem), ("x-sim-delay-ms", "300")],
+                        )
+                        .await
+                })
+            })
+            .collect();
+        let mut ran = 0;
+        let mut ran_body = None;
+        let mut replayed = Vec::new();
+        for s in sends {
+            let r = s.await.unwrap();
+            match r.status {
+                StatusCode::OK if !r.replayed() => {
+                    ran += 1;
+                    ran_body = Some(r.body.clone());
+                }
+                StatusCode::OK => replayed.push(r.body.clone()),
+                StatusCode::CONFLICT => assert_eq!(
+                    r.error_code(),
+                    "FailedOperation.IdempotentRequestInProgress"
+                ),
+                other => panic!("{other}: {}", String::from_utf8_lossy(&r.body)),
+            }
+        }
+        assert_eq!(ran, 1, "round {round}: exactly one ran");
+        for b in replayed {
+            assert_eq!(
+                Some(b),
+                ran_body,
+                "a replay is the answer of the one that ran"
+            );
+        }
+        assert_eq!(
+            c.sim.requests(&c.http, "acme").await,
+            round + 1,
+            "round {round}: one request reached the backend"
+        );
+    }
+    assert_eq!(events(&c, 2).await.len(), 3);
+}
+
+/// A replica dies while its keyed task is at the backend: its in-progress
+/// marker is held with the task's lease, so another replica refuses the
+/// key (409) until the lease lapses, then runs it as a new task (the first
+/// never committed, so nothing was charged for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_in_progress_marker_lapses_with_its_lease() {
+    let _s = SERIAL.lock().await;
+    let mut c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    let socket = common::raw_task(
+        &c.gw(2).url,
+        &key,
+        "Idempotency-Key: dead-1\r\nX-Sim-Delay-Ms: 30000\r\n",
+        common::TASK_BODY,
+    )
+    .await;
+    view_until(&c, 0, "acme", Duration::from_secs(5), "1 in flight", |v| {
+        v["concurrency"]["in_flight"] == 1
+    })
+    .await;
+    let busy = keyed_task(&c, 0, &key, "dead-1", &[("x-sim-delay-ms", "0")]).await;
+    assert_eq!(busy.status, StatusCode::CONFLICT);
+    assert_eq!(
+        busy.error_code(),
+        "FailedOperation.IdempotentRequestInProgress"
+    );
+    assert!(busy.header("retry-after").is_some());
+    let killed_at = Instant::now();
+    c.kill9(2);
+    drop(socket);
+    let r = task_until_with(
+        &c,
+        1,
+        &key,
+        &[("idempotency-key", "dead-1"), ("x-sim-delay-ms", "0")],
+        Duration::from_millis(c.lease_ms + 5000),
+        |r| r.status != StatusCode::CONFLICT,
+    )
+    .await;
+    let took = killed_at.elapsed();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(!r.replayed(), "the first never committed: this one ran");
+    // Bounded by the lease, with a second of slack for the heartbeat and
+    // the retries' pace.
+    assert!(
+        took <= Duration::from_millis(c.lease_ms + 1000),
+        "the marker lapsed after {took:?} (lease {} ms)",
+        c.lease_ms
+    );
+    let evs = events(&c, 0).await;
+    assert_eq!(evs.len(), 1, "only the second run is charged: {evs:?}");
+    let after = keyed_task(&c, 0, &key, "dead-1", &[("x-sim-delay-ms", "0")]).await;
+    assert!(after.replayed());
+    assert_eq!(after.body, r.body);
+}
+
+// --- Operator polish across replicas (issue 21) ---
+
+/// Appends `toml` to replica `i`'s config file and sends it SIGHUP.
+fn reload_with(c: &Cluster, i: usize, toml: &str) {
+    let gw = c.gw(i);
+    let mut text = std::fs::read_to_string(&gw.config_path).unwrap();
+    text.push_str(toml);
+    std::fs::write(&gw.config_path, text).unwrap();
+    gw.proc.hangup();
+}
+
+/// `limits.default_concurrency` raised on one replica's file and reloaded
+/// there: every replica enforces the new default for the account (one
+/// limit across the cluster), and a replica started later with the old
+/// value in its file follows the cluster's and says so by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_default_limit_is_the_whole_clusters() {
+    let _s = SERIAL.lock().await;
+    let mut c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    reload_with(&c, 1, "\n[limits]\ndefault_concurrency = 5\n");
+    for i in 0..3 {
+        view_until(&c, i, "acme", Duration::from_secs(5), "limit 5", |v| {
+            v["concurrency"]["limit"] == 5
+        })
+        .await;
+    }
+    // 7 tasks over replicas 0 and 2 (neither reloaded): 5 at once.
+    let tasks: Vec<_> = (0..7)
+        .map(|n| {
+            let client = c.client(if n % 2 == 0 { 0 } else { 2 });
+            let key = key.clone();
+            tokio::spawn(async move {
+                client
+                    .task(
+                        &key,
+                        &[("x-sim-delay-ms", "600"), ("x-queue-timeout-ms", "10000")],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert_eq!(
+        c.max_in_flight("acme").await,
+        5,
+        "the new default, summed over replicas"
+    );
+    // A replica whose file still says 3 joins: it enforces the cluster's 5
+    // and warns, naming the key.
+    c.kill9(0);
+    let gw = c.start_replica(NAMES[0]);
+    c.replicas[0] = Some(gw);
+    c.until_authenticates(0, &key).await;
+    let v = c.admin(0).account("acme").await;
+    assert_eq!(v["concurrency"]["limit"], 5, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c
+        .gw(0)
+        .proc
+        .logs()
+        .contains("limits.default_concurrency differs")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no warning naming the key:\n{}",
+            c.gw(0).proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every replica's account view shows the cluster's in-flight and queued
+/// tasks, not only its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_shows_the_clusters_in_flight_and_queued() {
+    let _s = SERIAL.lock().await;
+    let c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    // 3 running on replica 0, then 2 queued on replica 1.
+    let mut tasks: Vec<_> = (0..3)
+        .map(|n| c.client(0).spawn(&key, 1500, &format!("run{n}")))
+        .collect();
+    view_until(&c, 0, "acme", Duration::from_secs(5), "3 in flight", |v| {
+        v["concurrency"]["in_flight"] == 3
+    })
+    .await;
+    tasks.extend((0..2).map(|n| c.client(1).spawn(&key, 0, &format!("wait{n}"))));
+    for i in 0..3 {
+        view_until(
+            &c,
+            i,
+            "acme",
+            Duration::from_secs(1),
+            "3 in flight, 2 queued",
+            |v| v["concurrency"]["in_flight"] == 3 && v["concurrency"]["queued"] == 2,
+        )
+        .await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    for i in 0..3 {
+        view_until(&c, i, "acme", Duration::from_secs(2), "idle", |v| {
+            v["concurrency"]["in_flight"] == 0 && v["concurrency"]["queued"] == 0
+        })
+        .await;
+    }
+}

@@ -4,7 +4,6 @@
 //! Each change is decided by the rules in `billing`, stored, and only then
 //! applied to memory (see the billing service).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -180,10 +179,11 @@ fn parse_month(s: Option<&str>) -> Result<Month, ApiError> {
 pub async fn usage(
     State(app): State<Arc<AdminState>>,
     Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> Reply {
+    let [month] = super::error::query_params(&q, ["month"])?;
     ensure_account(&app, &id).await?;
-    let month = parse_month(q.get("month").map(String::as_str))?;
+    let month = parse_month(month)?;
     let MonthReport {
         usage,
         bill,

@@ -230,28 +230,33 @@ pub struct PageQuery<'a> {
     pub limit: usize,
 }
 
-/// The query of a paged list: no parameter but `after` and `limit`, each
-/// at most once (`?limit=1&limit=2` says two things and is refused, not
-/// read as one of them), and `limit` (if given) in 1 ..= [`MAX_PAGE`].
-pub fn page_query(q: &[(String, String)]) -> Result<PageQuery<'_>, ApiError> {
-    let mut after = None;
-    let mut limit = None;
+/// The values of a query's parameters, in the order of `names`: no other
+/// parameter, and each at most once (`?limit=1&limit=2` says two things
+/// and is refused, not read as one of them).
+pub fn query_params<'a, const N: usize>(
+    q: &'a [(String, String)],
+    names: [&str; N],
+) -> Result<[Option<&'a str>; N], ApiError> {
+    let mut values = [None; N];
     for (name, value) in q {
-        let slot = match name.as_str() {
-            "after" => &mut after,
-            "limit" => &mut limit,
-            unknown => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter `{unknown}`"
-                )));
-            }
+        let Some(i) = names.iter().position(|n| n == name) else {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter `{name}`"
+            )));
         };
-        if slot.replace(value.as_str()).is_some() {
+        if values[i].replace(value.as_str()).is_some() {
             return Err(ApiError::bad_request(format!(
                 "query parameter `{name}` is given more than once"
             )));
         }
     }
+    Ok(values)
+}
+
+/// The query of a paged list: `after` and `limit` only (see
+/// [`query_params`]), and `limit` (if given) in 1 ..= [`MAX_PAGE`].
+pub fn page_query(q: &[(String, String)]) -> Result<PageQuery<'_>, ApiError> {
+    let [after, limit] = query_params(q, ["after", "limit"])?;
     let limit = match limit {
         None => DEFAULT_PAGE,
         Some(l) => l

@@ -44,14 +44,26 @@ pub async fn purge_pass(store: &dyn Store, clock: &dyn Clock) -> u64 {
     total
 }
 
-/// Runs [`purge_pass`] every [`PURGE_EVERY`] until `stop`.
+/// After a pass that reached its bound: more keys expire than a pass a
+/// minute forgets (over ~166 keyed tasks a second), so the next pass comes
+/// this soon, each still bounded.
+pub const PURGE_AGAIN_AFTER_FULL: Duration = Duration::from_secs(1);
+
+/// Runs [`purge_pass`] every [`PURGE_EVERY`] (sooner while passes come
+/// back full) until `stop`.
 pub async fn run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, stop: CancellationToken) {
+    let mut pause = PURGE_EVERY;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(PURGE_EVERY) => {}
+            () = tokio::time::sleep(pause) => {}
         }
         let n = purge_pass(&*store, &*clock).await;
+        pause = if n >= u64::from(PURGE_BATCH * PURGE_BATCHES_PER_PASS) {
+            PURGE_AGAIN_AFTER_FULL
+        } else {
+            PURGE_EVERY
+        };
         if n > 0 {
             tracing::debug!(purged = n, "expired idempotency keys forgotten");
         }

@@ -286,6 +286,21 @@ impl SqliteStore {
             .map_err(|_| internal("reader task failed"))?
         })
     }
+
+    /// A point lookup by primary key: run on the calling thread when the
+    /// reader is free (a few microseconds on cached pages, where a hop to
+    /// the blocking pool and back costs two thread wake-ups), else as
+    /// [`Self::read`] does.
+    fn read_point<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, StoreError>> {
+        if let Ok(conn) = self.reader.try_lock() {
+            let result = f(&conn);
+            return Box::pin(std::future::ready(result));
+        }
+        self.read(f)
+    }
 }
 
 impl Store for SqliteStore {
@@ -368,7 +383,7 @@ impl Store for SqliteStore {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>> {
         let (account, key) = (account.to_string(), key.to_string());
-        self.read(move |c| load::idempotency_record(c, &account, &key))
+        self.read_point(move |c| load::idempotency_record(c, &account, &key))
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {
