@@ -41,6 +41,7 @@ fn event(n: u64) -> UsageEvent {
             charged_to: "postpaid".into(),
             client_gone: false,
             idempotency: None,
+            job_id: None,
         },
     )
 }
@@ -110,7 +111,7 @@ fn measure(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime, store: 
                             let rec = rec.clone();
                             let ev = event(n);
                             tokio::spawn(async move {
-                                rec.record(ev, None, "2026-11".into(), None)
+                                rec.record(ev, None, "2026-11".into(), None, None)
                                     .await
                                     .expect("stored")
                             })

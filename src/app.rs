@@ -196,6 +196,7 @@ impl App {
         let backend = Arc::new(ArcSwap::from_pointee(backend));
         let recorder = UsageRecorder::new(store.clone(), metrics.clone());
         let stopping = CancellationToken::new();
+        let jobs: Arc<crate::gateway::jobs::JobBook> = Default::default();
         let gateway = Arc::new(Gateway {
             config: config.clone(),
             clock: clock.clone(),
@@ -210,6 +211,7 @@ impl App {
             buffers: Default::default(),
             waiting: Default::default(),
             markers,
+            jobs: jobs.clone(),
         });
         let admin = Arc::new(AdminState {
             config: config.clone(),
@@ -228,6 +230,7 @@ impl App {
             backend,
             coordinator: coordinator.clone(),
             stopping: stopping.clone(),
+            jobs,
         });
         let app = Self {
             config,
@@ -592,6 +595,21 @@ async fn run_with(
     tokio::spawn(crate::idempotency::purge::run(
         app.store.clone(),
         app.gateway.clock.clone(),
+        stop.clone(),
+    ));
+    // Jobs left unfinished by the last run (or, in cluster mode, by a
+    // replica that died: its claims lapse with its lease).
+    let rescan = app
+        .coordinator
+        .as_ref()
+        .map(|c| Duration::from_millis(c.lease_ms()));
+    tokio::spawn(crate::gateway::jobs::resume(
+        app.gateway.clone(),
+        rescan,
+        stop.clone(),
+    ));
+    tokio::spawn(crate::gateway::jobs::purge(
+        app.gateway.clone(),
         stop.clone(),
     ));
     if config.storage.kind == StorageKind::Postgres {

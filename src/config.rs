@@ -31,6 +31,7 @@ const SECTIONS: &[&str] = &[
     "cluster",
     "auth",
     "idempotency",
+    "jobs",
 ];
 
 /// The config the running gateway reads, swapped whole by a reload.
@@ -52,6 +53,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub auth: AuthConfig,
     pub idempotency: IdempotencyConfig,
+    pub jobs: JobsConfig,
 }
 
 /// Idempotency keys (SPEC §10.1). Both keys change live on a reload (new
@@ -72,6 +74,46 @@ impl Default for IdempotencyConfig {
         Self {
             ttl: Duration::from_secs(24 * 3600),
             max_stored_answer_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Jobs (SPEC §10.2): submit a task, get its id at once, fetch the result
+/// later. Every key changes live on a reload (new submits, and queued jobs'
+/// expiry, take the new values) but `path_prefix`, which needs a restart.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Bearer front: `POST <path_prefix>/<backend path>` submits,
+    /// `GET`/`DELETE <path_prefix>/<job id>` query and cancel. Never
+    /// forwarded.
+    pub path_prefix: String,
+    /// Largest body a submit may carry (kept in the store until it runs).
+    pub max_body_bytes: u64,
+    /// Unfinished (queued or running) jobs per root account; past it a
+    /// submit is `429 RequestLimitExceeded.JobNumExceed`.
+    pub max_pending_per_account: u32,
+    /// A job still queued this long after its submit ends `expired`,
+    /// uncharged.
+    #[serde(deserialize_with = "human_duration")]
+    pub max_wait: Duration,
+    /// How long a finished job (and its result) is kept, then purged.
+    #[serde(deserialize_with = "human_duration")]
+    pub result_ttl: Duration,
+    /// A success's answer larger than this is not kept: the job still
+    /// succeeds (and is charged); its query says the result was too large.
+    pub max_result_bytes: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            path_prefix: "/tollgate/jobs".into(),
+            max_body_bytes: 10 << 20,
+            max_pending_per_account: 1000,
+            max_wait: Duration::from_secs(24 * 3600),
+            result_ttl: Duration::from_secs(24 * 3600),
+            max_result_bytes: 10 << 20,
         }
     }
 }
@@ -677,6 +719,43 @@ impl Config {
                 "must be between 1s and 365 days",
             ));
         }
+        let prefix = &self.jobs.path_prefix;
+        if prefix.len() < 2
+            || !prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.contains("//")
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+            || prefix.split('/').any(|seg| seg == "." || seg == "..")
+        {
+            return Err(invalid(
+                "jobs.path_prefix",
+                "must be a path such as \"/tollgate/jobs\": a leading /, no trailing /, letters, digits and -_.~ only",
+            ));
+        }
+        for (key, value) in [
+            ("jobs.max_wait", self.jobs.max_wait),
+            ("jobs.result_ttl", self.jobs.result_ttl),
+        ] {
+            if !(Duration::from_secs(1)..=Duration::from_secs(365 * 86_400)).contains(&value) {
+                return Err(invalid(key, "must be between 1s and 365 days"));
+            }
+        }
+        for (key, value) in [
+            ("jobs.max_body_bytes", self.jobs.max_body_bytes),
+            ("jobs.max_result_bytes", self.jobs.max_result_bytes),
+        ] {
+            if value == 0 || value > 256 << 20 {
+                return Err(invalid(key, "must be between 1 and 268435456 (256 MiB)"));
+            }
+        }
+        if self.jobs.max_pending_per_account == 0 || self.jobs.max_pending_per_account > 1_000_000 {
+            return Err(invalid(
+                "jobs.max_pending_per_account",
+                "must be between 1 and 1000000",
+            ));
+        }
         if self.idempotency.max_stored_answer_bytes > 64 << 20 {
             return Err(invalid(
                 "idempotency.max_stored_answer_bytes",
@@ -1186,6 +1265,7 @@ mod tests {
             ("cluster", 4),
             ("billing", 3),
             ("idempotency", 2),
+            ("jobs", 6),
             ("metrics", 3),
             ("log", 3),
             ("simulator", 4),

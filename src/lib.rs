@@ -22,6 +22,7 @@ pub mod entitlements;
 pub mod gateway;
 pub mod head_check;
 pub mod idempotency;
+pub mod jobs;
 pub mod limiter;
 pub mod listen;
 pub mod loadgen;

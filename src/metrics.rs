@@ -76,6 +76,60 @@ pub struct Metrics {
     /// Per listener: connections open now.
     pub open_connections: IntGaugeVec,
     gauges: AccountGauges,
+    /// Jobs (SPEC §10.2).
+    pub jobs: JobMetrics,
+}
+
+/// `tollgate_jobs{status}` (this replica's queued and running jobs),
+/// `tollgate_jobs_total{outcome}` (jobs ended here, by how),
+/// `tollgate_job_wait_seconds` (submit to start).
+pub struct JobMetrics {
+    pub now: IntGaugeVec,
+    pub ended: IntCounterVec,
+    pub wait: Histogram,
+}
+
+impl JobMetrics {
+    fn new(registry: &Registry) -> Self {
+        Self {
+            now: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tollgate_jobs",
+                        "Jobs this replica holds now, by status (queued: waiting for a slot; running: at the backend).",
+                    ),
+                    &["status"],
+                )
+                .expect("valid"),
+            ),
+            ended: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tollgate_jobs_total",
+                        "Jobs that ended on this replica, by outcome (succeeded, failed, cancelled, expired).",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
+            // Jobs wait from seconds to a day: buckets of their own.
+            wait: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tollgate_job_wait_seconds",
+                        "From a job's submit to its start at the backend.",
+                    )
+                    .buckets(vec![
+                        0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+                    ]),
+                )
+                .expect("valid"),
+            ),
+        }
+    }
 }
 
 enum AccountGauges {
@@ -326,6 +380,7 @@ impl Metrics {
                 ),
             }
         };
+        let jobs = JobMetrics::new(&registry);
         Self {
             registry,
             outcomes,
@@ -341,6 +396,7 @@ impl Metrics {
             accept_errors,
             open_connections,
             gauges,
+            jobs,
         }
     }
 

@@ -62,6 +62,67 @@ pub async fn list_accounts(
     ))
 }
 
+/// `GET /v1/accounts/{id}/jobs?status=&after=&limit=`: the account's jobs
+/// in submission order, paged (bodies and results left out; a job's own
+/// query on the data plane has its result).
+pub async fn list_jobs(
+    State(app): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Reply {
+    let [status, after, limit] = super::error::query_params(&q, ["status", "after", "limit"])?;
+    let page_pairs: Vec<(String, String)> = [("after", after), ("limit", limit)]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|v| (n.to_string(), v.to_string())))
+        .collect();
+    let page = page_query(&page_pairs)?;
+    let status = match status {
+        None | Some("") => None,
+        Some(s) => Some(crate::jobs::JobStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "status: must be queued, running, succeeded, failed, cancelled or expired",
+            )
+        })?),
+    };
+    if app.registry.root(&id).is_none() {
+        return Err(ApiError::not_found(format!("account {id}")));
+    }
+    let after = page.after.unwrap_or_default();
+    let found = app
+        .store
+        .jobs_of(&id, status, after, page.limit + 1)
+        .await
+        .map_err(ApiError::from)?;
+    let more = found.len() > page.limit;
+    let jobs: Vec<Value> = found
+        .iter()
+        .take(page.limit)
+        .map(|j| {
+            json!({
+                "job_id": j.id,
+                "status": j.status.as_str(),
+                "sub_account": j.sub_account,
+                "created_at": rfc3339_millis(j.created_at),
+                "started_at": j.started_at.map(rfc3339_millis),
+                "finished_at": j.finished_at.map(rfc3339_millis),
+                "error_code": j.error_code,
+                "charged_to": j.charged_to,
+            })
+        })
+        .collect();
+    let next_after = if more {
+        found
+            .get(page.limit - 1)
+            .map(|j| Value::from(j.id.as_str()))
+    } else {
+        None
+    };
+    Ok((
+        StatusCode::OK,
+        Json(json!({"jobs": jobs, "next_after": next_after})),
+    ))
+}
+
 /// `GET /v1/accounts/{id}/keys`: the account's unrevoked keys (its own and
 /// its sub-accounts'), never a secret.
 pub async fn list_keys(State(app): State<Arc<AdminState>>, Path(id): Path<String>) -> Reply {
@@ -143,6 +204,7 @@ fn account_view(app: &AdminState, id: &str) -> Result<Value, ApiError> {
             "limit": stats.limit,
             "in_flight": stats.in_flight,
             "queued": stats.queued,
+            "jobs_queued": app.jobs.queued_of(id),
             "next_change": next_change,
         },
         "concurrency_packages": packages,

@@ -70,6 +70,7 @@ pub fn router(app: Arc<AdminState>) -> Router {
         .route("/accounts/{id}/postpaid", put(billing::set_postpaid))
         .route("/accounts/{id}/top-up", post(billing::top_up))
         .route("/accounts/{id}/usage", get(billing::usage))
+        .route("/accounts/{id}/jobs", get(accounts::list_jobs))
         .route("/billing/settle", post(billing::settle))
         .route("/keys/{key_id}", delete(accounts::revoke_key))
         .route("/usage-events", get(usage::list))

@@ -48,6 +48,8 @@ pub struct AdminState {
     pub coordinator: Option<Arc<Coordinator>>,
     /// Cancelled when shutdown begins (readiness turns false).
     pub stopping: CancellationToken,
+    /// The jobs this replica holds (the account view's `jobs_queued`).
+    pub jobs: Arc<crate::gateway::jobs::JobBook>,
 }
 
 impl AdminState {

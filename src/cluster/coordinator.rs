@@ -235,7 +235,7 @@ impl Coordinator {
         Arc::from(format!("{}{n}", self.ticket_base))
     }
 
-    pub(super) fn lease_ms(&self) -> u64 {
+    pub fn lease_ms(&self) -> u64 {
         self.lease.as_millis() as u64
     }
 

@@ -102,6 +102,17 @@ pub enum GatewayError {
     /// Idempotency keys are checked in the store, which cannot be read.
     #[error("the gateway cannot check the idempotency key now; try again shortly")]
     StoreUnavailable,
+    /// No job with this id belongs to the caller (or none exists).
+    #[error("no such job")]
+    JobNotFound,
+    #[error("the job is {0}: only a queued job can be cancelled")]
+    JobNotCancellable(&'static str),
+    /// `jobs.max_pending_per_account` unfinished jobs already.
+    #[error("the account already has {0} queued or running jobs")]
+    TooManyJobs(u32),
+    /// The store cannot take or read jobs now.
+    #[error("jobs cannot be stored or read now; try again shortly")]
+    JobsUnavailable,
 }
 
 impl GatewayError {
@@ -132,7 +143,10 @@ impl GatewayError {
                 StatusCode::CONFLICT
             }
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::JobsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::JobNotFound => StatusCode::NOT_FOUND,
+            Self::JobNotCancellable(_) => StatusCode::CONFLICT,
+            Self::TooManyJobs(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -170,7 +184,10 @@ impl GatewayError {
             }
             Self::IdempotencyKeyReused => "InvalidParameter.IdempotencyKeyReused",
             Self::IdempotentAnswerNotStored => "FailedOperation.IdempotentAnswerNotStored",
-            Self::StoreUnavailable => "FailedOperation.StoreUnavailable",
+            Self::StoreUnavailable | Self::JobsUnavailable => "FailedOperation.StoreUnavailable",
+            Self::JobNotFound => "ResourceNotFound.JobNotFound",
+            Self::JobNotCancellable(_) => "FailedOperation.JobNotCancellable",
+            Self::TooManyJobs(_) => "RequestLimitExceeded.JobNumExceed",
         }
     }
 
@@ -276,6 +293,10 @@ mod tests {
             GatewayError::IdempotencyKeyReused,
             GatewayError::IdempotentAnswerNotStored,
             GatewayError::StoreUnavailable,
+            GatewayError::JobNotFound,
+            GatewayError::JobNotCancellable("running"),
+            GatewayError::TooManyJobs(1),
+            GatewayError::JobsUnavailable,
         ];
         for e in all {
             assert!(

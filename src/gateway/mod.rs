@@ -7,6 +7,7 @@ pub mod budget;
 pub mod client_gone;
 mod detach;
 pub mod error;
+pub mod jobs;
 mod keyed;
 mod path;
 mod pipeline;

@@ -22,6 +22,8 @@ use crate::auth;
 use crate::billing::{Month, Reservation};
 use crate::config::Config;
 use crate::head_check;
+use crate::idempotency::StoredAnswer;
+use crate::jobs::JobResult;
 use crate::limiter::{LimitError, Permit, SubCap, Ticket};
 use crate::metrics::Outcome;
 use crate::usage::{UsageData, UsageEvent};
@@ -65,6 +67,9 @@ pub async fn handle(
     }
     // Errors on the API 3.0 front are answered as the service does.
     let tc3 = tc3_front::is_tc3(req.headers());
+    if !tc3 && super::jobs::is_jobs_path(&gw.config(), req.uri().path()) {
+        return super::jobs::handle(gw, req, request_id).await;
+    }
     // At info level so warnings and errors inside the task carry its id.
     let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());
     let mut queue_wait = Duration::ZERO;
@@ -272,6 +277,7 @@ async fn run(
         tally: tally.take(),
         action,
         keyed,
+        job: None,
         _buffer: buffer,
     };
     DetachOnDrop::new(
@@ -300,21 +306,24 @@ fn limit_error(e: LimitError) -> GatewayError {
     }
 }
 
-struct Task {
-    gw: Arc<Gateway>,
-    principal: Principal,
-    request_id: HeaderValue,
-    queue_wait: Duration,
+pub(super) struct Task {
+    pub gw: Arc<Gateway>,
+    pub principal: Principal,
+    pub request_id: HeaderValue,
+    pub queue_wait: Duration,
     /// The task's outcome count, which goes with it if it is detached.
-    tally: Option<Tally>,
+    pub tally: Option<Tally>,
     /// API 3.0: the action, which names the usage event's `api`.
-    action: Option<String>,
+    pub action: Option<String>,
     /// A task with an idempotency key: its marker, held until the task
     /// ends, and what its success stores with the event.
-    keyed: Option<Keyed>,
+    pub keyed: Option<Keyed>,
+    /// A job's run: its id, whose result its success commits with the
+    /// event (and which the event names).
+    pub job: Option<String>,
     /// API 3.0: the body's share of `limits.max_buffered_bytes`, held until
     /// the task ends.
-    _buffer: Option<Share>,
+    pub _buffer: Option<Share>,
 }
 
 impl Task {
@@ -351,7 +360,7 @@ impl Task {
         result
     }
 
-    async fn forward(
+    pub(super) async fn forward(
         self,
         req: Request<TaskBody>,
         permit: Permit,
@@ -416,10 +425,23 @@ impl Task {
                     .as_ref()
                     .zip(record.as_ref())
                     .map(|(k, r)| k.event_part(r.answer.is_some())),
+                job_id: self.job.clone(),
             },
         );
         let package = reservation.source().package_id().map(String::from);
-        match gw.recorder.record(event, package, month, record).await {
+        let job = self.job.as_ref().map(|id| {
+            Box::new(JobResult {
+                id: id.clone(),
+                answer: StoredAnswer::of(
+                    answer.status,
+                    &answer.headers,
+                    &answer.body,
+                    config.jobs.max_result_bytes,
+                ),
+                at_ms: now.as_millisecond(),
+            })
+        });
+        match gw.recorder.record(event, package, month, record, job).await {
             Ok(recorded) => {
                 let charged = recorded.fell_through.as_ref();
                 if let Some(t) = tally {
@@ -428,6 +450,12 @@ impl Task {
                 }
                 reservation.commit(charged);
                 Ok((answer, Outcome::Success))
+            }
+            Err(StoreError::Conflict(why)) if self.job.is_some() => {
+                // Only a second run of one job can meet a finished job: the
+                // first is the one charged.
+                tracing::warn!(%why, "this job finished already in another run; this run is not charged");
+                Err(GatewayError::UsageRecordFailed)
             }
             Err(StoreError::Conflict(why)) if self.keyed.is_some() => {
                 let keyed = self.keyed.as_ref().expect("checked");

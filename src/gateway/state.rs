@@ -47,6 +47,8 @@ pub struct Gateway {
     /// Idempotency keys whose first request is queued or running: in
     /// process, or shared through Redis.
     pub markers: Arc<dyn InProgress>,
+    /// The jobs this replica holds (queued here, or running).
+    pub jobs: Arc<super::jobs::JobBook>,
 }
 
 impl Gateway {

@@ -127,6 +127,17 @@ pub async fn read_whole(
     config: &Config,
     req: Request<Incoming>,
 ) -> Result<(http::request::Parts, Bytes, Share), GatewayError> {
+    read_whole_within(gw, config, req, config.limits.max_body_bytes).await
+}
+
+/// [`read_whole`] with `max_body` in place of `limits.max_body_bytes`
+/// (a job's submit: `jobs.max_body_bytes`).
+pub async fn read_whole_within(
+    gw: &Gateway,
+    config: &Config,
+    req: Request<Incoming>,
+    max_body: u64,
+) -> Result<(http::request::Parts, Bytes, Share), GatewayError> {
     let headers = req.headers();
     let limits = &config.limits;
     let declared: Option<u64> = match headers.get(CONTENT_LENGTH) {
@@ -138,13 +149,11 @@ pub async fn read_whole(
                 .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?,
         ),
     };
-    if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return Err(GatewayError::BodyTooLarge {
-            limit: limits.max_body_bytes,
-        });
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(GatewayError::BodyTooLarge { limit: max_body });
     }
     // A body of unknown length books the most it may grow to.
-    let booked = declared.unwrap_or(limits.max_body_bytes);
+    let booked = declared.unwrap_or(max_body);
     let share = gw
         .buffers
         .take(booked, limits.max_buffered_bytes)
@@ -152,7 +161,7 @@ pub async fn read_whole(
 
     let (parts, body) = req.into_parts();
     let idle = std::time::Duration::from_millis(limits.body_idle_timeout_ms);
-    let body: Bytes = IdleTimeout::new(Limited::new(body, limits.max_body_bytes as usize), idle)
+    let body: Bytes = IdleTimeout::new(Limited::new(body, max_body as usize), idle)
         .with_min_rate(limits.min_body_rate_bytes_per_s)
         .collect()
         .await
@@ -162,9 +171,7 @@ pub async fn read_whole(
             } else if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
                 GatewayError::BodyTooSlow { min_rate: slow.0 }
             } else if e.is::<http_body_util::LengthLimitError>() {
-                GatewayError::BodyTooLarge {
-                    limit: limits.max_body_bytes,
-                }
+                GatewayError::BodyTooLarge { limit: max_body }
             } else {
                 GatewayError::BadRequest("the request body could not be read".into())
             }

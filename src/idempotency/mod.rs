@@ -50,6 +50,13 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A key tollgate holds for itself (a job's claim, `gateway::jobs`):
+    /// it starts with a control character no client key may carry, so it
+    /// never meets one.
+    pub(crate) fn internal(name: &str) -> Self {
+        Self(format!("\u{1}{name}"))
+    }
 }
 
 /// SHA-256 over the method, path, query and the SHA-256 of the body: the

@@ -1,10 +1,11 @@
-//! Forgetting expired keys: bounded passes in the background, never a scan
+//! Forgetting expired keys (and finished jobs, `gateway::jobs`): bounded passes in the background, never a scan
 //! on a request's path (a request reads one record by its primary key and
 //! ignores it if expired).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
@@ -21,13 +22,26 @@ pub const PURGE_BATCHES_PER_PASS: u32 = 20;
 /// One pass: forgets up to `PURGE_BATCH × PURGE_BATCHES_PER_PASS` expired
 /// records; returns how many.
 pub async fn purge_pass(store: &dyn Store, clock: &dyn Clock) -> u64 {
+    purge_pass_with(store, clock, "idempotency keys", &|now, limit| {
+        Write::PurgeIdempotency {
+            before_ms: now.as_millisecond(),
+            limit,
+        }
+    })
+    .await
+}
+
+/// One bounded pass of the purge `make` writes (given the time and a
+/// batch size): expired idempotency keys, finished jobs.
+pub async fn purge_pass_with(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    what: &str,
+    make: &(dyn Fn(Timestamp, u32) -> Write + Send + Sync),
+) -> u64 {
     let mut total = 0;
     for _ in 0..PURGE_BATCHES_PER_PASS {
-        let write = Write::PurgeIdempotency {
-            before_ms: clock.now().as_millisecond(),
-            limit: PURGE_BATCH,
-        };
-        match commit(store, write).await {
+        match commit(store, make(clock.now(), PURGE_BATCH)).await {
             Ok(Committed::Purged(n)) => {
                 total += n;
                 if n < u64::from(PURGE_BATCH) {
@@ -36,7 +50,7 @@ pub async fn purge_pass(store: &dyn Store, clock: &dyn Clock) -> u64 {
             }
             Ok(_) => break,
             Err(e) => {
-                tracing::debug!(error = %e, "expired idempotency keys not purged; the next pass retries");
+                tracing::debug!(error = %e, "expired {what} not purged; the next pass retries");
                 break;
             }
         }
@@ -52,20 +66,37 @@ pub const PURGE_AGAIN_AFTER_FULL: Duration = Duration::from_secs(1);
 /// Runs [`purge_pass`] every [`PURGE_EVERY`] (sooner while passes come
 /// back full) until `stop`.
 pub async fn run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, stop: CancellationToken) {
+    run_with(store, clock, stop, "idempotency keys", |now, limit| {
+        Write::PurgeIdempotency {
+            before_ms: now.as_millisecond(),
+            limit,
+        }
+    })
+    .await;
+}
+
+/// The loop of [`run`] for any purge `make` writes.
+pub async fn run_with(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    stop: CancellationToken,
+    what: &str,
+    make: impl Fn(Timestamp, u32) -> Write + Send + Sync,
+) {
     let mut pause = PURGE_EVERY;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(pause) => {}
         }
-        let n = purge_pass(&*store, &*clock).await;
+        let n = purge_pass_with(&*store, &*clock, what, &make).await;
         pause = if n >= u64::from(PURGE_BATCH * PURGE_BATCHES_PER_PASS) {
             PURGE_AGAIN_AFTER_FULL
         } else {
             PURGE_EVERY
         };
         if n > 0 {
-            tracing::debug!(purged = n, "expired idempotency keys forgotten");
+            tracing::debug!(purged = n, "expired {what} forgotten");
         }
     }
 }

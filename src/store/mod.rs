@@ -7,6 +7,7 @@
 //! SQLite one (one node) and PostgreSQL (many replicas sharing one
 //! database, SPEC §8); [`open`] picks one from the config.
 
+pub(crate) mod job_rows;
 pub mod migrate;
 mod postgres;
 mod sqlite;
@@ -25,6 +26,7 @@ use crate::accounts::{AccountStatus, KeyHash};
 use crate::billing::{Bill, ResourcePackage, Source};
 use crate::entitlements::ConcurrencyPackage;
 use crate::idempotency::IdempotencyRecord;
+use crate::jobs::{Job, JobEnd, JobResult, JobStatus};
 use crate::usage::UsageEvent;
 
 pub use postgres::PostgresStore;
@@ -120,6 +122,41 @@ pub enum Write {
         /// with the event or not at all. Refused (`Conflict`) while
         /// another live record holds the key.
         idempotency: Option<Box<IdempotencyRecord>>,
+        /// A job's success: its result, committed with the event or not at
+        /// all. Refused (`Conflict`) unless the job is still unfinished,
+        /// so a job is charged once whatever runs it twice.
+        job: Option<Box<JobResult>>,
+    },
+    /// A new queued job and its request body (and, for a keyed submit, the
+    /// key's record holding the submit's answer). Answers
+    /// [`Committed::JobsFull`] instead when the account already has
+    /// `max_pending` unfinished jobs.
+    SubmitJob {
+        job: Box<Job>,
+        body: Vec<u8>,
+        max_pending: u32,
+        idempotency: Option<Box<IdempotencyRecord>>,
+    },
+    /// A queued job starts: `running` from `at`. `NotFound` unless it was
+    /// queued (cancelled or run elsewhere meanwhile).
+    StartJob {
+        id: String,
+        at: Timestamp,
+    },
+    /// A job ends without success (failed, cancelled, expired), or goes
+    /// back to `queued` (a run given up before it reached the backend).
+    /// Applied only if its status is one of `from`; else `NotFound`.
+    EndJob {
+        id: String,
+        end: JobEnd,
+        from: &'static [JobStatus],
+        at: Timestamp,
+    },
+    /// Forgets at most `limit` finished jobs that finished before
+    /// `before_ms` (Unix ms). Answers [`Committed::Purged`].
+    PurgeJobs {
+        before_ms: i64,
+        limit: u32,
     },
     CreateConcurrencyPackage(Box<ConcurrencyPackage>),
     RefundConcurrencyPackage {
@@ -175,8 +212,10 @@ pub enum Committed {
         /// charged as reserved.
         fell_through: Option<Source>,
     },
-    /// Idempotency records forgotten.
+    /// Idempotency records (or jobs) forgotten.
     Purged(u64),
+    /// A job was not submitted: its account has `max_pending` unfinished.
+    JobsFull,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -413,6 +452,25 @@ pub trait Store: Send + Sync + 'static {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>>;
 
+    /// One job, without its body (`None`: no such job).
+    fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, StoreError>>;
+
+    /// A job's request body (`None` once it has run, or no such job).
+    fn job_body<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
+
+    /// Every queued or running job, oldest first: what a start runs again.
+    fn unfinished_jobs(&self) -> BoxFuture<'_, Result<Vec<Job>, StoreError>>;
+
+    /// An account's jobs with ids after `after`, by id (submission order),
+    /// at most `limit`, of one status if given.
+    fn jobs_of<'a>(
+        &'a self,
+        account: &'a str,
+        status: Option<JobStatus>,
+        after: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Job>, StoreError>>;
+
     /// What earlier settlements of `month` charged each account.
     fn settled<'a>(
         &'a self,
@@ -488,7 +546,11 @@ pub(crate) fn changed_accounts(write: &Write) -> Vec<String> {
         | Write::RefundConcurrencyPackage { .. }
         | Write::RefundResourcePackage { .. }
         | Write::AppendUsage { .. }
-        | Write::PurgeIdempotency { .. } => Vec::new(),
+        | Write::PurgeIdempotency { .. }
+        | Write::SubmitJob { .. }
+        | Write::StartJob { .. }
+        | Write::EndJob { .. }
+        | Write::PurgeJobs { .. } => Vec::new(),
     }
 }
 
@@ -546,12 +608,5 @@ pub(crate) fn idempotency_row(
 pub(crate) fn answer_columns(
     r: &IdempotencyRecord,
 ) -> (Option<i64>, Option<String>, Option<&[u8]>) {
-    match &r.answer {
-        None => (None, None, None),
-        Some(a) => (
-            Some(i64::from(a.status)),
-            Some(serde_json::to_string(&a.headers).unwrap_or_else(|_| "[]".into())),
-            Some(&a.body),
-        ),
-    }
+    job_rows::result_columns(r.answer.as_ref())
 }

@@ -39,6 +39,9 @@ pub struct UsageData {
     /// Only for a task with an idempotency key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<EventIdempotency>,
+    /// Only for a job (SPEC §10.2): its id. A job has at most one event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
 }
 
 /// A keyed task's key, and whether its answer was kept for retries (an
@@ -87,6 +90,7 @@ mod tests {
                 charged_to: "prepaid:p1".into(),
                 client_gone: false,
                 idempotency: None,
+                job_id: None,
             },
         );
         let v = serde_json::to_value(&ev).unwrap();

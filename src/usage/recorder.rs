@@ -12,6 +12,7 @@ use crate::store::{Committed, Store, StoreError, Write, commit};
 use super::UsageEvent;
 use crate::billing::Source;
 use crate::idempotency::IdempotencyRecord;
+use crate::jobs::JobResult;
 
 /// A recorded success.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,7 @@ impl UsageRecorder {
         package: Option<String>,
         month: String,
         idempotency: Option<Box<IdempotencyRecord>>,
+        job: Option<Box<JobResult>>,
     ) -> Result<Recorded, StoreError> {
         let json =
             serde_json::to_string(&event).map_err(|e| StoreError::Internal(e.to_string()))?;
@@ -78,6 +80,7 @@ impl UsageRecorder {
             package,
             month,
             idempotency,
+            job,
         };
         let committed = commit(&*self.store, write).await;
         // Only a store that cannot record counts: a refusal of this one
@@ -97,9 +100,9 @@ impl UsageRecorder {
                 }
                 Ok(Recorded { seq, fell_through })
             }
-            Committed::Done | Committed::Purged(_) => Err(StoreError::Internal(
-                "usage append returned no sequence".into(),
-            )),
+            Committed::Done | Committed::Purged(_) | Committed::JobsFull => Err(
+                StoreError::Internal("usage append returned no sequence".into()),
+            ),
         }
     }
 }

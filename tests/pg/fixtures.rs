@@ -53,6 +53,7 @@ pub fn event(account: &str, charged_to: &str, request_id: &str) -> UsageEvent {
             charged_to: charged_to.into(),
             client_gone: false,
             idempotency: None,
+            job_id: None,
         },
     )
 }
@@ -64,6 +65,7 @@ pub fn append(event: UsageEvent, package: Option<&str>) -> Write {
         package: package.map(String::from),
         month: "2026-11".into(),
         idempotency: None,
+        job: None,
     }
 }
 

@@ -10,6 +10,7 @@ use super::super::{Committed, StoreError, Write, changed_accounts};
 use super::{internal, pg_write_error};
 use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 use crate::idempotency::IdempotencyRecord;
+use crate::jobs::JobResult;
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -66,6 +67,7 @@ pub(super) struct UsageRow<'a> {
     pub package: Option<&'a str>,
     pub month: &'a str,
     pub idempotency: Option<&'a IdempotencyRecord>,
+    pub job: Option<&'a JobResult>,
 }
 
 /// Inserts the event and, with it, its counters and its charge (the
@@ -125,6 +127,16 @@ pub(super) async fn append_usage(
         Some((label, json)) => (label.as_str(), json.as_str()),
         None => (u.charged_to, u.json),
     };
+    if let Some(r) = u.job {
+        match super::jobs::succeed(tx, r, charged_to).await {
+            // A spooled job success whose job ended meanwhile another way
+            // (it cannot: only this replica ran it); its event still counts.
+            Err(StoreError::Conflict(why)) if redelivery => {
+                tracing::warn!(event = %u.id, "spooled event delivered without its job result: {why}");
+            }
+            other => other?,
+        }
+    }
     let insert_event = prepared(
         tx,
         "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES ($1, $2, $3, $4, $5)
@@ -339,6 +351,19 @@ pub(super) async fn apply(
             )
             .await?,
         ),
+        Write::SubmitJob { job, body, max_pending, idempotency } => {
+            if let Some(r) = idempotency {
+                remember(tx, r).await?;
+            }
+            let done = super::jobs::submit(tx, job, body, *max_pending).await?;
+            return Ok((done, changed));
+        }
+        Write::StartJob { id, at } => super::jobs::start(tx, id, *at).await?,
+        Write::EndJob { id, end, from, at } => super::jobs::end(tx, id, end, from, *at).await?,
+        Write::PurgeJobs { before_ms, limit } => {
+            let n = super::jobs::purge(tx, *before_ms, *limit).await?;
+            return Ok((Committed::Purged(n), changed));
+        }
         Write::PurgeIdempotency { before_ms, limit } => {
             let n = tx
                 .execute(
@@ -350,9 +375,10 @@ pub(super) async fn apply(
                 .map_err(|e| pg_write_error(e, "expired idempotency keys"))?;
             return Ok((Committed::Purged(n), changed));
         }
-        Write::AppendUsage { event, json, package, month, idempotency } => {
+        Write::AppendUsage { event, json, package, month, idempotency, job } => {
             let row = UsageRow {
                 idempotency: idempotency.as_deref(),
+                job: job.as_deref(),
                 id: &event.id,
                 account: &event.subject,
                 time: &event.time,

@@ -8,6 +8,7 @@
 mod apply;
 mod deliver;
 mod feed;
+mod jobs;
 mod read;
 mod schema;
 mod spool;
@@ -30,6 +31,7 @@ use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use crate::idempotency::IdempotencyRecord;
+use crate::jobs::{Job, JobStatus};
 
 use super::{
     AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
@@ -340,6 +342,34 @@ impl Store for PostgresStore {
             }
             read::idempotency_record(&self.shared.pool, account, key).await
         })
+    }
+
+    fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, StoreError>> {
+        Box::pin(jobs::job(&self.shared.pool, id))
+    }
+
+    fn job_body<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(jobs::body(&self.shared.pool, id))
+    }
+
+    fn unfinished_jobs(&self) -> BoxFuture<'_, Result<Vec<Job>, StoreError>> {
+        Box::pin(jobs::unfinished(&self.shared.pool))
+    }
+
+    fn jobs_of<'a>(
+        &'a self,
+        account: &'a str,
+        status: Option<JobStatus>,
+        after: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Job>, StoreError>> {
+        Box::pin(jobs::of_account(
+            &self.shared.pool,
+            account,
+            status,
+            after,
+            limit,
+        ))
     }
 
     fn changes(&self) -> broadcast::Receiver<Change> {

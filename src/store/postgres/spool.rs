@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use super::apply::UsageRow;
 use crate::idempotency::IdempotencyRecord;
+use crate::jobs::JobResult;
 
 /// One spooled usage append: the event and what its commit needs.
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,6 +28,9 @@ pub(super) struct SpooledEvent {
     /// The task's idempotency record, delivered with its event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Box<IdempotencyRecord>>,
+    /// A job's result, delivered with its event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Box<JobResult>>,
 }
 
 impl SpooledEvent {
@@ -40,6 +44,7 @@ impl SpooledEvent {
             package: self.package.as_deref(),
             month: &self.month,
             idempotency: self.idempotency.as_deref(),
+            job: self.job.as_deref(),
         }
     }
 }
@@ -180,6 +185,7 @@ mod tests {
             package: None,
             month: "2026-11".into(),
             idempotency: None,
+            job: None,
         }
     }
 

@@ -115,6 +115,7 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
                 package,
                 month,
                 idempotency,
+                job,
             } => {
                 spooled.push(SpooledEvent {
                     id: event.id,
@@ -125,6 +126,7 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
                     package,
                     month,
                     idempotency,
+                    job,
                 });
                 acks.push(ack);
             }

@@ -21,7 +21,7 @@ fn map_write_error(e: rusqlite::Error, what: &str) -> StoreError {
 }
 
 /// Runs a statement that must change exactly one row.
-fn update_one(
+pub(super) fn update_one(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
@@ -52,7 +52,7 @@ fn update_returning(
         .ok_or_else(|| StoreError::NotFound(what.to_string()))
 }
 
-fn insert(
+pub(super) fn insert(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
@@ -135,6 +135,7 @@ pub(super) fn apply(
             package,
             month,
             idempotency,
+            job,
         } => {
             if let Some(r) = idempotency {
                 remember(conn, r)?;
@@ -149,6 +150,9 @@ pub(super) fn apply(
                 Some((label, json)) => (label.as_str(), json.as_str()),
                 None => (event.data.charged_to.as_str(), json.as_str()),
             };
+            if let Some(r) = job {
+                super::jobs::succeed(conn, r, charged_to)?;
+            }
             insert(
                 conn,
                 "INSERT INTO usage_events(id, account, time, charged_to, json) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -181,6 +185,28 @@ pub(super) fn apply(
                 .and_then(|mut st| st.execute(params![before_ms, limit]))
                 .map_err(internal)?;
             return Ok((Committed::Purged(n as u64), changed));
+        }
+        Write::SubmitJob {
+            job,
+            body,
+            max_pending,
+            idempotency,
+        } => {
+            let done = super::jobs::submit(
+                conn,
+                job,
+                body,
+                *max_pending,
+                idempotency.as_deref(),
+                remember,
+            )?;
+            return Ok((done, changed));
+        }
+        Write::StartJob { id, at } => super::jobs::start(conn, id, *at)?,
+        Write::EndJob { id, end, from, at } => super::jobs::end(conn, id, end, from, *at)?,
+        Write::PurgeJobs { before_ms, limit } => {
+            let n = super::jobs::purge(conn, *before_ms, *limit)?;
+            return Ok((Committed::Purged(n), changed));
         }
         Write::CreateConcurrencyPackage(p) => insert(
             conn,

@@ -16,7 +16,7 @@ use super::super::{
 use super::{internal, parse_ts, parse_usd};
 
 /// Runs a query and maps each row, with storage errors as `StoreError`.
-fn rows<T>(
+pub(super) fn rows<T>(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
@@ -31,7 +31,7 @@ fn rows<T>(
     Ok(out)
 }
 
-fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, i: usize) -> Result<T, StoreError> {
+pub(super) fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, i: usize) -> Result<T, StoreError> {
     row.get(i).map_err(internal)
 }
 

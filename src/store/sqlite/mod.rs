@@ -11,6 +11,7 @@
 
 mod apply;
 mod checkpoint;
+mod jobs;
 mod load;
 mod writer;
 
@@ -27,6 +28,7 @@ use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
 use crate::idempotency::IdempotencyRecord;
+use crate::jobs::{Job, JobStatus};
 
 use super::{
     AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
@@ -141,13 +143,13 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
-enum Job {
+enum WriterMsg {
     Write(Write, Ack),
     Close,
 }
 
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    writes: mpsc::Sender<WriterMsg>,
     checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     // Reads are rare (admin calls, start) and short; one connection behind a
     // std mutex is enough and keeps them off the writer.
@@ -188,10 +190,6 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// A data directory that has held data (its usage export has lines, or
-/// its export cursor exists) but whose database is missing or empty lost
-/// its database: starting fresh there would silently drop every account
-/// and key. Refused, naming what to do.
 /// Brings a database made by an earlier version up to [`SCHEMA`] (columns
 /// `CREATE TABLE IF NOT EXISTS` cannot add).
 fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
@@ -206,6 +204,10 @@ fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A data directory that has held data (its usage export has lines, or
+/// its export cursor exists) but whose database is missing or empty lost
+/// its database: starting fresh there would silently drop every account
+/// and key. Refused, naming what to do.
 fn refuse_lost_database(data_dir: &Path, db: &Path) -> Result<(), StoreError> {
     let db_len = std::fs::metadata(db).map(|m| m.len()).ok();
     if db_len.is_some_and(|n| n > 0) {
@@ -243,12 +245,13 @@ impl SqliteStore {
         refuse_lost_database(data_dir, &db)?;
         let conn = open_connection(&db).map_err(internal)?;
         conn.execute_batch(SCHEMA).map_err(internal)?;
+        conn.execute_batch(jobs::SCHEMA).map_err(internal)?;
         upgrade(&conn).map_err(internal)?;
         // The writer never checkpoints; the checkpointer thread does.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(internal)?;
         let reader = open_connection(&db).map_err(internal)?;
-        let (jobs, rx) = mpsc::channel();
+        let (writes, rx) = mpsc::channel();
         let (changes, _) = broadcast::channel(1024);
         let feed = changes.clone();
         let writer = std::thread::Builder::new()
@@ -263,7 +266,7 @@ impl SqliteStore {
             .spawn(move || checkpoint::run(checkpoint_conn, wal, stopped))
             .map_err(internal)?;
         Ok(Self {
-            jobs,
+            writes,
             checkpointer: Mutex::new(Some((stop_checkpoints, checkpointer))),
             reader: Arc::new(Mutex::new(reader)),
             writer: Mutex::new(Some(writer)),
@@ -321,7 +324,9 @@ impl Store for SqliteStore {
     }
 
     fn submit(&self, write: Write, ack: Ack) {
-        if let Err(mpsc::SendError(Job::Write(_, ack))) = self.jobs.send(Job::Write(write, ack)) {
+        if let Err(mpsc::SendError(WriterMsg::Write(_, ack))) =
+            self.writes.send(WriterMsg::Write(write, ack))
+        {
             let _ = ack.send(Err(StoreError::Closed));
         }
     }
@@ -386,6 +391,31 @@ impl Store for SqliteStore {
         self.read_point(move |c| load::idempotency_record(c, &account, &key))
     }
 
+    fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, StoreError>> {
+        let id = id.to_string();
+        self.read_point(move |c| jobs::job(c, &id))
+    }
+
+    fn job_body<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        let id = id.to_string();
+        self.read(move |c| jobs::body(c, &id))
+    }
+
+    fn unfinished_jobs(&self) -> BoxFuture<'_, Result<Vec<Job>, StoreError>> {
+        self.read(jobs::unfinished)
+    }
+
+    fn jobs_of<'a>(
+        &'a self,
+        account: &'a str,
+        status: Option<JobStatus>,
+        after: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Job>, StoreError>> {
+        let (account, after) = (account.to_string(), after.to_string());
+        self.read(move |c| jobs::of_account(c, &account, status, &after, limit))
+    }
+
     fn changes(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
@@ -407,7 +437,7 @@ impl Store for SqliteStore {
     fn close(&self) {
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = handle {
-            let _ = self.jobs.send(Job::Close);
+            let _ = self.writes.send(WriterMsg::Close);
             let _ = handle.join();
         }
         let checkpointer = self

@@ -27,6 +27,7 @@ fn event(account: &str, charged_to: &str) -> UsageEvent {
             charged_to: charged_to.into(),
             client_gone: false,
             idempotency: None,
+            job_id: None,
         },
     )
 }
@@ -44,6 +45,7 @@ fn usage(account: &str, package: Option<&str>) -> Write {
         package: package.map(String::from),
         month: "2026-11".into(),
         idempotency: None,
+        job: None,
     }
 }
 

@@ -7,17 +7,17 @@ use rusqlite::Connection;
 use tokio::sync::broadcast;
 
 use super::super::{Ack, Change, Committed, StoreError, Write};
-use super::{Job, apply, internal};
+use super::{WriterMsg, apply, internal};
 
 /// The most writes one transaction takes; more wait for the next.
 const MAX_BATCH: usize = 4096;
 
 pub(super) fn run(
     mut conn: Connection,
-    jobs: mpsc::Receiver<Job>,
+    writes: mpsc::Receiver<WriterMsg>,
     changes: broadcast::Sender<Change>,
 ) {
-    while let Ok(first) = jobs.recv() {
+    while let Ok(first) = writes.recv() {
         // The first write wakes this thread, which the kernel tends to run
         // at once, ahead of the runtime worker that holds the other
         // finished tasks: a commit would then carry one or two events and
@@ -31,11 +31,11 @@ pub(super) fn run(
         let mut next = Some(first);
         while let Some(job) = next {
             match job {
-                Job::Write(w, ack) => batch.push((w, ack)),
-                Job::Close => closing = true,
+                WriterMsg::Write(w, ack) => batch.push((w, ack)),
+                WriterMsg::Close => closing = true,
             }
             next = if batch.len() < MAX_BATCH {
-                jobs.try_recv().ok()
+                writes.try_recv().ok()
             } else {
                 None
             };

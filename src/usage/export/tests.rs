@@ -29,6 +29,7 @@ fn usage(account: &str) -> Write {
             charged_to: "postpaid".into(),
             client_gone: false,
             idempotency: None,
+            job_id: None,
         },
     );
     Write::AppendUsage {
@@ -37,6 +38,7 @@ fn usage(account: &str) -> Write {
         package: None,
         month: "2026-11".into(),
         idempotency: None,
+        job: None,
     }
 }
 

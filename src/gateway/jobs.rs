@@ -1,0 +1,831 @@
+//! Jobs on the data plane (SPEC §10.2): `POST <jobs.path_prefix>/<backend
+//! path>` submits a task that holds no connection, `GET` and `DELETE
+//! <jobs.path_prefix>/<job id>` query and cancel it; and the runner that
+//! takes each job through the account's one queue and limit, forwards it,
+//! and commits its result with its usage event.
+//!
+//! A job is stored (committed) before its submit is answered; its body
+//! stays in the store until it runs. Each job that waits has one small
+//! task here, holding its place in the limiter's FIFO among the account's
+//! synchronous tasks, and its claim: an in-progress marker (the lease
+//! mechanism of idempotency keys), so in cluster mode exactly one replica
+//! runs a job, and a dead replica's jobs are claimed by another once its
+//! lease lapses.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::Gateway;
+use super::access_log::AccessLine;
+use super::account_gate;
+use super::error::GatewayError;
+use super::keyed::{self, Admission};
+use super::pipeline::Task;
+use super::proxy::{Answer, TaskBody, X_REQUEST_ID};
+use super::tc3_front;
+use crate::accounts::{AccountStatus, Principal};
+use crate::auth;
+use crate::config::Config;
+use crate::idempotency::{IdempotencyKey, StoredAnswer};
+use crate::jobs::{self, Job, JobEnd, JobRequest, JobStatus};
+use crate::limiter::{Acquire, LimitError, Permit, SubCap, Ticket};
+use crate::metrics::Outcome;
+use crate::store::{Committed, StoreError, Write, commit};
+
+/// How soon a job whose account's queue was full tries to enter it again.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(200);
+/// How soon a job tries again after the shared limiter was unreachable.
+const UNAVAILABLE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Headers of a submit that are not forwarded with its job: the
+/// credentials, the submit's own key and framing (the stored body has its
+/// own length).
+const NOT_KEPT: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "idempotency-key",
+    "x-request-id",
+    "x-queue-timeout-ms",
+];
+
+/// The jobs this replica holds: queued ones in submission order per
+/// account (their position), each with the token that cancels its wait.
+#[derive(Default)]
+pub struct JobBook {
+    inner: Mutex<Book>,
+}
+
+#[derive(Default)]
+struct Book {
+    queued: HashMap<Arc<str>, BTreeSet<String>>,
+    cancels: HashMap<String, CancellationToken>,
+    running: usize,
+}
+
+/// A job held by this replica's book; leaves it on drop, whatever path
+/// the run ends on.
+struct Held {
+    book: Arc<JobBook>,
+    account: Arc<str>,
+    id: String,
+    cancel: CancellationToken,
+    running: bool,
+}
+
+impl JobBook {
+    fn hold(self: &Arc<Self>, account: Arc<str>, id: &str) -> Held {
+        let cancel = CancellationToken::new();
+        let mut b = self.lock();
+        b.queued
+            .entry(account.clone())
+            .or_default()
+            .insert(id.to_string());
+        b.cancels.insert(id.to_string(), cancel.clone());
+        Held {
+            book: self.clone(),
+            account,
+            id: id.to_string(),
+            cancel,
+            running: false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A queued job's place among its account's queued jobs (1: next).
+    pub fn position(&self, account: &str, id: &str) -> Option<usize> {
+        let b = self.lock();
+        let ids = b.queued.get(account)?;
+        ids.contains(id)
+            .then(|| ids.range(..id.to_string()).count() + 1)
+    }
+
+    /// This replica's queued jobs of one account.
+    pub fn queued_of(&self, account: &str) -> usize {
+        self.lock().queued.get(account).map_or(0, BTreeSet::len)
+    }
+
+    /// (queued, running) on this replica.
+    pub fn counts(&self) -> (usize, usize) {
+        let b = self.lock();
+        (b.queued.values().map(BTreeSet::len).sum(), b.running)
+    }
+
+    /// Stops a cancelled job's wait (its cancel is committed already).
+    fn cancel(&self, id: &str) {
+        if let Some(t) = self.lock().cancels.get(id) {
+            t.cancel();
+        }
+    }
+}
+
+impl Held {
+    fn started(&mut self) {
+        let mut b = self.book.lock();
+        if let Some(ids) = b.queued.get_mut(&self.account) {
+            ids.remove(&self.id);
+            if ids.is_empty() {
+                b.queued.remove(&self.account);
+            }
+        }
+        b.running += 1;
+        self.running = true;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut b = self.book.lock();
+        if self.running {
+            b.running -= 1;
+        } else if let Some(ids) = b.queued.get_mut(&self.account) {
+            ids.remove(&self.id);
+            if ids.is_empty() {
+                b.queued.remove(&self.account);
+            }
+        }
+        b.cancels.remove(&self.id);
+    }
+}
+
+/// Whether `path` is under `jobs.path_prefix`.
+pub fn is_jobs_path(config: &Config, path: &str) -> bool {
+    let prefix = &config.jobs.path_prefix;
+    path.strip_prefix(prefix.as_str())
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Answers one request under `jobs.path_prefix` (Bearer front).
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    request_id: HeaderValue,
+) -> Response<Full<Bytes>> {
+    let mut line = AccessLine::new(&req, &request_id);
+    let id = request_id.to_str().unwrap_or_default().to_string();
+    let (mut resp, code) = match route(&gw, req, &id, &mut line).await {
+        Ok(resp) => (resp, None),
+        Err(e) => {
+            let code = e.code();
+            gw.metrics.rejection(code);
+            (e.into_response(&id), Some(code))
+        }
+    };
+    let len = hyper::body::Body::size_hint(resp.body()).exact();
+    line.write(resp.status(), code, len);
+    resp.headers_mut().insert(X_REQUEST_ID, request_id);
+    resp
+}
+
+async fn route(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    request_id: &str,
+    line: &mut AccessLine,
+) -> Result<Response<Full<Bytes>>, GatewayError> {
+    let config = gw.config();
+    let (principal, _revoked) = auth::api_key::authenticate(&gw.registry, req.headers())
+        .ok_or(GatewayError::Unauthorized)?;
+    line.principal(&principal);
+    let rest = req.uri().path()[config.jobs.path_prefix.len()..].to_string();
+    let one_segment = rest.len() > 1 && !rest[1..].contains('/');
+    let id = rest.trim_start_matches('/');
+    match *req.method() {
+        Method::GET | Method::DELETE if one_segment && jobs::looks_like_job_id(id) => {
+            let job = owned_job(gw, &principal, id).await?;
+            if req.method() == Method::GET {
+                Ok(json_response(StatusCode::OK, &view(gw, &config, &job)))
+            } else {
+                cancel(gw, &config, job).await
+            }
+        }
+        Method::GET | Method::DELETE if one_segment => Err(GatewayError::JobNotFound),
+        Method::POST if rest.len() > 1 => {
+            submit(gw, &config, principal, req, &rest, request_id).await
+        }
+        Method::POST => Err(GatewayError::BadRequest(format!(
+            "submit a job to {}/<backend path>",
+            config.jobs.path_prefix
+        ))),
+        ref m => Err(GatewayError::MethodNotAllowed(m.clone())),
+    }
+}
+
+/// The caller's job: of its root account, and, for a sub-account's key,
+/// its own. Anything else is not found (another account's ids are not
+/// told apart from unknown ones).
+async fn owned_job(gw: &Gateway, principal: &Principal, id: &str) -> Result<Job, GatewayError> {
+    let job = gw
+        .recorder
+        .store()
+        .job(id)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "a job could not be read");
+            GatewayError::JobsUnavailable
+        })?
+        .ok_or(GatewayError::JobNotFound)?;
+    let mine = *job.account == *principal.root.id
+        && principal
+            .sub
+            .as_ref()
+            .is_none_or(|s| job.sub_account.as_deref() == Some(&*s.id));
+    if mine {
+        Ok(job)
+    } else {
+        Err(GatewayError::JobNotFound)
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(v.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn rfc3339(t: jiff::Timestamp) -> String {
+    t.round(jiff::Unit::Millisecond)
+        .unwrap_or(t)
+        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}
+
+/// What a query answers about a job.
+pub fn view(gw: &Gateway, config: &Config, job: &Job) -> Value {
+    let mut v = json!({
+        "job_id": job.id,
+        "status": job.status.as_str(),
+        "account": job.account,
+        "sub_account": job.sub_account,
+        "created_at": rfc3339(job.created_at),
+        "started_at": job.started_at.map(rfc3339),
+        "finished_at": job.finished_at.map(rfc3339),
+    });
+    match job.status {
+        JobStatus::Queued => {
+            v["position"] = json!(gw.jobs.position(&job.account, &job.id));
+            v["expires_at"] = json!(rfc3339(job.deadline(config.jobs.max_wait)));
+        }
+        JobStatus::Succeeded => {
+            v["charged_to"] = json!(job.charged_to);
+            v["result"] = match &job.result {
+                Some(a) => result_view(a),
+                None => json!({"stored": false}),
+            };
+        }
+        JobStatus::Failed | JobStatus::Expired => v["error"] = json!({"code": job.error_code}),
+        JobStatus::Running | JobStatus::Cancelled => {}
+    }
+    v
+}
+
+/// A stored answer as JSON: the body itself when it is JSON, else base64.
+fn result_view(a: &StoredAnswer) -> Value {
+    let content_type = a
+        .headers
+        .iter()
+        .find(|(n, _)| n == "content-type")
+        .map(|(_, v)| v.clone());
+    let mut v = json!({"stored": true, "status": a.status, "content_type": content_type});
+    match serde_json::from_slice::<Value>(&a.body) {
+        Ok(body) => v["body"] = body,
+        Err(_) => {
+            use base64::Engine;
+            v["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&a.body));
+        }
+    }
+    v
+}
+
+async fn cancel(
+    gw: &Gateway,
+    config: &Config,
+    job: Job,
+) -> Result<Response<Full<Bytes>>, GatewayError> {
+    if !job.status.cancellable() {
+        return Err(GatewayError::JobNotCancellable(job.status.as_str()));
+    }
+    let write = Write::EndJob {
+        id: job.id.clone(),
+        end: JobEnd {
+            status: JobStatus::Cancelled,
+            error_code: None,
+        },
+        from: &[JobStatus::Queued],
+        at: gw.clock.now(),
+    };
+    match commit(&**gw.recorder.store(), write).await {
+        Ok(_) => {}
+        // It started (or ended) between the read and the write.
+        Err(StoreError::NotFound(_)) => {
+            let now = owned_status(gw, &job.id).await;
+            return Err(GatewayError::JobNotCancellable(now.as_str()));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a job could not be cancelled");
+            return Err(GatewayError::JobsUnavailable);
+        }
+    }
+    gw.jobs.cancel(&job.id);
+    gw.metrics
+        .jobs
+        .ended
+        .with_label_values(&["cancelled"])
+        .inc();
+    let job = gw
+        .recorder
+        .store()
+        .job(&job.id)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(job);
+    Ok(json_response(StatusCode::OK, &view(gw, config, &job)))
+}
+
+async fn owned_status(gw: &Gateway, id: &str) -> JobStatus {
+    match gw.recorder.store().job(id).await {
+        Ok(Some(j)) => j.status,
+        _ => JobStatus::Running,
+    }
+}
+
+async fn submit(
+    gw: &Arc<Gateway>,
+    config: &Arc<Config>,
+    principal: Principal,
+    req: Request<Incoming>,
+    backend_path: &str,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, GatewayError> {
+    if !config.backend.methods.iter().any(|m| m == "POST") {
+        return Err(GatewayError::MethodNotAllowed(Method::POST));
+    }
+    super::path::normalize(backend_path).map_err(GatewayError::InvalidPath)?;
+    if principal.root.status() == AccountStatus::Deactivated {
+        return Err(GatewayError::StopUsing);
+    }
+    let key = keyed::key_of(req.headers(), None)?;
+    let (parts, body, _share) =
+        tc3_front::read_whole_within(gw, config, req, config.jobs.max_body_bytes).await?;
+    let keyed = match key {
+        None => None,
+        Some(key) => {
+            match keyed::admit(gw, &principal, key, &parts.method, &parts.uri, &body).await? {
+                Admission::Replay(answer) => return Ok(answer.into_response()),
+                Admission::Run(k) => Some(k),
+            }
+        }
+    };
+    // The billing gate at submit (the same codes as a task's): a unit is
+    // reserved and given back; the job reserves its own when it runs.
+    let reservation = account_gate::check(gw, &principal)?
+        .await
+        .map_err(account_gate::refusal)?;
+    drop(reservation);
+
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{backend_path}?{q}"),
+        None => backend_path.to_string(),
+    };
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(n, _)| !NOT_KEPT.contains(&n.as_str()))
+        .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let job = Job {
+        id: jobs::new_job_id(),
+        account: principal.root.id.to_string(),
+        sub_account: principal.sub.as_ref().map(|s| s.id.to_string()),
+        api: config.backend.api_name.clone(),
+        action: None,
+        status: JobStatus::Queued,
+        created_at: gw.clock.now(),
+        started_at: None,
+        finished_at: None,
+        request: JobRequest {
+            method: "POST".into(),
+            path_and_query,
+            headers,
+        },
+        result: None,
+        error_code: None,
+        charged_to: None,
+    };
+    let location = format!("{}/{}", config.jobs.path_prefix, job.id);
+    let body_json = json!({"job_id": job.id, "status": "queued", "request_id": request_id});
+    let mut answer = Answer {
+        status: StatusCode::ACCEPTED,
+        headers: http::HeaderMap::new(),
+        body: Bytes::from(body_json.to_string()),
+    };
+    answer.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let record = keyed
+        .as_ref()
+        .map(|k| k.record(&job.account, &answer, config, gw));
+    let write = Write::SubmitJob {
+        job: Box::new(job.clone()),
+        body: body.to_vec(),
+        max_pending: config.jobs.max_pending_per_account,
+        idempotency: record,
+    };
+    match commit(&**gw.recorder.store(), write).await {
+        Ok(Committed::JobsFull) => {
+            return Err(GatewayError::TooManyJobs(
+                config.jobs.max_pending_per_account,
+            ));
+        }
+        Ok(_) => {}
+        Err(StoreError::Conflict(why)) if keyed.is_some() => {
+            let k = keyed.as_ref().expect("checked");
+            return match k.answer_of_the_first(gw, &job.account).await {
+                Some(first) => Ok(first.into_response()),
+                None => {
+                    tracing::warn!(%why, "a job could not be stored");
+                    Err(GatewayError::JobsUnavailable)
+                }
+            };
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a job could not be stored");
+            return Err(GatewayError::JobsUnavailable);
+        }
+    }
+    drop(keyed);
+    tracing::debug!(job = %job.id, "job submitted");
+    start(gw, job).await;
+    let mut resp = answer.into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// The claim a replica holds on a job while it waits or runs here.
+fn claim_key(id: &str) -> IdempotencyKey {
+    IdempotencyKey::internal(&format!("job:{id}"))
+}
+
+/// Runs a stored, unfinished job on this replica (if no other holds it).
+/// Returns once the job holds its claim and its place in the account's
+/// queue (so a submit answered after this keeps its FIFO order with the
+/// tasks that arrive after it); the run goes on in its own task.
+pub async fn start(gw: &Arc<Gateway>, job: Job) {
+    if let Some(ready) = claim(gw, job).await {
+        tokio::spawn(run(gw.clone(), ready));
+    }
+}
+
+/// A job claimed by this replica, in the account's queue.
+struct Claimed {
+    job: Job,
+    _claim: crate::idempotency::Marker,
+    held: Held,
+    principal: Principal,
+    ticket: Ticket,
+    acquire: Acquire,
+}
+
+async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
+    let account: Arc<str> = Arc::from(job.account.as_str());
+    // Held by another run (here or on another replica), or the shared
+    // markers cannot be reached: that run, or a later pass, has it.
+    let claim = gw
+        .markers
+        .take(&job.account, &claim_key(&job.id))
+        .await
+        .ok()?;
+    let held = gw.jobs.hold(account.clone(), &job.id);
+    if job.status == JobStatus::Running {
+        // Its run died with its replica before it ended: back to queued.
+        end(gw, &job.id, JobStatus::Queued, None, RUNNING).await;
+    }
+    let Some(root) = gw.registry.root(&job.account) else {
+        end(
+            gw,
+            &job.id,
+            JobStatus::Failed,
+            Some("ResourceNotFound.Account"),
+            UNFINISHED,
+        )
+        .await;
+        return None;
+    };
+    let sub = job.sub_account.as_deref().and_then(|s| gw.registry.sub(s));
+    let principal = Principal { root, sub };
+    let ticket = Ticket {
+        account,
+        sub_cap: principal.sub.as_ref().and_then(|s| {
+            s.max_concurrency.map(|cap| SubCap {
+                sub_account: s.id.clone(),
+                max_concurrency: cap,
+            })
+        }),
+    };
+    let left = jobs::wait_left(job.created_at, gw.config().jobs.max_wait, gw.clock.now());
+    if left.is_zero() {
+        // It waited its whole `jobs.max_wait` (through a restart, say).
+        end(
+            gw,
+            &job.id,
+            JobStatus::Expired,
+            Some("FailedOperation.JobExpired"),
+            QUEUED,
+        )
+        .await;
+        return None;
+    }
+    let acquire = gw
+        .limiter
+        .acquire(&ticket, tokio::time::Instant::now() + left);
+    Some(Claimed {
+        job,
+        _claim: claim,
+        held,
+        principal,
+        ticket,
+        acquire,
+    })
+}
+
+/// Takes every unfinished job no replica holds: at start, and in cluster
+/// mode every `every` (a dead replica's jobs, once their claims lapse).
+pub async fn resume(gw: Arc<Gateway>, every: Option<Duration>, stop: CancellationToken) {
+    loop {
+        match gw.recorder.store().unfinished_jobs().await {
+            Ok(found) => {
+                for job in found {
+                    if gw.jobs.lock().cancels.contains_key(&job.id) {
+                        continue;
+                    }
+                    start(&gw, job).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unfinished jobs could not be read; the next pass retries")
+            }
+        }
+        let Some(every) = every else { return };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+async fn end(
+    gw: &Gateway,
+    id: &str,
+    status: JobStatus,
+    code: Option<&str>,
+    from: &'static [JobStatus],
+) {
+    let write = Write::EndJob {
+        id: id.to_string(),
+        end: JobEnd {
+            status,
+            error_code: code.map(str::to_string),
+        },
+        from,
+        at: gw.clock.now(),
+    };
+    match commit(&**gw.recorder.store(), write).await {
+        Ok(_) => {
+            if status.is_final() {
+                gw.metrics
+                    .jobs
+                    .ended
+                    .with_label_values(&[status.as_str()])
+                    .inc();
+            }
+        }
+        Err(StoreError::NotFound(_)) => {}
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "a job's end could not be stored; it runs again after a restart")
+        }
+    }
+}
+
+const UNFINISHED: &[JobStatus] = &[JobStatus::Queued, JobStatus::Running];
+const QUEUED: &[JobStatus] = &[JobStatus::Queued];
+const RUNNING: &[JobStatus] = &[JobStatus::Running];
+
+async fn run(gw: Arc<Gateway>, claimed: Claimed) {
+    let Claimed {
+        job,
+        _claim,
+        mut held,
+        principal,
+        ticket,
+        acquire,
+    } = claimed;
+    let Some(permit) = wait_for_slot(&gw, &job, &ticket, acquire, &held.cancel).await else {
+        return;
+    };
+    let waited =
+        Duration::try_from(gw.clock.now().duration_since(job.created_at)).unwrap_or_default();
+    // A unit only once the job has its slot: a job that waits for hours
+    // does not hold one.
+    let reservation = match account_gate::check(&gw, &principal) {
+        Ok(reserve) => reserve.await.map_err(account_gate::refusal),
+        Err(e) => Err(e),
+    };
+    let reservation = match reservation {
+        Ok(r) => r,
+        Err(e) => {
+            end(&gw, &job.id, JobStatus::Failed, Some(e.code()), QUEUED).await;
+            return;
+        }
+    };
+    let started = Write::StartJob {
+        id: job.id.clone(),
+        at: gw.clock.now(),
+    };
+    match commit(&**gw.recorder.store(), started).await {
+        Ok(_) => {}
+        // Cancelled meanwhile: the permit and the unit are dropped.
+        Err(StoreError::NotFound(_)) => return,
+        Err(e) => {
+            tracing::warn!(job = %job.id, error = %e, "a job could not be started; it stays queued");
+            return;
+        }
+    }
+    held.started();
+    gw.metrics.jobs.wait.observe(waited.as_secs_f64());
+    let body = match gw.recorder.store().job_body(&job.id).await {
+        Ok(Some(b)) => b,
+        other => {
+            tracing::warn!(job = %job.id, "a job's body could not be read: {:?}", other.err());
+            end(
+                &gw,
+                &job.id,
+                JobStatus::Failed,
+                Some("InternalError"),
+                RUNNING,
+            )
+            .await;
+            return;
+        }
+    };
+    let Some(req) = request_of(&job.request, body) else {
+        end(
+            &gw,
+            &job.id,
+            JobStatus::Failed,
+            Some("InvalidParameter.InvalidPath"),
+            RUNNING,
+        )
+        .await;
+        return;
+    };
+    // Shutdown waits for a job at the backend, as for any forwarded task.
+    let _tracked = gw.tasks.token();
+    let task = Task {
+        gw: gw.clone(),
+        principal,
+        request_id: HeaderValue::from_str(&job.id).unwrap_or(HeaderValue::from_static("job")),
+        queue_wait: waited,
+        tally: None,
+        action: job.action.clone(),
+        keyed: None,
+        job: Some(job.id.clone()),
+        _buffer: None,
+    };
+    let result = task
+        .forward(
+            req,
+            permit,
+            reservation,
+            Arc::new(AtomicBool::new(false)),
+            None,
+        )
+        .await;
+    match result {
+        Ok((_, Outcome::Success)) => {
+            gw.metrics
+                .jobs
+                .ended
+                .with_label_values(&["succeeded"])
+                .inc();
+        }
+        Ok((answer, _)) => {
+            let code = backend_code(&answer);
+            end(&gw, &job.id, JobStatus::Failed, Some(&code), RUNNING).await;
+        }
+        Err(e) => end(&gw, &job.id, JobStatus::Failed, Some(e.code()), RUNNING).await,
+    }
+}
+
+/// Waits for the job's slot in the account's FIFO, until the job's
+/// `jobs.max_wait` is over (then it ends `expired`) or it is cancelled.
+/// `None`: the job does not run now (ended, cancelled, or shutting down:
+/// it stays queued for the next start).
+async fn wait_for_slot(
+    gw: &Gateway,
+    job: &Job,
+    ticket: &Ticket,
+    mut acquire: Acquire,
+    cancel: &CancellationToken,
+) -> Option<Permit> {
+    loop {
+        let pause = tokio::select! {
+            () = cancel.cancelled() => return None,
+            r = &mut acquire => match r {
+                Ok(permit) => return Some(permit),
+                // The queue holds this many already: the job keeps its
+                // place in the store and tries again shortly.
+                Err(LimitError::QueueFull { .. }) => QUEUE_FULL_PAUSE,
+                Err(LimitError::Unavailable) => UNAVAILABLE_PAUSE,
+                Err(LimitError::QueueTimeout { .. }) => Duration::ZERO,
+                Err(LimitError::ShuttingDown) => return None,
+                Err(LimitError::Refused) => {
+                    end(gw, &job.id, JobStatus::Failed, Some("ResourceUnavailable.StopUsing"), QUEUED).await;
+                    return None;
+                }
+            },
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        let left = jobs::wait_left(job.created_at, gw.config().jobs.max_wait, gw.clock.now());
+        if left.is_zero() {
+            end(
+                gw,
+                &job.id,
+                JobStatus::Expired,
+                Some("FailedOperation.JobExpired"),
+                QUEUED,
+            )
+            .await;
+            return None;
+        }
+        acquire = gw
+            .limiter
+            .acquire(ticket, tokio::time::Instant::now() + left);
+    }
+}
+
+/// The stored request, ready to forward.
+fn request_of(r: &JobRequest, body: Vec<u8>) -> Option<Request<TaskBody>> {
+    let mut req = Request::new(TaskBody::Buffered(Bytes::from(body)));
+    *req.method_mut() = Method::from_bytes(r.method.as_bytes()).ok()?;
+    *req.uri_mut() = r.path_and_query.parse().ok()?;
+    for (n, v) in &r.headers {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::try_from(n.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            req.headers_mut().append(n, v);
+        }
+    }
+    Some(req)
+}
+
+/// A backend failure's code: the service's own (`Response.Error.Code`)
+/// when its answer carries one, else one naming the status.
+fn backend_code(answer: &Answer) -> String {
+    serde_json::from_slice::<Value>(&answer.body)
+        .ok()
+        .and_then(|v| v["Response"]["Error"]["Code"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("FailedOperation.BackendStatus{}", answer.status.as_u16()))
+}
+
+/// Forgets finished jobs past `jobs.result_ttl`, in bounded passes.
+pub async fn purge(gw: Arc<Gateway>, stop: CancellationToken) {
+    crate::idempotency::purge::run_with(
+        gw.recorder.store().clone(),
+        gw.clock.clone(),
+        stop,
+        "finished jobs",
+        move |now, limit| Write::PurgeJobs {
+            before_ms: jobs::purge_before(now, gw.config().jobs.result_ttl).as_millisecond(),
+            limit,
+        },
+    )
+    .await;
+}
