@@ -132,6 +132,26 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         let headers: &[(&str, &str)] = if i == 0 { &keyed } else { &[] };
         assert_eq!(stack.task(&gamma_key, headers).await.status, StatusCode::OK);
     }
+    // A finished job: queryable after the move, with its result.
+    let job = job_call(&stack, Method::POST, &beta_key, "v1/style-transfer").await;
+    assert_eq!(
+        job.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&job.body)
+    );
+    let job_id = job.json()["job_id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let job_before = loop {
+        let v = job_call(&stack, Method::GET, &beta_key, &job_id)
+            .await
+            .json();
+        if v["status"] == "succeeded" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let month = jiff::Timestamp::now().strftime("%Y-%m").to_string();
     admin_ok(
         &admin,
@@ -155,7 +175,7 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
     assert!(gamma["view"]["arrears"]["since"].is_string(), "{gamma}");
     assert_eq!(gamma["usage"]["settled_usd"], "0.16", "{gamma}");
     let events = admin.all_events().await;
-    assert_eq!(events.len(), 111);
+    assert_eq!(events.len(), 112);
     let event_ids: Vec<Value> = events.iter().map(|e| e["id"].clone()).collect();
     let last_cursor = admin
         .call(Method::GET, "/v1/usage-events?limit=1000", None)
@@ -196,6 +216,7 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         "settlements",
         "ledger",
         "idempotency_keys",
+        "jobs",
     ] {
         assert!(
             shown.lines().any(|l| l.trim_start().starts_with(line)),
@@ -213,8 +234,9 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
     assert_eq!(rows("api_keys"), Some(5), "revoked one too: {shown}");
     assert_eq!(rows("settlements"), Some(1), "{shown}");
     assert_eq!(rows("ledger"), Some(2), "a top-up, a settlement: {shown}");
-    assert_eq!(rows("usage_events"), Some(111), "{shown}");
+    assert_eq!(rows("usage_events"), Some(112), "{shown}");
     assert_eq!(rows("idempotency_keys"), Some(1), "{shown}");
+    assert_eq!(rows("jobs"), Some(1), "{shown}");
     assert!(shown.contains("usage/*.jsonl"), "{shown}");
     assert_eq!(
         db.query_i64("SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL")
@@ -268,6 +290,10 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         .await;
     assert_eq!(retry.status, StatusCode::OK);
     assert_eq!(retry.header("idempotent-replayed").as_deref(), Some("true"));
+    let job_after = job_call(&stack, Method::GET, &beta_key, &job_id)
+        .await
+        .json();
+    assert_eq!(job_after, job_before, "the job and its result moved");
     let page = admin
         .call(
             Method::GET,
@@ -277,8 +303,8 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
         .await
         .json();
     assert_eq!(page["events"].as_array().unwrap().len(), 4, "{page}");
-    let exported = common::wait_for_jsonl(&stack.gw.data_dir, 115).await;
-    assert_eq!(exported.len(), 115, "each event exported once");
+    let exported = common::wait_for_jsonl(&stack.gw.data_dir, 116).await;
+    assert_eq!(exported.len(), 116, "each event exported once");
 
     // Never into a database that holds data.
     stack.gw.proc.sigterm_and_wait(Duration::from_secs(15));
@@ -289,7 +315,22 @@ async fn a_single_nodes_data_moves_to_postgres_and_serves_the_same() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("already holds data"), "{}", text(&out));
     assert!(!text(&out).contains("s3cret-pw"), "{}", text(&out));
-    assert_eq!(db.query_i64("SELECT count(*) FROM usage_events").await, 115);
+    assert_eq!(db.query_i64("SELECT count(*) FROM usage_events").await, 116);
+}
+
+/// A call under `/tollgate/jobs/`: a submit (POST, `rest` the backend
+/// path) or a job's query.
+async fn job_call(stack: &Stack, method: Method, key: &str, rest: &str) -> common::Resp {
+    let auth = format!("Bearer {key}");
+    stack
+        .http
+        .send(
+            method,
+            &format!("{}/tollgate/jobs/{rest}", stack.gw.url),
+            &[("authorization", auth.as_str())],
+            common::TASK_BODY.to_string(),
+        )
+        .await
 }
 
 #[test]

@@ -714,9 +714,60 @@ impl CopyRow for IdempotencyKeyRow {
     }
 }
 
+/// A job, queued or finished: it runs (or is queried) after the move.
+struct JobRow {
+    /// id, account, sub_account, api, action, status.
+    cols: [Option<String>; 6],
+    /// created_at_ms, started_at_ms, finished_at_ms, result_status.
+    times: [Option<i64>; 4],
+    /// body, result_body.
+    blobs: [Option<Vec<u8>>; 2],
+    /// request, result_headers, error_code, charged_to.
+    extra: [Option<String>; 4],
+}
+
+impl CopyRow for JobRow {
+    const TABLE: &'static str = "jobs";
+    const SELECT: &'static str = "SELECT id, account, sub_account, api, action, status,
+         created_at_ms, started_at_ms, finished_at_ms, result_status, body, result_body,
+         request, result_headers, error_code, charged_to FROM jobs ORDER BY id";
+    const INSERT: &'static str = "INSERT INTO jobs
+         (id, account, sub_account, api, action, status, created_at_ms, started_at_ms,
+          finished_at_ms, result_status, body, result_body, request, result_headers, error_code,
+          charged_to)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+    fn read(r: &rusqlite::Row<'_>) -> Result<Self, ReadError> {
+        Ok(Self {
+            cols: [
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ],
+            times: [r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?],
+            blobs: [r.get(10)?, r.get(11)?],
+            extra: [r.get(12)?, r.get(13)?, r.get(14)?, r.get(15)?],
+        })
+    }
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(16);
+        p.extend(self.cols.iter().map(|c| c as &(dyn ToSql + Sync)));
+        p.extend(self.times.iter().map(|c| c as &(dyn ToSql + Sync)));
+        p.extend(self.blobs.iter().map(|c| c as &(dyn ToSql + Sync)));
+        p.extend(self.extra.iter().map(|c| c as &(dyn ToSql + Sync)));
+        p
+    }
+}
+
+/// Tables a database made by an earlier version may lack: copied when
+/// present (a missing one has no rows to carry).
+const LATER_TABLES: [&str; 2] = ["idempotency_keys", "jobs"];
+
 /// Every table the copy fills, parents before children (foreign keys).
 /// The SQLite `meta` table is not copied: the store never reads it.
-const TABLES: [&str; 10] = [
+const TABLES: [&str; 11] = [
     "accounts",
     "sub_accounts",
     "api_keys",
@@ -727,6 +778,7 @@ const TABLES: [&str; 10] = [
     "settlements",
     "ledger",
     "idempotency_keys",
+    "jobs",
 ];
 
 /// Rows sent to PostgreSQL at once: the inserts of a chunk are pipelined
@@ -758,6 +810,9 @@ async fn copy<R: CopyRow>(
         path: db.to_path_buf(),
         source,
     };
+    if !has_table(src, R::TABLE).map_err(sqlite)? {
+        return Ok(0);
+    }
     let insert = to.tx.prepare(R::INSERT).await.map_err(|e| to.pg(e))?;
     let mut st = src.prepare(&R::select(src)).map_err(sqlite)?;
     let mut rows = st.query([]).map_err(sqlite)?;
@@ -788,6 +843,14 @@ async fn copy<R: CopyRow>(
         .map_err(|e| to.pg(e))?;
         copied += chunk.len() as u64;
     }
+}
+
+fn has_table(src: &Connection, table: &str) -> rusqlite::Result<bool> {
+    src.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [table],
+        |r| r.get(0),
+    )
 }
 
 /// Tables of the target that already hold a row.
@@ -822,14 +885,10 @@ pub async fn run(args: &MigrateArgs) -> Result<Summary, MigrateError> {
     )
     .map_err(sqlite)?;
     for table in TABLES {
-        let present: bool = src
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
-                [table],
-                |r| r.get(0),
-            )
-            .map_err(sqlite)?;
-        if !present {
+        if LATER_TABLES.contains(&table) {
+            continue;
+        }
+        if !has_table(&src, table).map_err(sqlite)? {
             return Err(MigrateError::NotTollgate(plan.db.clone(), table));
         }
     }
@@ -902,12 +961,17 @@ pub async fn run(args: &MigrateArgs) -> Result<Summary, MigrateError> {
             "idempotency_keys",
             copy::<IdempotencyKeyRow>(&src, db, &to).await?,
         ),
+        ("jobs", copy::<JobRow>(&src, db, &to).await?),
     ];
     // Counted in the same read transaction: a row the copy skipped or read
     // twice would show here.
     for (table, copied) in &tables {
         let sql = format!("SELECT count(*) FROM {table}");
-        let read: i64 = src.query_row(&sql, [], |r| r.get(0)).map_err(sqlite)?;
+        let read: i64 = if has_table(&src, table).map_err(sqlite)? {
+            src.query_row(&sql, [], |r| r.get(0)).map_err(sqlite)?
+        } else {
+            0
+        };
         let stored: i64 = tx.query_one(&sql, &[]).await.map_err(pg)?.get(0);
         if read as u64 != *copied || stored != read {
             return Err(MigrateError::CountMismatch {
