@@ -2124,3 +2124,129 @@ async fn every_replica_shows_the_clusters_in_flight_and_queued() {
         .await;
     }
 }
+
+// --- Jobs across replicas (SPEC §10.2, issue 18) ---
+
+async fn job_call(
+    c: &Cluster,
+    i: usize,
+    method: Method,
+    key: &str,
+    rest: &str,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let auth = format!("Bearer {key}");
+    let mut all = vec![("authorization", auth.as_str())];
+    all.extend_from_slice(headers);
+    c.http
+        .send(
+            method,
+            &format!("{}/tollgate/jobs/{rest}", c.gw(i).url),
+            &all,
+            common::TASK_BODY.to_string(),
+        )
+        .await
+}
+
+/// The replica running a job is killed: once its lease lapses another
+/// replica claims the job, runs it again, and it is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_replica_dies_is_run_by_another_and_charged_once() {
+    let _s = SERIAL.lock().await;
+    let mut c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    let r = job_call(
+        &c,
+        2,
+        Method::POST,
+        &key,
+        "v1/style-transfer",
+        &[("x-sim-delay-ms", "2500")],
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let id = r.json()["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = job_call(&c, 0, Method::GET, &key, &id, &[]).await.json();
+        if v["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never running: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.kill9(2);
+    let deadline = Instant::now() + Duration::from_millis(c.lease_ms * 3 + 10_000);
+    let done = loop {
+        let v = job_call(&c, 1, Method::GET, &key, &id, &[]).await.json();
+        if v["status"] == "succeeded" {
+            break v;
+        }
+        assert!(v["status"] == "running" || v["status"] == "queued", "{v}");
+        assert!(Instant::now() < deadline, "never run again: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["result"]["status"], 200, "{done}");
+    let evs = events(&c, 0).await;
+    let for_job: Vec<_> = evs
+        .iter()
+        .filter(|e| e["data"]["job_id"] == id.as_str())
+        .collect();
+    assert_eq!(for_job.len(), 1, "{evs:?}");
+    assert_eq!(
+        c.sim.requests(&c.http, "acme").await,
+        2,
+        "the killed run reached the backend, then the second"
+    );
+}
+
+/// Jobs submitted through every replica share the account's one limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_through_every_replica_share_one_limit_and_run_once() {
+    let _s = SERIAL.lock().await;
+    let c = Cluster::start(ClusterOpts::default());
+    let key = c.account_with_key("acme").await;
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let r = job_call(
+            &c,
+            n % 3,
+            Method::POST,
+            &key,
+            "v1/style-transfer",
+            &[("x-sim-delay-ms", "150")],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::ACCEPTED,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        ids.push(r.json()["job_id"].as_str().unwrap().to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        loop {
+            let v = job_call(&c, 0, Method::GET, &key, id, &[]).await.json();
+            if v["status"] == "succeeded" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{v}");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    assert!(c.max_in_flight("acme").await <= 3);
+    assert_eq!(
+        c.sim.requests(&c.http, "acme").await,
+        12,
+        "each job ran once"
+    );
+    let evs = events(&c, 1).await;
+    assert_eq!(evs.len(), 12);
+}

@@ -610,3 +610,62 @@ async fn a_client_token_retry_through_the_sdk_is_replayed_and_charged_once() {
     );
     assert_eq!(stack.admin().all_events().await.len(), 1);
 }
+
+/// Jobs on the API 3.0 front (SPEC §10.2) through the official SDK:
+/// `SubmitImageToImageJob` answers a job id, `QueryImageToImageJob`
+/// answers its status and, once it succeeded, the action's own answer;
+/// `CancelImageToImageJob` of a finished job is the service's error; one
+/// usage event, named `ImageToImage`.
+#[tokio::test]
+async fn the_official_sdk_submits_and_queries_a_job() {
+    let stack = start();
+    stack.admin().create_account("acme").await;
+    let pair = tc3_pair(&stack, "acme", None).await;
+    let submit = with(
+        job(&stack, &pair),
+        json!({"action": "SubmitImageToImageJob"}),
+    );
+    let submitted = sdk(submit).await;
+    let job_id = submitted[0]["response"]["Response"]["JobId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{submitted:?}"))
+        .to_string();
+    let query = with(
+        job(&stack, &pair),
+        json!({"action": "QueryImageToImageJob", "params": {"JobId": job_id}}),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let done = loop {
+        let r = sdk(query.clone()).await;
+        let status = r[0]["response"]["Response"]["Status"].clone();
+        if status == "succeeded" {
+            break r[0]["response"]["Response"].clone();
+        }
+        assert!(status == "queued" || status == "running", "{r:?}");
+        assert!(std::time::Instant::now() < deadline, "{r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(done["Result"].is_object(), "the action's answer: {done}");
+    assert_eq!(done["JobId"], job_id.as_str());
+    let cancel = with(
+        job(&stack, &pair),
+        json!({"action": "CancelImageToImageJob", "params": {"JobId": job_id}}),
+    );
+    let refused = sdk(cancel).await;
+    assert_eq!(
+        refused[0]["code"], "FailedOperation.JobNotCancellable",
+        "{refused:?}"
+    );
+    // Another account's key cannot see it.
+    stack.admin().create_account("globex").await;
+    let other = tc3_pair(&stack, "globex", None).await;
+    let peek = with(
+        job(&stack, &other),
+        json!({"action": "QueryImageToImageJob", "params": {"JobId": job_id}}),
+    );
+    assert_eq!(sdk(peek).await[0]["code"], "ResourceNotFound.JobNotFound");
+    let events = stack.admin().all_events().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["data"]["api"], "ImageToImage");
+    assert_eq!(events[0]["data"]["job_id"], job_id.as_str());
+}

@@ -322,6 +322,12 @@ async fn cancel(
     config: &Config,
     job: Job,
 ) -> Result<Response<Full<Bytes>>, GatewayError> {
+    let job = cancelled(gw, job).await?;
+    Ok(json_response(StatusCode::OK, &view(gw, config, &job)))
+}
+
+/// Cancels a queued job; returns it as it is now.
+async fn cancelled(gw: &Gateway, job: Job) -> Result<Job, GatewayError> {
     if !job.status.cancellable() {
         return Err(GatewayError::JobNotCancellable(job.status.as_str()));
     }
@@ -352,15 +358,14 @@ async fn cancel(
         .ended
         .with_label_values(&["cancelled"])
         .inc();
-    let job = gw
+    Ok(gw
         .recorder
         .store()
         .job(&job.id)
         .await
         .ok()
         .flatten()
-        .unwrap_or(job);
-    Ok(json_response(StatusCode::OK, &view(gw, config, &job)))
+        .unwrap_or(job))
 }
 
 async fn owned_status(gw: &Gateway, id: &str) -> JobStatus {
@@ -378,48 +383,117 @@ async fn submit(
     backend_path: &str,
     request_id: &str,
 ) -> Result<Response<Full<Bytes>>, GatewayError> {
-    if !config.backend.methods.iter().any(|m| m == "POST") {
-        return Err(GatewayError::MethodNotAllowed(Method::POST));
-    }
-    super::path::normalize(backend_path).map_err(GatewayError::InvalidPath)?;
     if principal.root.status() == AccountStatus::Deactivated {
         return Err(GatewayError::StopUsing);
     }
     let key = keyed::key_of(req.headers(), None)?;
     let (parts, body, _share) =
         tc3_front::read_whole_within(gw, config, req, config.jobs.max_body_bytes).await?;
-    let keyed = match key {
+    let submitted = Submitted {
+        principal,
+        parts,
+        body,
+        backend_path: backend_path.to_string(),
+        action: None,
+        key,
+    };
+    let location = |job: &Job| format!("{}/{}", config.jobs.path_prefix, job.id);
+    let answer_of = |job: &Job| {
+        let body = json!({"job_id": job.id, "status": "queued", "request_id": request_id});
+        let mut a = json_answer(StatusCode::ACCEPTED, &body);
+        if let Ok(v) = HeaderValue::from_str(&location(job)) {
+            a.headers.insert(header::LOCATION, v);
+        }
+        a
+    };
+    Ok(submit_job(gw, config, submitted, &answer_of)
+        .await?
+        .into_response())
+}
+
+/// A submit on either front, authenticated and read.
+struct Submitted {
+    principal: Principal,
+    parts: http::request::Parts,
+    body: Bytes,
+    /// What the job forwards to (the path the synchronous call would have).
+    backend_path: String,
+    /// API 3.0: the action the job runs (`X` of `SubmitXJob`).
+    action: Option<String>,
+    key: Option<IdempotencyKey>,
+}
+
+/// An answer of a JSON body (an idempotency key stores it like any).
+fn json_answer(status: StatusCode, v: &Value) -> Answer {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Answer {
+        status,
+        headers,
+        body: Bytes::from(v.to_string()),
+    }
+}
+
+/// Stores a job and starts it; `answer_of` is the front's answer to its
+/// submit (what a retry with the same idempotency key gets again).
+async fn submit_job(
+    gw: &Arc<Gateway>,
+    config: &Arc<Config>,
+    s: Submitted,
+    answer_of: &(dyn Fn(&Job) -> Answer + Sync),
+) -> Result<Answer, GatewayError> {
+    if !config.backend.methods.iter().any(|m| m == "POST") {
+        return Err(GatewayError::MethodNotAllowed(Method::POST));
+    }
+    super::path::normalize(&s.backend_path).map_err(GatewayError::InvalidPath)?;
+    let principal = &s.principal;
+    let keyed = match s.key {
         None => None,
         Some(key) => {
-            match keyed::admit(gw, &principal, key, &parts.method, &parts.uri, &body).await? {
-                Admission::Replay(answer) => return Ok(answer.into_response()),
+            match keyed::admit(gw, principal, key, &s.parts.method, &s.parts.uri, &s.body).await? {
+                Admission::Replay(answer) => return Ok(answer),
                 Admission::Run(k) => Some(k),
             }
         }
     };
     // The billing gate at submit (the same codes as a task's): a unit is
     // reserved and given back; the job reserves its own when it runs.
-    let reservation = account_gate::check(gw, &principal)?
+    let reservation = account_gate::check(gw, principal)?
         .await
         .map_err(account_gate::refusal)?;
     drop(reservation);
 
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{backend_path}?{q}"),
-        None => backend_path.to_string(),
+    let path_and_query = match s.parts.uri.query() {
+        Some(q) => format!("{}?{q}", s.backend_path),
+        None => s.backend_path.clone(),
     };
-    let headers = parts
+    let mut headers: Vec<(String, String)> = s
+        .parts
         .headers
         .iter()
         .filter(|(n, _)| !NOT_KEPT.contains(&n.as_str()))
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
+    if let Some(action) = &s.action {
+        // The backend runs the synchronous action.
+        for (n, v) in headers.iter_mut() {
+            if n == "x-tc-action" {
+                *v = action.clone();
+            }
+        }
+    }
     let job = Job {
         id: jobs::new_job_id(),
         account: principal.root.id.to_string(),
         sub_account: principal.sub.as_ref().map(|s| s.id.to_string()),
-        api: config.backend.api_name.clone(),
-        action: None,
+        api: s
+            .action
+            .clone()
+            .unwrap_or_else(|| config.backend.api_name.clone()),
+        action: s.action.clone(),
         status: JobStatus::Queued,
         created_at: gw.clock.now(),
         started_at: None,
@@ -433,23 +507,13 @@ async fn submit(
         error_code: None,
         charged_to: None,
     };
-    let location = format!("{}/{}", config.jobs.path_prefix, job.id);
-    let body_json = json!({"job_id": job.id, "status": "queued", "request_id": request_id});
-    let mut answer = Answer {
-        status: StatusCode::ACCEPTED,
-        headers: http::HeaderMap::new(),
-        body: Bytes::from(body_json.to_string()),
-    };
-    answer.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let answer = answer_of(&job);
     let record = keyed
         .as_ref()
         .map(|k| k.record(&job.account, &answer, config, gw));
     let write = Write::SubmitJob {
         job: Box::new(job.clone()),
-        body: body.to_vec(),
+        body: s.body.to_vec(),
         max_pending: config.jobs.max_pending_per_account,
         idempotency: record,
     };
@@ -463,7 +527,7 @@ async fn submit(
         Err(StoreError::Conflict(why)) if keyed.is_some() => {
             let k = keyed.as_ref().expect("checked");
             return match k.answer_of_the_first(gw, &job.account).await {
-                Some(first) => Ok(first.into_response()),
+                Some(first) => Ok(first),
                 None => {
                     tracing::warn!(%why, "a job could not be stored");
                     Err(GatewayError::JobsUnavailable)
@@ -478,11 +542,161 @@ async fn submit(
     drop(keyed);
     tracing::debug!(job = %job.id, "job submitted");
     start(gw, job).await;
-    let mut resp = answer.into_response();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, v);
+    Ok(answer)
+}
+
+/// What an API 3.0 job action asks.
+enum Tc3Op {
+    Submit(String),
+    Query,
+    Cancel,
+}
+
+/// `Submit<A>Job`, `Query<A>Job`, `Cancel<A>Job` for an action `A` of
+/// `backend.actions`.
+fn tc3_op(config: &Config, name: &str) -> Option<Tc3Op> {
+    let inner = name.strip_suffix("Job")?;
+    let (op, action): (fn(String) -> Tc3Op, &str) = if let Some(a) = inner.strip_prefix("Submit") {
+        (Tc3Op::Submit, a)
+    } else if let Some(a) = inner.strip_prefix("Query") {
+        (|_| Tc3Op::Query, a)
+    } else if let Some(a) = inner.strip_prefix("Cancel") {
+        (|_| Tc3Op::Cancel, a)
+    } else {
+        return None;
+    };
+    config
+        .backend
+        .actions
+        .iter()
+        .any(|a| a == action)
+        .then(|| op(action.to_string()))
+}
+
+/// Whether an API 3.0 request names a job action (`X-TC-Action`).
+pub fn is_tc3_job(config: &Config, headers: &http::HeaderMap) -> bool {
+    headers
+        .get("x-tc-action")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| tc3_op(config, a).is_some())
+}
+
+/// Answers an API 3.0 job action: errors as the service gives them (HTTP
+/// 200, `Response.Error`).
+pub async fn handle_tc3(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    request_id: HeaderValue,
+) -> Response<Full<Bytes>> {
+    let mut line = AccessLine::new(&req, &request_id);
+    let id = request_id.to_str().unwrap_or_default().to_string();
+    let (mut resp, code) = match route_tc3(&gw, req, &id, &mut line).await {
+        Ok(resp) => (resp, None),
+        Err(e) => {
+            let code = e.code();
+            gw.metrics.rejection(code);
+            (e.into_tc3_response(&id), Some(code))
+        }
+    };
+    let len = hyper::body::Body::size_hint(resp.body()).exact();
+    line.write(resp.status(), code, len);
+    resp.headers_mut().insert(X_REQUEST_ID, request_id);
+    resp
+}
+
+async fn route_tc3(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    request_id: &str,
+    line: &mut AccessLine,
+) -> Result<Response<Full<Bytes>>, GatewayError> {
+    let config = gw.config();
+    let name = req
+        .headers()
+        .get("x-tc-action")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let op = tc3_op(&config, &name).ok_or_else(|| GatewayError::InvalidAction(name.clone()))?;
+    let max_body = match op {
+        Tc3Op::Submit(_) => config.jobs.max_body_bytes,
+        Tc3Op::Query | Tc3Op::Cancel => config.limits.max_body_bytes,
+    };
+    let v = tc3_front::verify_as(gw, &config, req, max_body, &|a| a == name).await?;
+    line.principal(&v.principal);
+    let (parts, body) = v.request.into_parts();
+    let TaskBody::Buffered(body) = body else {
+        return Err(GatewayError::Internal);
+    };
+    let tc3_ok = |response: Value| {
+        let mut response = response;
+        response["RequestId"] = json!(request_id);
+        json_response(StatusCode::OK, &json!({ "Response": response }))
+    };
+    match op {
+        Tc3Op::Submit(action) => {
+            if v.principal.root.status() == AccountStatus::Deactivated {
+                return Err(GatewayError::StopUsing);
+            }
+            let key = keyed::key_of(&parts.headers, Some(&body))?;
+            let backend_path = parts.uri.path().to_string();
+            let submitted = Submitted {
+                principal: v.principal,
+                parts,
+                body,
+                backend_path,
+                action: Some(action),
+                key,
+            };
+            let answer_of = |job: &Job| {
+                json_answer(
+                    StatusCode::OK,
+                    &json!({"Response": {"JobId": job.id, "RequestId": request_id}}),
+                )
+            };
+            Ok(submit_job(gw, &config, submitted, &answer_of)
+                .await?
+                .into_response())
+        }
+        Tc3Op::Query | Tc3Op::Cancel => {
+            let job_id = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|b| b["JobId"].as_str().map(str::to_string))
+                .ok_or_else(|| GatewayError::BadRequest("JobId: a job id is required".into()))?;
+            if !jobs::looks_like_job_id(&job_id) {
+                return Err(GatewayError::JobNotFound);
+            }
+            let job = owned_job(gw, &v.principal, &job_id).await?;
+            let job = match op {
+                Tc3Op::Cancel => cancelled(gw, job).await?,
+                _ => job,
+            };
+            Ok(tc3_ok(tc3_view(gw, &config, &job)))
+        }
     }
-    Ok(resp)
+}
+
+/// A job as the API 3.0 front shows it (the service's field names).
+fn tc3_view(gw: &Gateway, config: &Config, job: &Job) -> Value {
+    let v = view(gw, config, job);
+    let mut out = json!({
+        "JobId": v["job_id"],
+        "Status": v["status"],
+        "CreatedAt": v["created_at"],
+        "StartedAt": v["started_at"],
+        "FinishedAt": v["finished_at"],
+        "Position": v.get("position").cloned().unwrap_or(Value::Null),
+        "ErrorCode": v["error"]["code"],
+        "Result": Value::Null,
+    });
+    if let Some(result) = job.result.as_ref() {
+        // The action's own answer: its `Response` object, as the
+        // synchronous call would have given it.
+        if let Ok(body) = serde_json::from_slice::<Value>(&result.body) {
+            out["Result"] = body.get("Response").cloned().unwrap_or(body);
+        }
+    }
+    out
 }
 
 /// The claim a replica holds on a job while it waits or runs here.

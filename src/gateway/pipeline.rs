@@ -67,8 +67,14 @@ pub async fn handle(
     }
     // Errors on the API 3.0 front are answered as the service does.
     let tc3 = tc3_front::is_tc3(req.headers());
-    if !tc3 && super::jobs::is_jobs_path(&gw.config(), req.uri().path()) {
-        return super::jobs::handle(gw, req, request_id).await;
+    {
+        let config = gw.config();
+        if tc3 && super::jobs::is_tc3_job(&config, req.headers()) {
+            return super::jobs::handle_tc3(gw, req, request_id).await;
+        }
+        if !tc3 && super::jobs::is_jobs_path(&config, req.uri().path()) {
+            return super::jobs::handle(gw, req, request_id).await;
+        }
     }
     // At info level so warnings and errors inside the task carry its id.
     let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());

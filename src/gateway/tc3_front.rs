@@ -48,6 +48,22 @@ pub async fn verify(
     config: &Config,
     req: Request<Incoming>,
 ) -> Result<Verified, GatewayError> {
+    let actions = &config.backend.actions;
+    verify_as(gw, config, req, config.limits.max_body_bytes, &|a| {
+        actions.iter().any(|x| x == a)
+    })
+    .await
+}
+
+/// [`verify`] for the actions `allowed` accepts, with bodies up to
+/// `max_body` (the job actions: `gateway::jobs`).
+pub async fn verify_as(
+    gw: &Gateway,
+    config: &Config,
+    req: Request<Incoming>,
+    max_body: u64,
+    allowed: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Verified, GatewayError> {
     let headers = req.headers();
     let value = headers
         .get(AUTHORIZATION)
@@ -65,7 +81,7 @@ pub async fn verify(
     };
     tc3::check_context(&auth, headers, &expect).map_err(tc3_error)?;
 
-    let (parts, body, share) = read_whole(gw, config, req).await?;
+    let (parts, body, share) = read_whole_within(gw, config, req, max_body).await?;
 
     let timestamp = parts
         .headers
@@ -94,7 +110,7 @@ pub async fn verify(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    if !backend.actions.contains(&action) {
+    if !allowed(&action) {
         return Err(GatewayError::InvalidAction(action));
     }
     if parts
