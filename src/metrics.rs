@@ -90,6 +90,12 @@ pub struct JobMetrics {
 }
 
 impl JobMetrics {
+    /// This replica's queued and running jobs, set at each scrape.
+    pub fn set_now(&self, queued: usize, running: usize) {
+        self.now.with_label_values(&["queued"]).set(queued as i64);
+        self.now.with_label_values(&["running"]).set(running as i64);
+    }
+
     fn new(registry: &Registry) -> Self {
         Self {
             now: register(

@@ -385,3 +385,95 @@ async fn many_jobs_submitted_at_once_all_run_once() {
     assert_eq!(stack.admin().all_events().await.len(), 30);
     assert!(stack.sim.max_in_flight(&stack.http, "acme").await <= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_past_max_wait_expires_uncharged() {
+    let stack = Stack::start(Opts {
+        extra_toml: "[jobs]\nmax_wait = \"1s\"\n".into(),
+        ..Opts::default()
+    });
+    let key = stack.account_with_key("acme").await;
+    let held = stack.hold_slots("acme", &key, 3, 2000).await;
+    let id = job_id(&submit(&stack, &key, &[]).await);
+    let v = finished(&stack, &key, &id, Duration::from_secs(10)).await;
+    assert_eq!(v["status"], "expired", "{v}");
+    assert_eq!(v["error"]["code"], "FailedOperation.JobExpired");
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    let events = stack.admin().all_events().await;
+    assert_eq!(events.len(), 3, "the held tasks only");
+    assert_eq!(stack.sim.requests(&stack.http, "acme").await, 3);
+}
+
+/// The job belongs to the account, not to the key that submitted it: a
+/// key revoked while its job waits does not stop the job (a deactivated
+/// account does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_runs_after_its_key_is_revoked_and_fails_when_its_account_is_deactivated() {
+    let stack = Stack::start(Opts::default());
+    stack.admin().create_account("acme").await;
+    let (key_id, key) = stack.admin().issue_key("acme", None).await;
+    let holder = stack.admin().issue_key("acme", None).await.1;
+    let held = stack.hold_slots("acme", &holder, 3, 800).await;
+    let id = job_id(&submit(&stack, &key, &[]).await);
+    let r = stack
+        .admin()
+        .call(Method::DELETE, &format!("/v1/keys/{key_id}"), None)
+        .await;
+    assert!(
+        r.status.is_success(),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    let v = finished(&stack, &holder, &id, Duration::from_secs(10)).await;
+    assert_eq!(v["status"], "succeeded", "{v}");
+
+    let held = stack.hold_slots("acme", &holder, 3, 800).await;
+    let queued = job_id(&submit(&stack, &holder, &[]).await);
+    let r = stack
+        .admin()
+        .call(Method::POST, "/v1/accounts/acme/deactivate", None)
+        .await;
+    assert!(
+        r.status.is_success(),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    for h in held {
+        let _ = h.await;
+    }
+    stack
+        .admin()
+        .call(Method::POST, "/v1/accounts/acme/activate", None)
+        .await;
+    let v = finished(&stack, &holder, &queued, Duration::from_secs(10)).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["error"]["code"], "ResourceUnavailable.StopUsing", "{v}");
+}
+
+/// SIGTERM leaves a queued job queued; the next start runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_leaves_queued_jobs_for_the_next_start() {
+    let mut stack = Stack::start(Opts::default());
+    let key = stack.account_with_key("acme").await;
+    let held = stack.hold_slots("acme", &key, 3, 1500).await;
+    let id = job_id(&submit(&stack, &key, &[]).await);
+    let status = stack.gw.proc.sigterm_and_wait(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    for h in held {
+        assert_eq!(
+            h.await.unwrap().status,
+            StatusCode::OK,
+            "in-flight tasks drain"
+        );
+    }
+    stack.gw.restart(&Opts::default());
+    let v = finished(&stack, &key, &id, Duration::from_secs(10)).await;
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let events = stack.admin().all_events().await;
+    assert_eq!(events.len(), 4);
+}

@@ -14,6 +14,7 @@ use tollgate::accounts::hash_key;
 use tollgate::billing::{self, PackageKind, ResourcePackage};
 use tollgate::entitlements::{ConcurrencyPackage, Period};
 use tollgate::idempotency::{Fingerprint, IdempotencyRecord, StoredAnswer};
+use tollgate::jobs::{Job, JobEnd, JobRequest, JobResult, JobStatus};
 use tollgate::store::{
     Change, Committed, KeyRow, PostgresStore, SettlementLine, SqliteStore, Store, StoreError,
     SubAccountRow, Write, commit,
@@ -284,6 +285,7 @@ async fn conformance(store: Arc<dyn Store>) {
 
     charges_fall_through_in_the_deduction_order(s).await;
     idempotency_records_stand_or_fall_with_their_event(s).await;
+    jobs_move_only_forward_and_succeed_once(s).await;
 
     let store2 = store.clone();
     tokio::task::spawn_blocking(move || store2.close())
@@ -545,6 +547,249 @@ async fn idempotency_records_stand_or_fall_with_their_event(s: &dyn Store) {
     assert!(
         s.idempotency_record("idem", "k1").await.unwrap().is_some(),
         "live records stay"
+    );
+}
+
+fn job(id: &str, account: &str, created_ms: i64) -> Job {
+    Job {
+        id: id.into(),
+        account: account.into(),
+        sub_account: None,
+        api: "ImageStyleTransfer".into(),
+        action: None,
+        status: JobStatus::Queued,
+        created_at: Timestamp::from_millisecond(created_ms).unwrap(),
+        started_at: None,
+        finished_at: None,
+        request: JobRequest {
+            method: "POST".into(),
+            path_and_query: "/v1/style-transfer?x=1".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+        },
+        result: None,
+        error_code: None,
+        charged_to: None,
+    }
+}
+
+fn submit(job: Job, max_pending: u32) -> Write {
+    Write::SubmitJob {
+        job: Box::new(job),
+        body: b"{\"InputImage\":\"x\"}".to_vec(),
+        max_pending,
+        idempotency: None,
+    }
+}
+
+fn succeeded_usage(account: &str, job_id: &str, request_id: &str) -> Write {
+    let mut w = usage(account, None, request_id);
+    if let Write::AppendUsage { job, .. } = &mut w {
+        *job = Some(Box::new(JobResult {
+            id: job_id.into(),
+            answer: Some(StoredAnswer {
+                status: 200,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: b"{\"ok\":true}".to_vec(),
+            }),
+            at_ms: 2_000,
+        }));
+    }
+    w
+}
+
+/// SPEC §10.2 at the store: a job is stored with its body, moves queued →
+/// running → one final state and never back (but a requeue of a run that
+/// died), its success is one commit with its event and happens once, the
+/// pending bound holds, and the purge forgets finished jobs only.
+async fn jobs_move_only_forward_and_succeed_once(s: &dyn Store) {
+    commit(s, account("jobs")).await.unwrap();
+    commit(s, pg::fixtures::postpaid("jobs")).await.unwrap();
+    let at = Timestamp::from_millisecond(1_500).unwrap();
+    assert_eq!(
+        commit(s, submit(job("job_a", "jobs", 1_000), 2))
+            .await
+            .unwrap(),
+        Committed::Done
+    );
+    assert_eq!(
+        commit(s, submit(job("job_b", "jobs", 1_001), 2))
+            .await
+            .unwrap(),
+        Committed::Done
+    );
+    assert_eq!(
+        commit(s, submit(job("job_c", "jobs", 1_002), 2))
+            .await
+            .unwrap(),
+        Committed::JobsFull,
+        "2 unfinished already"
+    );
+    assert!(s.job("job_c").await.unwrap().is_none(), "nothing stored");
+    let a = s.job("job_a").await.unwrap().unwrap();
+    assert_eq!(a, job("job_a", "jobs", 1_000));
+    assert_eq!(
+        s.job_body("job_a").await.unwrap().as_deref(),
+        Some(&b"{\"InputImage\":\"x\"}"[..])
+    );
+    let ids: Vec<String> = s
+        .unfinished_jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids, ["job_a", "job_b"], "oldest first");
+
+    // Started once; a second start (another replica) is refused.
+    commit(
+        s,
+        Write::StartJob {
+            id: "job_a".into(),
+            at,
+        },
+    )
+    .await
+    .unwrap();
+    let again = commit(
+        s,
+        Write::StartJob {
+            id: "job_a".into(),
+            at,
+        },
+    )
+    .await;
+    assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+    // A queued job can be cancelled; a running one cannot (by that write).
+    let cancel = |id: &str| Write::EndJob {
+        id: id.into(),
+        end: JobEnd {
+            status: JobStatus::Cancelled,
+            error_code: None,
+        },
+        from: &[JobStatus::Queued],
+        at,
+    };
+    assert!(matches!(
+        commit(s, cancel("job_a")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    commit(s, cancel("job_b")).await.unwrap();
+    let b = s.job("job_b").await.unwrap().unwrap();
+    assert_eq!(b.status, JobStatus::Cancelled);
+    assert!(b.finished_at.is_some());
+    assert!(
+        s.job_body("job_b").await.unwrap().is_none(),
+        "a final job's body is gone"
+    );
+
+    // The success: once, with its event; a second success is refused and
+    // stores no event.
+    let before = s.usage_events(0, 10_000).await.unwrap().len();
+    commit(s, succeeded_usage("jobs", "job_a", "ja1"))
+        .await
+        .unwrap();
+    let twice = commit(s, succeeded_usage("jobs", "job_a", "ja2")).await;
+    assert!(matches!(twice, Err(StoreError::Conflict(_))), "{twice:?}");
+    assert_eq!(s.usage_events(0, 10_000).await.unwrap().len(), before + 1);
+    let a = s.job("job_a").await.unwrap().unwrap();
+    assert_eq!(a.status, JobStatus::Succeeded);
+    assert_eq!(a.charged_to.as_deref(), Some("postpaid"));
+    assert_eq!(a.result.as_ref().unwrap().body, b"{\"ok\":true}");
+    assert!(s.unfinished_jobs().await.unwrap().is_empty());
+
+    // A run that died goes back to queued (body kept), then fails.
+    commit(s, submit(job("job_d", "jobs", 1_003), 2))
+        .await
+        .unwrap();
+    commit(
+        s,
+        Write::StartJob {
+            id: "job_d".into(),
+            at,
+        },
+    )
+    .await
+    .unwrap();
+    commit(
+        s,
+        Write::EndJob {
+            id: "job_d".into(),
+            end: JobEnd {
+                status: JobStatus::Queued,
+                error_code: None,
+            },
+            from: &[JobStatus::Running],
+            at,
+        },
+    )
+    .await
+    .unwrap();
+    let d = s.job("job_d").await.unwrap().unwrap();
+    assert_eq!((d.status, d.started_at), (JobStatus::Queued, None));
+    assert!(s.job_body("job_d").await.unwrap().is_some());
+    commit(
+        s,
+        Write::EndJob {
+            id: "job_d".into(),
+            end: JobEnd {
+                status: JobStatus::Failed,
+                error_code: Some("FailedOperation.X".into()),
+            },
+            from: &[JobStatus::Queued, JobStatus::Running],
+            at,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.job("job_d").await.unwrap().unwrap().error_code.as_deref(),
+        Some("FailedOperation.X")
+    );
+
+    // Listed by account in id order, filtered by status, paged.
+    let all: Vec<String> = s
+        .jobs_of("jobs", None, "", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(all, ["job_a", "job_b", "job_d"]);
+    let page: Vec<String> = s
+        .jobs_of("jobs", None, "job_a", 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(page, ["job_b"]);
+    let failed = s
+        .jobs_of("jobs", Some(JobStatus::Failed), "", 10)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+
+    // The purge forgets finished jobs up to the cut-off, bounded.
+    commit(s, submit(job("job_e", "jobs", 1_004), 5))
+        .await
+        .unwrap();
+    let purge = |before_ms, limit| Write::PurgeJobs { before_ms, limit };
+    assert_eq!(
+        commit(s, purge(1_000, 10)).await.unwrap(),
+        Committed::Purged(0),
+        "none finished that early"
+    );
+    assert_eq!(
+        commit(s, purge(10_000, 2)).await.unwrap(),
+        Committed::Purged(2)
+    );
+    assert_eq!(
+        commit(s, purge(10_000, 2)).await.unwrap(),
+        Committed::Purged(1)
+    );
+    assert!(
+        s.job("job_e").await.unwrap().is_some(),
+        "an unfinished job is never purged"
     );
 }
 

@@ -271,6 +271,8 @@ async fn require_token(State(app): State<Arc<AdminState>>, req: Request, next: N
 
 async fn metrics(State(app): State<Arc<AdminState>>) -> Response {
     app.metrics.spooled_events.set(app.store.spooled() as i64);
+    let (queued, running) = app.jobs.counts();
+    app.metrics.jobs.set_now(queued, running);
     if let Some(coord) = &app.coordinator {
         app.metrics
             .observe_cluster(coord.leases_lost(), &coord.coordination_errors());

@@ -155,3 +155,6 @@ pub struct JobResult {
     /// When it finished (Unix ms).
     pub at_ms: i64,
 }
+
+#[cfg(test)]
+mod tests;
