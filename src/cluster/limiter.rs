@@ -122,7 +122,7 @@ impl Core {
     }
 
     /// The outage path, decided by policy.
-    fn fallback(&self, t: &Ticket, deadline: Instant) -> Acquire {
+    fn fallback(&self, t: &Ticket, deadline: Instant, first: bool) -> Acquire {
         match self.coord.policy {
             RedisOutagePolicy::Reject => Acquire::ready(Err(LimitError::Unavailable)),
             RedisOutagePolicy::Local => {
@@ -138,12 +138,16 @@ impl Core {
                 };
                 let share = (limit / self.coord.live_replicas()).max(1);
                 self.fallback.set_limit(&t.account, share);
-                self.fallback.acquire(t, deadline)
+                if first {
+                    self.fallback.acquire_first(t, deadline)
+                } else {
+                    self.fallback.acquire(t, deadline)
+                }
             }
         }
     }
 
-    async fn acquire_shared(self: Arc<Self>, t: Ticket, deadline: Instant) -> Grant {
+    async fn acquire_shared(self: Arc<Self>, t: Ticket, deadline: Instant, first: bool) -> Grant {
         let coord = &self.coord;
         let barrier = self.refusing.get(&*t.account).map(|b| b.clone());
         if let Some(b) = barrier {
@@ -180,7 +184,8 @@ impl Core {
             .arg(coord.lease_ms())
             .arg(sub)
             .arg(cap)
-            .arg(&coord.channel_prefix);
+            .arg(&coord.channel_prefix)
+            .arg(u8::from(first));
         let (status, stats) = match coord.call::<(i64, Vec<i64>)>(Op::Acquire, &inv).await {
             Ok(r) => r,
             Err(_) => {
@@ -188,7 +193,7 @@ impl Core {
                 // still tries to leave, or it could be granted a slot nobody
                 // uses until its lease ends.
                 drop(waiting);
-                return self.fallback(&t, deadline).await;
+                return self.fallback(&t, deadline, first).await;
             }
         };
         let view = coord.note_pool(&t.account, &stats);
@@ -221,17 +226,27 @@ impl Core {
     }
 }
 
-impl Limiter for RedisLimiter {
-    fn acquire(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
+impl RedisLimiter {
+    fn acquire_at(&self, ticket: &Ticket, deadline: Instant, first: bool) -> Acquire {
         let core = &self.core;
         if core.shutting_down.load(Ordering::Acquire) {
             return Acquire::ready(Err(LimitError::ShuttingDown));
         }
         if !core.coord.is_coordinated() {
-            return core.fallback(ticket, deadline);
+            return core.fallback(ticket, deadline, first);
         }
-        let fut = core.clone().acquire_shared(ticket.clone(), deadline);
+        let fut = core.clone().acquire_shared(ticket.clone(), deadline, first);
         Acquire::shared(fut)
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn acquire(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
+        self.acquire_at(ticket, deadline, false)
+    }
+
+    fn acquire_first(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
+        self.acquire_at(ticket, deadline, true)
     }
 
     fn set_limit(&self, account: &str, limit: u32) {

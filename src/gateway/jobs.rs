@@ -734,7 +734,8 @@ async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
         .await
         .ok()?;
     let held = gw.jobs.hold(account.clone(), &job.id);
-    if job.status == JobStatus::Running {
+    let died = job.status == JobStatus::Running;
+    if died {
         // Its run died with its replica before it ended: back to queued.
         end(gw, &job.id, JobStatus::Queued, None, RUNNING).await;
     }
@@ -773,9 +774,13 @@ async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
         .await;
         return None;
     }
-    let acquire = gw
-        .limiter
-        .acquire(&ticket, tokio::time::Instant::now() + left);
+    let deadline = tokio::time::Instant::now() + left;
+    // A job whose run died goes back to the head of its account's queue.
+    let acquire = if died {
+        gw.limiter.acquire_first(&ticket, deadline)
+    } else {
+        gw.limiter.acquire(&ticket, deadline)
+    };
     Some(Claimed {
         job,
         _claim: claim,

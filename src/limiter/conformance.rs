@@ -117,6 +117,7 @@ pub async fn run_all(f: &impl Factory, prefix: &str) {
     let a = |name: &str| format!("{prefix}{name}");
     up_to_the_limit_then_queue(&*f.make(3, 10).await, &a("limit")).await;
     fifo_order(&*f.make(1, 100).await, &a("fifo")).await;
+    first_goes_ahead(&*f.make(1, 100).await, &a("first")).await;
     queue_bound(&*f.make(1, 2).await, &a("bound")).await;
     queue_timeout(&*f.make(1, 10).await, &a("timeout")).await;
     dropped_waiter_leaves(&*f.make(1, 10).await, &a("drop")).await;
@@ -176,6 +177,32 @@ pub async fn fifo_order(l: &dyn Limiter, acct: &str) {
         }
         drop(p);
     }
+    wait_for(l, acct, "an empty gate", |s| {
+        s.in_flight == 0 && s.queued == 0
+    })
+    .await;
+}
+
+/// `acquire_first` waits ahead of every waiter; the others keep their
+/// order behind it.
+pub async fn first_goes_ahead(l: &dyn Limiter, acct: &str) {
+    let t = ticket(acct);
+    let held = granted(l, &t).await;
+    let mut a = queued(l, &t).await;
+    let mut b = queued(l, &t).await;
+    let mut first = l.acquire_first(&t, far());
+    if let Ok(r) = timeout(QUIET_FOR, &mut first).await {
+        panic!("expected the first to queue, got {r:?}");
+    }
+    wait_for(l, acct, "three queued", |s| s.queued == 3).await;
+    drop(held);
+    let p = resolves(&mut first).await.expect("the head of the queue");
+    stays_pending(&mut a).await;
+    drop(p);
+    let p = resolves(&mut a).await.expect("then the first in line");
+    stays_pending(&mut b).await;
+    drop(p);
+    drop(resolves(&mut b).await.expect("then the next"));
     wait_for(l, acct, "an empty gate", |s| {
         s.in_flight == 0 && s.queued == 0
     })

@@ -48,8 +48,8 @@ impl LocalLimiter {
     }
 }
 
-impl Limiter for LocalLimiter {
-    fn acquire(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
+impl LocalLimiter {
+    fn acquire_at(&self, ticket: &Ticket, deadline: Instant, first: bool) -> Acquire {
         if self.shutting_down.load(Ordering::Acquire) {
             return Acquire::ready(Err(LimitError::ShuttingDown));
         }
@@ -75,7 +75,11 @@ impl Limiter for LocalLimiter {
         let id = st.next_waiter_id;
         st.next_waiter_id += 1;
         let (tx, rx) = oneshot::channel();
-        st.queue.push_back(Entry { id, sub, tx });
+        if first {
+            st.queue.push_front(Entry { id, sub, tx });
+        } else {
+            st.queue.push_back(Entry { id, sub, tx });
+        }
         drop(st);
         Acquire::local(
             LocalWaiter {
@@ -86,6 +90,16 @@ impl Limiter for LocalLimiter {
             },
             deadline,
         )
+    }
+}
+
+impl Limiter for LocalLimiter {
+    fn acquire(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
+        self.acquire_at(ticket, deadline, false)
+    }
+
+    fn acquire_first(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
+        self.acquire_at(ticket, deadline, true)
     }
 
     fn set_limit(&self, account: &str, limit: u32) {

@@ -70,6 +70,13 @@ pub trait Limiter: Send + Sync + 'static {
     /// queue (and gives back a slot granted but not yet taken).
     fn acquire(&self, ticket: &Ticket, deadline: Instant) -> Acquire;
 
+    /// Like [`Limiter::acquire`], but a ticket that must wait waits at the
+    /// head of the queue, ahead of every waiter: a job whose run died with
+    /// its replica goes back first (SPEC §10.2).
+    fn acquire_first(&self, ticket: &Ticket, deadline: Instant) -> Acquire {
+        self.acquire(ticket, deadline)
+    }
+
     /// Sets an account's limit. Growing starts queued tasks at once;
     /// shrinking cancels nothing: new tasks wait until in-flight is below the
     /// new limit.
