@@ -599,10 +599,13 @@ async fn run_with(
     ));
     // Jobs left unfinished by the last run (or, in cluster mode, by a
     // replica that died: its claims lapse with its lease).
-    let rescan = app
-        .coordinator
-        .as_ref()
-        .map(|c| Duration::from_millis(c.lease_ms()));
+    let rescan = app.coordinator.as_ref().map(|c| {
+        let c = c.clone();
+        crate::gateway::jobs::Rescan {
+            every: Duration::from_millis(c.lease_ms()),
+            live_replicas: Box::new(move || c.live_replicas()),
+        }
+    });
     tokio::spawn(crate::gateway::jobs::resume(
         app.gateway.clone(),
         rescan,

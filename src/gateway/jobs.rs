@@ -791,9 +791,26 @@ async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
     })
 }
 
+/// In cluster mode, how often unfinished jobs are read again even when no
+/// replica was seen to leave (a claim that lapsed otherwise: Redis lost
+/// it, say).
+const RESCAN_EVERY: Duration = Duration::from_secs(30);
+
+/// How a replica notices that another left (cluster mode): the number of
+/// live replicas, checked every lease.
+pub struct Rescan {
+    pub every: Duration,
+    pub live_replicas: Box<dyn Fn() -> u32 + Send + Sync>,
+}
+
 /// Takes every unfinished job no replica holds: at start, and in cluster
-/// mode every `every` (a dead replica's jobs, once their claims lapse).
-pub async fn resume(gw: Arc<Gateway>, every: Option<Duration>, stop: CancellationToken) {
+/// mode again whenever the number of live replicas drops (a dead
+/// replica's jobs, once its claims lapse with its lease) and every
+/// [`RESCAN_EVERY`]. Jobs this replica holds are skipped without asking
+/// Redis.
+pub async fn resume(gw: Arc<Gateway>, rescan: Option<Rescan>, stop: CancellationToken) {
+    let mut live = rescan.as_ref().map_or(0, |r| (r.live_replicas)());
+    let mut last = tokio::time::Instant::now();
     loop {
         match gw.recorder.store().unfinished_jobs().await {
             Ok(found) => {
@@ -808,11 +825,30 @@ pub async fn resume(gw: Arc<Gateway>, every: Option<Duration>, stop: Cancellatio
                 tracing::warn!(error = %e, "unfinished jobs could not be read; the next pass retries")
             }
         }
-        let Some(every) = every else { return };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+        last = last.max(tokio::time::Instant::now());
+        let Some(r) = &rescan else { return };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(r.every) => {}
+            }
+            let now_live = (r.live_replicas)();
+            let left = now_live < live;
+            live = now_live;
+            if left {
+                // The claims of the one that left lapse with its lease:
+                // one more lease and they are free.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(r.every) => {}
+                }
+                break;
+            }
+            if last.elapsed() >= RESCAN_EVERY {
+                break;
+            }
         }
+        last = tokio::time::Instant::now();
     }
 }
 
