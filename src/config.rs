@@ -981,6 +981,7 @@ impl Config {
             "demo" => demo,
             "cluster" => cluster,
             "auth" => auth,
+            "jobs.path_prefix" => jobs.path_prefix,
         );
         // Between the embedded simulator and a real backend is a change of
         // demo mode (the public key), not of backend: a restart.

@@ -90,6 +90,16 @@ pub struct JobMetrics {
 }
 
 impl JobMetrics {
+    /// Every outcome shown from the start (at 0), so a dashboard's rate of
+    /// it has a series before the first job ends.
+    fn with_outcomes(self) -> Self {
+        for outcome in ["succeeded", "failed", "cancelled", "expired"] {
+            self.ended.with_label_values(&[outcome]);
+        }
+        self.set_now(0, 0);
+        self
+    }
+
     /// This replica's queued and running jobs, set at each scrape.
     pub fn set_now(&self, queued: usize, running: usize) {
         self.now.with_label_values(&["queued"]).set(queued as i64);
@@ -386,7 +396,7 @@ impl Metrics {
                 ),
             }
         };
-        let jobs = JobMetrics::new(&registry);
+        let jobs = JobMetrics::new(&registry).with_outcomes();
         Self {
             registry,
             outcomes,
