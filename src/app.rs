@@ -611,6 +611,16 @@ async fn run_with(
         rescan,
         stop.clone(),
     ));
+    if config.events.stream == crate::config::EventStream::Nats {
+        let publisher = crate::usage::stream::Publisher {
+            config: config.events.clone(),
+            store: app.store.clone(),
+            metrics: app.gateway.metrics.stream.clone(),
+            committed: app.gateway.recorder.streamed(),
+            claims: app.gateway.markers.clone(),
+        };
+        tokio::spawn(publisher.run(stop.clone()));
+    }
     tokio::spawn(crate::gateway::jobs::purge(
         app.gateway.clone(),
         stop.clone(),

@@ -32,6 +32,7 @@ const SECTIONS: &[&str] = &[
     "auth",
     "idempotency",
     "jobs",
+    "events",
 ];
 
 /// The config the running gateway reads, swapped whole by a reload.
@@ -54,6 +55,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub idempotency: IdempotencyConfig,
     pub jobs: JobsConfig,
+    pub events: EventsConfig,
 }
 
 /// Idempotency keys (SPEC §10.1). Both keys change live on a reload (new
@@ -115,6 +117,64 @@ impl Default for JobsConfig {
             result_ttl: Duration::from_secs(24 * 3600),
             max_result_bytes: 10 << 20,
         }
+    }
+}
+
+/// Where usage events go besides the store and its JSON Lines export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStream {
+    #[default]
+    None,
+    Nats,
+}
+
+/// Usage events on a stream (NATS JetStream). Restart only.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// `"none"` or `"nats"`.
+    pub stream: EventStream,
+    /// `nats://host:port` (user and password may be in it: never logged).
+    pub nats_url: String,
+    /// A NATS credentials (`.creds`) file, if the server wants one.
+    pub creds_file: String,
+    /// Events are published on `<subject>.<root account>`.
+    pub subject: String,
+    /// The JetStream stream, created (over `<subject>.>`) if missing.
+    pub stream_name: String,
+    /// How long the stream keeps an event (when created by tollgate).
+    #[serde(deserialize_with = "human_duration")]
+    pub max_age: Duration,
+    /// JetStream's duplicate window (when created by tollgate): a
+    /// re-publish of one event id within it is dropped.
+    #[serde(deserialize_with = "human_duration")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            stream: EventStream::None,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            creds_file: String::new(),
+            subject: "tollgate.usage".into(),
+            stream_name: "TOLLGATE_USAGE".into(),
+            max_age: Duration::from_secs(7 * 86_400),
+            duplicate_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl std::fmt::Debug for EventsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventsConfig")
+            .field("stream", &self.stream)
+            .field("nats_url", &"<set>")
+            .field("creds_file", &self.creds_file)
+            .field("subject", &self.subject)
+            .field("stream_name", &self.stream_name)
+            .finish()
     }
 }
 
@@ -719,6 +779,56 @@ impl Config {
                 "must be between 1s and 365 days",
             ));
         }
+        if self.events.stream == EventStream::Nats {
+            let url = &self.events.nats_url;
+            let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|p| url.starts_with(p) && url.len() > p.len());
+            if !scheme_ok || url.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "events.nats_url",
+                    "must be a NATS URL such as \"nats://127.0.0.1:4222\"",
+                ));
+            }
+            let subject = &self.events.subject;
+            if subject.is_empty()
+                || subject.starts_with('.')
+                || subject.ends_with('.')
+                || subject.contains("..")
+                || !subject
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(invalid(
+                    "events.subject",
+                    "must be a NATS subject such as \"tollgate.usage\" (letters, digits, . _ -, no wildcards)",
+                ));
+            }
+            let name = &self.events.stream_name;
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+            {
+                return Err(invalid(
+                    "events.stream_name",
+                    "must be letters, digits, _ and - (a JetStream stream name)",
+                ));
+            }
+            if self.events.duplicate_window < Duration::from_secs(1)
+                || self.events.duplicate_window > self.events.max_age
+            {
+                return Err(invalid(
+                    "events.duplicate_window",
+                    "must be at least 1s and at most events.max_age",
+                ));
+            }
+            if !self.events.creds_file.is_empty()
+                && !std::path::Path::new(&self.events.creds_file).is_file()
+            {
+                return Err(invalid("events.creds_file", "is not a readable file"));
+            }
+        }
         let prefix = &self.jobs.path_prefix;
         if prefix.len() < 2
             || !prefix.starts_with('/')
@@ -982,6 +1092,7 @@ impl Config {
             "cluster" => cluster,
             "auth" => auth,
             "jobs.path_prefix" => jobs.path_prefix,
+            "events" => events,
         );
         // Between the embedded simulator and a real backend is a change of
         // demo mode (the public key), not of backend: a restart.
@@ -1267,6 +1378,7 @@ mod tests {
             ("billing", 3),
             ("idempotency", 2),
             ("jobs", 6),
+            ("events", 7),
             ("metrics", 3),
             ("log", 3),
             ("simulator", 4),

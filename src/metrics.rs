@@ -5,6 +5,7 @@
 //! gauges are not touched per request at all: they are read from the
 //! limiter when `/metrics` is scraped.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -78,6 +79,56 @@ pub struct Metrics {
     gauges: AccountGauges,
     /// Jobs (SPEC §10.2).
     pub jobs: JobMetrics,
+    /// Usage events on NATS JetStream (SPEC §11).
+    pub stream: Arc<StreamMetrics>,
+}
+
+/// `tollgate_stream_published_total`, `tollgate_stream_lag_events`,
+/// `tollgate_stream_errors_total`, `tollgate_stream_publishing`.
+pub struct StreamMetrics {
+    pub published: IntCounter,
+    pub lag: IntGauge,
+    pub errors: IntCounter,
+    pub publishing: IntGauge,
+}
+
+impl StreamMetrics {
+    fn new(registry: &Registry) -> Self {
+        Self {
+            published: register(
+                registry,
+                IntCounter::new(
+                    "tollgate_stream_published_total",
+                    "Usage events this replica published to NATS JetStream (acked).",
+                )
+                .expect("valid"),
+            ),
+            lag: register(
+                registry,
+                IntGauge::new(
+                    "tollgate_stream_lag_events",
+                    "Committed usage events not yet published to the stream (on the publishing replica).",
+                )
+                .expect("valid"),
+            ),
+            errors: register(
+                registry,
+                IntCounter::new(
+                    "tollgate_stream_errors_total",
+                    "Failed attempts to reach NATS or publish to the stream (events wait in the store).",
+                )
+                .expect("valid"),
+            ),
+            publishing: register(
+                registry,
+                IntGauge::new(
+                    "tollgate_stream_publishing",
+                    "1 on the replica that publishes usage events to the stream (one per cluster).",
+                )
+                .expect("valid"),
+            ),
+        }
+    }
 }
 
 /// `tollgate_jobs{status}` (this replica's queued and running jobs),
@@ -397,6 +448,7 @@ impl Metrics {
             }
         };
         let jobs = JobMetrics::new(&registry).with_outcomes();
+        let stream = Arc::new(StreamMetrics::new(&registry));
         Self {
             registry,
             outcomes,
@@ -413,6 +465,7 @@ impl Metrics {
             open_connections,
             gauges,
             jobs,
+            stream,
         }
     }
 

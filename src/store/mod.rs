@@ -158,6 +158,12 @@ pub enum Write {
         before_ms: i64,
         limit: u32,
     },
+    /// A sink of the event feed (the NATS stream) has everything up to
+    /// `seq`: its watermark moves there, never back.
+    SetWatermark {
+        name: String,
+        seq: u64,
+    },
     CreateConcurrencyPackage(Box<ConcurrencyPackage>),
     RefundConcurrencyPackage {
         id: String,
@@ -452,6 +458,12 @@ pub trait Store: Send + Sync + 'static {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<IdempotencyRecord>, StoreError>>;
 
+    /// A sink's watermark: the last event seq it has (0: none yet).
+    fn watermark<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// The seq of the last committed usage event (0: none).
+    fn feed_end(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
     /// One job, without its body (`None`: no such job).
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, StoreError>>;
 
@@ -550,7 +562,8 @@ pub(crate) fn changed_accounts(write: &Write) -> Vec<String> {
         | Write::SubmitJob { .. }
         | Write::StartJob { .. }
         | Write::EndJob { .. }
-        | Write::PurgeJobs { .. } => Vec::new(),
+        | Write::PurgeJobs { .. }
+        | Write::SetWatermark { .. } => Vec::new(),
     }
 }
 

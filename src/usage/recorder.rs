@@ -29,6 +29,9 @@ pub struct UsageRecorder {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     committed: Arc<Notify>,
+    /// The same for the stream publisher (each sink its own, so a poke
+    /// one of them has not taken yet is not lost to the other).
+    streamed: Arc<Notify>,
     /// Whether the last attempt to record failed (a full disk, a broken
     /// store): every success is then answered 503, and `/readyz` says so.
     failing: Arc<AtomicBool>,
@@ -40,6 +43,7 @@ impl UsageRecorder {
             store,
             metrics,
             committed: Arc::new(Notify::new()),
+            streamed: Arc::new(Notify::new()),
             failing: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -58,6 +62,11 @@ impl UsageRecorder {
     /// event feed wait on (besides their timer).
     pub fn committed(&self) -> Arc<Notify> {
         self.committed.clone()
+    }
+
+    /// [`UsageRecorder::committed`] for the stream publisher.
+    pub fn streamed(&self) -> Arc<Notify> {
+        self.streamed.clone()
     }
 
     /// Durably stores the event together with its charge to `package` (if
@@ -95,6 +104,7 @@ impl UsageRecorder {
             Committed::Usage { seq, fell_through } => {
                 self.metrics.usage_events_total.inc();
                 self.committed.notify_one();
+                self.streamed.notify_one();
                 if let Some(payer) = &fell_through {
                     tracing::info!(charged_to = %payer.label(), "the reserved unit could no longer pay: charged to the next payer");
                 }

@@ -359,6 +359,17 @@ pub(super) async fn apply(
             return Ok((done, changed));
         }
         Write::StartJob { id, at } => super::jobs::start(tx, id, *at).await?,
+        Write::SetWatermark { name, seq } => {
+            let seq = *seq as i64;
+            insert(
+                tx,
+                "INSERT INTO watermarks(name, seq) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET seq = greatest(watermarks.seq, excluded.seq)",
+                &[name, &seq],
+                "watermark",
+            )
+            .await?
+        }
         Write::EndJob { id, end, from, at } => super::jobs::end(tx, id, end, from, *at).await?,
         Write::PurgeJobs { before_ms, limit } => {
             let n = super::jobs::purge(tx, *before_ms, *limit).await?;

@@ -344,6 +344,28 @@ impl Store for PostgresStore {
         })
     }
 
+    fn watermark<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let client = client(&self.shared.pool).await?;
+            let row = client
+                .query_opt("SELECT seq FROM watermarks WHERE name = $1", &[&name])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        })
+    }
+
+    fn feed_end(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let client = client(&self.shared.pool).await?;
+            let row = client
+                .query_one("SELECT coalesce(max(seq), 0) FROM usage_events", &[])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.get::<_, i64>(0) as u64)
+        })
+    }
+
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, StoreError>> {
         Box::pin(jobs::job(&self.shared.pool, id))
     }

@@ -126,7 +126,16 @@ CREATE TABLE idempotency_keys (
 CREATE INDEX idempotency_keys_expiry ON idempotency_keys(expires_at_ms);
 ";
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, super::jobs::V4)];
+/// Migration 5: watermarks of the event feed's sinks (the NATS stream's
+/// last published event), shared by the replicas.
+const V5: &str = "
+CREATE TABLE watermarks (
+    name text PRIMARY KEY,
+    seq  bigint NOT NULL
+);
+";
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3), (4, super::jobs::V4), (5, V5)];
 
 /// Applies the migrations not applied yet. Also what `tollgate migrate`
 /// runs before it copies a single node's data, so both make one schema.

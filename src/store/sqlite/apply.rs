@@ -203,6 +203,13 @@ pub(super) fn apply(
             return Ok((done, changed));
         }
         Write::StartJob { id, at } => super::jobs::start(conn, id, *at)?,
+        Write::SetWatermark { name, seq } => insert(
+            conn,
+            "INSERT INTO meta(key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+            params![format!("watermark:{name}"), *seq as i64],
+            "watermark",
+        )?,
         Write::EndJob { id, end, from, at } => super::jobs::end(conn, id, end, from, *at)?,
         Write::PurgeJobs { before_ms, limit } => {
             let n = super::jobs::purge(conn, *before_ms, *limit)?;

@@ -391,6 +391,29 @@ impl Store for SqliteStore {
         self.read_point(move |c| load::idempotency_record(c, &account, &key))
     }
 
+    fn watermark<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let key = format!("watermark:{name}");
+        self.read(move |c| {
+            use rusqlite::OptionalExtension;
+            c.prepare_cached("SELECT value FROM meta WHERE key = ?1")
+                .and_then(|mut st| {
+                    st.query_row(params![key], |r| r.get::<_, i64>(0))
+                        .optional()
+                })
+                .map(|v| v.unwrap_or(0) as u64)
+                .map_err(internal)
+        })
+    }
+
+    fn feed_end(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.read(|c| {
+            c.prepare_cached("SELECT coalesce(max(seq), 0) FROM usage_events")
+                .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
+                .map(|v| v as u64)
+                .map_err(internal)
+        })
+    }
+
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, StoreError>> {
         let id = id.to_string();
         self.read_point(move |c| jobs::job(c, &id))
