@@ -2250,3 +2250,102 @@ async fn jobs_through_every_replica_share_one_limit_and_run_once() {
     let evs = events(&c, 1).await;
     assert_eq!(evs.len(), 12);
 }
+
+// --- Usage events on NATS JetStream across replicas (SPEC §11) ---
+
+/// Every replica's events reach the stream once: one replica publishes
+/// (it holds the publisher's claim) from the shared feed; when it is
+/// killed, another takes over from the shared watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replicas_events_reach_the_stream_once() {
+    use async_nats::jetstream::{self, consumer::pull};
+    use futures_util::StreamExt;
+    let _s = SERIAL.lock().await;
+    let id = unique("");
+    let (subject, stream) = (format!("tgtest.{id}"), format!("TGTEST_{id}"));
+    let mut c = Cluster::start(ClusterOpts {
+        extra_toml: format!(
+            "[events]\nstream = \"nats\"\nnats_url = \"nats://127.0.0.1:4222\"\nsubject = \"{subject}\"\nstream_name = \"{stream}\"\n"
+        ),
+        ..ClusterOpts::default()
+    });
+    let key = c.account_with_key("acme").await;
+    let other = c.account_with_key("globex").await;
+    let mut answers = tasks_in_turn(&c, &key, "a", 30).await;
+    answers.extend(tasks_in_turn(&c, &other, "b", 30).await);
+    assert_all_succeeded("before the kill", &answers);
+    // Kill whichever replica publishes now; the rest goes on.
+    let mut killed = None;
+    for i in 0..3 {
+        let text = c
+            .http
+            .send(Method::GET, &format!("{}/metrics", c.gw(i).admin), &[], "")
+            .await;
+        if String::from_utf8_lossy(&text.body).contains("tollgate_stream_publishing 1") {
+            killed = Some(i);
+        }
+    }
+    let killed = killed.expect("one replica publishes");
+    c.kill9(killed);
+    let alive: Vec<usize> = (0..3).filter(|i| *i != killed).collect();
+    let mut more = Vec::new();
+    for n in 0..30 {
+        let i = alive[n % 2];
+        let rid = format!("c{n}");
+        let r = c
+            .client(i)
+            .task(&key, &[("x-sim-delay-ms", "0"), ("x-request-id", &rid)])
+            .await;
+        more.push((rid, r));
+    }
+    assert_all_succeeded("after the kill", &more);
+    let stored = events(&c, alive[0]).await;
+    assert_eq!(stored.len(), 90);
+    let want: HashSet<String> = event_ids(&stored).into_iter().collect();
+
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_millis(c.lease_ms * 3 + 20_000);
+    let js_stream = loop {
+        match js.get_stream(&stream).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut msgs = js_stream
+        .get_or_create_consumer(
+            "test",
+            pull::Config {
+                durable_name: Some("test".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let wait = if seen.len() >= want.len() {
+            Duration::from_millis(500)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match tokio::time::timeout(wait, msgs.next()).await {
+            Ok(Some(Ok(m))) => {
+                let v: Value = serde_json::from_slice(&m.payload).unwrap();
+                seen.push(v["id"].as_str().unwrap().to_string());
+                m.ack().await.unwrap();
+            }
+            _ => break,
+        }
+    }
+    let unique_seen: HashSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique_seen.len(), seen.len(), "an event seen twice");
+    assert_eq!(unique_seen, want, "every replica's events, once");
+    let _ = js.delete_stream(&stream).await;
+}
