@@ -177,6 +177,30 @@ if [ -n "${BENCH_BASE_BIN:-}" ]; then
   TARGETS+=(tollgate-base)
 fi
 
+# BENCH_STREAM=1: the same build once more ("tollgate-stream", on a copy of
+# the data directory) with usage events published to NATS JetStream, to a
+# private nats-server pinned beside the load generator on cpu1, so cpu0
+# counts tollgate's own added CPU and not the NATS server's.
+if [ -n "${BENCH_STREAM:-}" ]; then
+  NATS_PORT=$(free_port)
+  mkdir -p "$work/nats"
+  taskset -c 1 "$(command -v nats-server || echo /usr/sbin/nats-server)" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$work/nats" >/dev/null 2>&1 &
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.05; done
+  kill "$(pgrep -f "$work/tollgate.toml")"; wait "$(pgrep -f "$work/tollgate.toml")" 2>/dev/null || sleep 1
+  cp -r "$work/data-tollgate" "$work/data-stream"
+  start_gw tollgate "$BIN"
+  start_gw stream "$BIN" "[events]
+stream = \"nats\"
+nats_url = \"nats://127.0.0.1:$NATS_PORT\"
+subject = \"pin\"
+stream_name = \"PIN\""
+  URL[tollgate]=$GW_tollgate
+  URL[tollgate-keyed]=$GW_tollgate
+  [ -n "${BENCH_BASE_BIN:-}" ] && URL[tollgate-base]=$GW_base
+  URL[tollgate-stream]=$GW_stream
+  TARGETS+=(tollgate-stream)
+fi
+
 # wrk: POST, 200-byte JSON body; requests take the 64 keys in turn, so the
 # 64 requests in flight belong to (nearly always) distinct accounts and none
 # waits in a queue (an account's limit is 3).
@@ -230,6 +254,23 @@ for r in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do measure "$t" "${URL[$t]}"; done
 done
 
+if [ -n "${BENCH_STREAM:-}" ]; then
+  # The publisher's own rate: events still to publish when the last round
+  # ended, then how fast they drain with no load.
+  scrape() { curl -s "$ADMIN_stream/metrics" | awk -v m="$1" '$1==m {print $2}'; }
+  lag0=$(scrape tollgate_stream_lag_events); pub0=$(scrape tollgate_stream_published_total); t0=$(date +%s.%N)
+  for _ in $(seq 600); do [ "$(scrape tollgate_stream_lag_events)" = "0" ] && break; sleep 0.1; done
+  pub1=$(scrape tollgate_stream_published_total); t1=$(date +%s.%N)
+  python3 - "$lag0" "$pub0" "$pub1" "$t0" "$t1" >"$work/stream.txt" <<'PY'
+import sys
+lag0, pub0, pub1, t0, t1 = sys.argv[1:]
+n = float(pub1) - float(pub0)
+dt = float(t1) - float(t0)
+print(f"{float(lag0):.0f} {n:.0f} {dt:.2f} {n / dt if dt > 0 and n > 0 else 0:.0f} {float(pub1):.0f}")
+PY
+  echo "stream: $(cat "$work/stream.txt") (lag at the end of the rounds, drained, seconds, events/s, published in all)" >&2
+fi
+
 # open loop at 50 % of tollgate's maximum: added latency
 MAX=$(awk '$1=="tollgate" {print $2}' "$work/results.txt" | sort -n | awk '{a[NR]=$1} END {print int(a[int((NR+1)/2)])}')
 RATE=$(( MAX / 2 ))
@@ -259,7 +300,7 @@ json.dump(res, open(f"{out}/pinned.json", "w"), indent=2)
 md = [f"Pinned side by side: server side on cpu0, wrk -t1 -c64 on cpu1, POST 200 B, 2 KiB reply, {secs} s x {rounds} interleaved rounds, median.\n",
       "| target | req/s | CPU µs per request on cpu0 (backend included) | cpu0 busy | x nginx throughput |", "|---|---:|---:|---:|---:|"]
 n = med["nginx"]["rps"]
-for t in ["backend", "nginx", "haproxy", "tollgate", "tollgate-keyed", "tollgate-base"]:
+for t in ["backend", "nginx", "haproxy", "tollgate", "tollgate-keyed", "tollgate-base", "tollgate-stream"]:
     if t not in med:
         continue
     m = med[t]
@@ -279,6 +320,15 @@ if "tollgate-keyed" in med:
                   f"2 KiB answers included; dbstat)\n")
     except sqlite3.OperationalError:
         md.append(f"Remembered keys in the store: {n:,}\n")
+
+if "tollgate-stream" in med:
+    k, t = med["tollgate-stream"], med["tollgate"]
+    md.append(f"Usage events on NATS JetStream: {k['us_per_req'] - t['us_per_req']:+.1f} µs of cpu0 per task "
+              f"({k['rps'] / t['rps']:.2f}x the throughput with the stream off); non-2xx: {k['non_2xx']}\n")
+    if os.path.exists(f"{work}/stream.txt"):
+        lag0, drained, dt, rate, total = open(f"{work}/stream.txt").read().split()
+        md.append(f"The publisher: {total} events published in all; {lag0} still to publish when the last round ended, "
+                  f"drained at {rate} events/s ({drained} in {dt} s, no load)\n")
 
 b = res["open_loop"]["backend"]
 md.append(f"Open loop at {rate} req/s (50 % of tollgate's maximum), backend straight: p50 {b['p50_ms']:.3f} ms / p99 {b['p99_ms']:.3f} ms\n")
