@@ -893,7 +893,7 @@ async fn run(gw: Arc<Gateway>, claimed: Claimed) {
     let Claimed {
         job,
         _claim,
-        mut held,
+        held,
         principal,
         ticket,
         acquire,
@@ -901,6 +901,19 @@ async fn run(gw: Arc<Gateway>, claimed: Claimed) {
     let Some(permit) = wait_for_slot(&gw, &job, &ticket, acquire, &held.cancel).await else {
         return;
     };
+    // Boxed: the run's own state (the forward's futures, a few KiB) is
+    // allocated once the job has its slot, not by every queued job.
+    Box::pin(run_granted(gw, job, held, principal, permit)).await;
+}
+
+/// The rest of a job's run, from its slot on.
+async fn run_granted(
+    gw: Arc<Gateway>,
+    job: Job,
+    mut held: Held,
+    principal: Principal,
+    permit: Permit,
+) {
     let waited =
         Duration::try_from(gw.clock.now().duration_since(job.created_at)).unwrap_or_default();
     // A unit only once the job has its slot: a job that waits for hours
@@ -1018,24 +1031,27 @@ async fn wait_for_slot(
                 Err(LimitError::QueueTimeout { .. }) => Duration::ZERO,
                 Err(LimitError::ShuttingDown) => return None,
                 Err(LimitError::Refused) => {
-                    end(gw, &job.id, JobStatus::Failed, Some("ResourceUnavailable.StopUsing"), QUEUED).await;
+                    Box::pin(end(gw, &job.id, JobStatus::Failed, Some("ResourceUnavailable.StopUsing"), QUEUED)).await;
                     return None;
                 }
             },
         };
+        // The rare paths are boxed: every queued job's future is as large
+        // as its largest state, and the wait above is the common one.
+        let pause = Box::pin(tokio::time::sleep(pause));
         tokio::select! {
             () = cancel.cancelled() => return None,
-            () = tokio::time::sleep(pause) => {}
+            () = pause => {}
         }
         let left = jobs::wait_left(job.created_at, gw.config().jobs.max_wait, gw.clock.now());
         if left.is_zero() {
-            end(
+            Box::pin(end(
                 gw,
                 &job.id,
                 JobStatus::Expired,
                 Some("FailedOperation.JobExpired"),
                 QUEUED,
-            )
+            ))
             .await;
             return None;
         }

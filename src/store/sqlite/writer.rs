@@ -64,7 +64,12 @@ fn run_batch(
 ) -> rusqlite::Result<Option<BatchOutcome>> {
     let mut results = Vec::with_capacity(batch.len());
     let mut changed = Vec::new();
-    let mut tx = conn.transaction()?;
+    // IMMEDIATE: the write lock is taken (waiting up to the busy timeout)
+    // at BEGIN. A deferred transaction whose first statement reads (a job's
+    // submit counts its account's pending jobs) would otherwise fail with
+    // SQLITE_BUSY_SNAPSHOT when the checkpointer resets the WAL between
+    // that read and the first write.
+    let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for (write, _) in batch {
         if isolate {
             let mut sp = tx.savepoint()?;
