@@ -157,8 +157,12 @@ impl Publisher {
         let mut mark = self.store.watermark(WATERMARK).await?;
         loop {
             let events = self.store.usage_events(mark, PAGE).await?;
-            if let Some(last) = events.last() {
-                self.metrics.lag.set((last.seq.saturating_sub(mark)) as i64);
+            if events.len() == PAGE {
+                // More than a page behind: the lag is to the feed's end.
+                let end = self.store.feed_end().await?;
+                self.metrics.lag.set(end.saturating_sub(mark) as i64);
+            } else if let Some(last) = events.last() {
+                self.metrics.lag.set(last.seq.saturating_sub(mark) as i64);
             }
             let full = events.len() == PAGE;
             let from = mark;
