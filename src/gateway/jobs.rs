@@ -890,30 +890,46 @@ const QUEUED: &[JobStatus] = &[JobStatus::Queued];
 const RUNNING: &[JobStatus] = &[JobStatus::Running];
 
 async fn run(gw: Arc<Gateway>, claimed: Claimed) {
-    let Claimed {
-        job,
-        _claim,
-        held,
-        principal,
-        ticket,
-        acquire,
-    } = claimed;
-    let Some(permit) = wait_for_slot(&gw, &job, &ticket, acquire, &held.cancel).await else {
-        return;
-    };
-    // Boxed: the run's own state (the forward's futures, a few KiB) is
-    // allocated once the job has its slot, not by every queued job.
-    Box::pin(run_granted(gw, job, held, principal, permit)).await;
+    let mut claimed = claimed;
+    loop {
+        let Claimed {
+            job,
+            _claim,
+            held,
+            principal,
+            ticket,
+            acquire,
+        } = claimed;
+        let Some(permit) = wait_for_slot(&gw, &job, &ticket, acquire, &held.cancel).await else {
+            return;
+        };
+        // Boxed: the run's own state (the forward's futures, a few KiB) is
+        // allocated once the job has its slot, not by every queued job.
+        let Some(mut again) = Box::pin(run_granted(gw.clone(), job, held, principal, permit)).await
+        else {
+            return;
+        };
+        // Its start could not be stored: its claim goes back too, and after
+        // a pause it waits again (at the head: it had waited its turn).
+        drop(_claim);
+        tokio::time::sleep(UNAVAILABLE_PAUSE).await;
+        again.status = JobStatus::Running;
+        match Box::pin(claim(&gw, again)).await {
+            Some(c) => claimed = c,
+            None => return,
+        }
+    }
 }
 
 /// The rest of a job's run, from its slot on.
+/// `Some(job)`: its start could not be stored; it is to wait again.
 async fn run_granted(
     gw: Arc<Gateway>,
     job: Job,
     mut held: Held,
     principal: Principal,
     permit: Permit,
-) {
+) -> Option<Job> {
     let waited =
         Duration::try_from(gw.clock.now().duration_since(job.created_at)).unwrap_or_default();
     // A unit only once the job has its slot: a job that waits for hours
@@ -926,7 +942,7 @@ async fn run_granted(
         Ok(r) => r,
         Err(e) => {
             end(&gw, &job.id, JobStatus::Failed, Some(e.code()), QUEUED).await;
-            return;
+            return None;
         }
     };
     let started = Write::StartJob {
@@ -936,10 +952,12 @@ async fn run_granted(
     match commit(&**gw.recorder.store(), started).await {
         Ok(_) => {}
         // Cancelled meanwhile: the permit and the unit are dropped.
-        Err(StoreError::NotFound(_)) => return,
+        Err(StoreError::NotFound(_)) => return None,
         Err(e) => {
-            tracing::warn!(job = %job.id, error = %e, "a job could not be started; it stays queued");
-            return;
+            tracing::warn!(job = %job.id, error = %e, "a job could not be started; it waits again");
+            // Its slot and unit go back (dropped here) before it waits.
+            drop((permit, reservation, held));
+            return Some(job);
         }
     }
     held.started();
@@ -956,7 +974,7 @@ async fn run_granted(
                 RUNNING,
             )
             .await;
-            return;
+            return None;
         }
     };
     let Some(req) = request_of(&job.request, body) else {
@@ -968,7 +986,7 @@ async fn run_granted(
             RUNNING,
         )
         .await;
-        return;
+        return None;
     };
     // Shutdown waits for a job at the backend, as for any forwarded task.
     let _tracked = gw.tasks.token();
@@ -1006,6 +1024,7 @@ async fn run_granted(
         }
         Err(e) => end(&gw, &job.id, JobStatus::Failed, Some(e.code()), RUNNING).await,
     }
+    None
 }
 
 /// Waits for the job's slot in the account's FIFO, until the job's
