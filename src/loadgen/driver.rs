@@ -14,10 +14,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::report::{Report, Tally};
+use super::report::{JobsSummary, Report, Tally};
 use super::{Mode, Plan};
 
-fn request(plan: &Plan, n: usize) -> Request<Full<Bytes>> {
+pub(super) fn request(plan: &Plan, n: usize) -> Request<Full<Bytes>> {
     let mut req = Request::post(plan.uri.clone())
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(plan.body.clone()))
@@ -41,7 +41,7 @@ fn request(plan: &Plan, n: usize) -> Request<Full<Bytes>> {
 }
 
 /// The error code of a non-2xx answer in the service's error shape.
-fn error_code(status: u16, body: &[u8]) -> Option<String> {
+pub(super) fn error_code(status: u16, body: &[u8]) -> Option<String> {
     if (200..300).contains(&status) {
         return None;
     }
@@ -70,10 +70,16 @@ pub struct Live {
     done: AtomicU64,
     /// Of those: not 2xx, or no answer at all.
     errors: AtomicU64,
+    /// Jobs mode: jobs seen final.
+    jobs_final: AtomicU64,
 }
 
 impl Live {
-    fn finished(&self, ok: bool) {
+    pub(super) fn job_final(&self) {
+        self.jobs_final.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn finished(&self, ok: bool) {
         self.done.fetch_add(1, Ordering::Relaxed);
         if !ok {
             self.errors.fetch_add(1, Ordering::Relaxed);
@@ -87,6 +93,7 @@ pub async fn run(plan: Plan, show_progress: bool) -> Report {
     let pb = progress_bar(&plan, show_progress);
     let start = Instant::now();
     let deadline = start + plan.duration;
+    let plan_is_jobs = plan.jobs.is_some();
     let ticker = {
         let pb = pb.clone();
         let done = done.clone();
@@ -97,13 +104,27 @@ pub async fn run(plan: Plan, show_progress: bool) -> Report {
                 pb.set_position(elapsed.as_millis() as u64);
                 let n = done.done.load(Ordering::Relaxed);
                 let errors = done.errors.load(Ordering::Relaxed);
+                let jobs = done.jobs_final.load(Ordering::Relaxed);
+                let jobs = match plan_is_jobs {
+                    true => format!(", {jobs} jobs final"),
+                    false => String::new(),
+                };
                 pb.set_message(format!(
-                    "{n} requests, {:.0} req/s, {errors} errors",
+                    "{n} requests, {:.0} req/s, {errors} errors{jobs}",
                     n as f64 / elapsed.as_secs_f64()
                 ));
             }
         })
     };
+    if let Some(jobs) = plan.jobs {
+        let (mode, tally, jobs_tally) = super::jobs::run(plan.clone(), jobs, start, done).await;
+        let elapsed = start.elapsed();
+        ticker.abort();
+        pb.finish_and_clear();
+        let mut report = Report::from_tally(mode, plan.duration, elapsed, &tally);
+        report.jobs = Some(JobsSummary::from_tally(jobs.poll, jobs.drain, &jobs_tally));
+        return report;
+    }
     let (mode, tally) = match plan.mode {
         Mode::Closed { connections } => (
             format!("closed loop, {connections} connections"),

@@ -5,8 +5,15 @@
 //! when the last one is answered) and open loop (a fixed arrival rate; each
 //! request's latency is measured from the moment it was *due*, so a slow
 //! server cannot hide its queueing: no coordinated omission).
+//!
+//! Either mode can submit jobs instead (`--jobs`): `--url` is then the
+//! jobs submit URL (`http://host:port/tollgate/jobs/<backend path>`), each
+//! `202` is followed by polling the job at its `Location` every
+//! `--poll-ms` until it is final, and the summary adds the time from
+//! submit to result and the jobs' final statuses.
 
 mod driver;
+mod jobs;
 mod report;
 
 use std::path::PathBuf;
@@ -49,6 +56,25 @@ pub struct LoadgenArgs {
     /// counted as dropped instead of piling up in the generator.
     #[arg(long, default_value_t = 20_000)]
     pub max_outstanding: usize,
+    /// Jobs mode: `--url` is a jobs submit URL (e.g.
+    /// http://127.0.0.1:8080/tollgate/jobs/v1/style-transfer); every 202 is
+    /// polled (GET on its `Location`, else `/tollgate/jobs/<job_id>`) until
+    /// the job is final. The latency reported is the submit's; the jobs
+    /// section adds submit-to-result times and final statuses. In closed
+    /// loop each connection submits its next job once its last submit is
+    /// answered (the polling goes on beside it). `--max-outstanding` counts
+    /// jobs not yet final too (open loop: a submit due beyond it is
+    /// dropped; closed loop: the connection waits).
+    #[arg(long)]
+    pub jobs: bool,
+    /// Jobs mode: how often each job is polled, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub poll_ms: u64,
+    /// Jobs mode: after `--duration`, how long to wait at most for the
+    /// last submits' answers and for jobs to become final; jobs not final
+    /// then are counted as unfinished by their last status.
+    #[arg(long, default_value_t = 10_000)]
+    pub drain_ms: u64,
 }
 
 /// A validated plan.
@@ -61,6 +87,14 @@ pub struct Plan {
     pub duration: Duration,
     pub mode: Mode,
     pub max_outstanding: usize,
+    /// Jobs mode.
+    pub jobs: Option<JobsPlan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct JobsPlan {
+    pub poll: Duration,
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +142,14 @@ impl LoadgenArgs {
         if self.duration.is_zero() {
             return Err("--duration: must be more than 0".into());
         }
+        let jobs = match self.jobs {
+            false => None,
+            true if self.poll_ms == 0 => return Err("--poll-ms: must be at least 1".into()),
+            true => Some(JobsPlan {
+                poll: Duration::from_millis(self.poll_ms),
+                drain: Duration::from_millis(self.drain_ms),
+            }),
+        };
         Ok(Plan {
             uri,
             keys,
@@ -116,6 +158,7 @@ impl LoadgenArgs {
             duration: self.duration,
             mode,
             max_outstanding: self.max_outstanding.max(1),
+            jobs,
         })
     }
 }
