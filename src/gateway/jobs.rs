@@ -889,36 +889,51 @@ const UNFINISHED: &[JobStatus] = &[JobStatus::Queued, JobStatus::Running];
 const QUEUED: &[JobStatus] = &[JobStatus::Queued];
 const RUNNING: &[JobStatus] = &[JobStatus::Running];
 
-async fn run(gw: Arc<Gateway>, claimed: Claimed) {
-    let mut claimed = claimed;
-    loop {
-        let Claimed {
-            job,
-            _claim,
-            held,
-            principal,
-            ticket,
-            acquire,
-        } = claimed;
-        let Some(permit) = wait_for_slot(&gw, &job, &ticket, acquire, &held.cancel).await else {
-            return;
-        };
-        // Boxed: the run's own state (the forward's futures, a few KiB) is
-        // allocated once the job has its slot, not by every queued job.
-        let Some(mut again) = Box::pin(run_granted(gw.clone(), job, held, principal, permit)).await
-        else {
-            return;
-        };
-        // Its start could not be stored: its claim goes back too, and after
-        // a pause it waits again (at the head: it had waited its turn).
-        drop(_claim);
-        tokio::time::sleep(UNAVAILABLE_PAUSE).await;
-        again.status = JobStatus::Running;
-        match Box::pin(claim(&gw, again)).await {
-            Some(c) => claimed = c,
-            None => return,
+fn run(gw: Arc<Gateway>, mut claimed: Claimed) -> impl Future<Output = ()> + Send {
+    // An async block, not an async fn: `claimed` is stored once (an async
+    // fn keeps its argument and what it is moved or destructured into,
+    // rust-lang/rust#62958), and what is not needed while queued is boxed.
+    async move {
+        loop {
+            let Some(permit) = wait_for_slot(
+                &gw,
+                &claimed.job,
+                &claimed.ticket,
+                claimed.acquire,
+                &claimed.held.cancel,
+            )
+            .await
+            else {
+                return;
+            };
+            // Boxed: the run's own state (the forward's futures, a few KiB)
+            // is allocated once the job has its slot, not by every queued job.
+            let granted = run_granted(
+                gw.clone(),
+                claimed.job,
+                claimed.held,
+                claimed.principal,
+                permit,
+            );
+            let Some(again) = Box::pin(granted).await else {
+                return;
+            };
+            // Its start could not be stored: its claim goes back too, and
+            // after a pause it waits again (at the head: it had waited its
+            // turn).
+            drop(claimed._claim);
+            match Box::pin(wait_again(&gw, again)).await {
+                Some(c) => claimed = c,
+                None => return,
+            }
         }
     }
+}
+
+async fn wait_again(gw: &Arc<Gateway>, mut again: Job) -> Option<Claimed> {
+    tokio::time::sleep(UNAVAILABLE_PAUSE).await;
+    again.status = JobStatus::Running;
+    claim(gw, again).await
 }
 
 /// The rest of a job's run, from its slot on.
