@@ -171,20 +171,34 @@ pub fn is_jobs_path(config: &Config, path: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// Answers one request under `jobs.path_prefix` (Bearer front).
+/// Answers one jobs request: under `jobs.path_prefix` on the Bearer front,
+/// or a job action on the API 3.0 front (`tc3`: errors as the service
+/// gives them, HTTP 200 with `Response.Error`).
 pub async fn handle(
     gw: Arc<Gateway>,
+    config: Arc<Config>,
     req: Request<Incoming>,
     request_id: HeaderValue,
+    tc3: bool,
 ) -> Response<Full<Bytes>> {
     let mut line = AccessLine::new(&req, &request_id);
     let id = request_id.to_str().unwrap_or_default().to_string();
-    let (mut resp, code) = match route(&gw, req, &id, &mut line).await {
+    let routed = if tc3 {
+        route_tc3(&gw, &config, req, &id, &mut line).await
+    } else {
+        route(&gw, &config, req, &id, &mut line).await
+    };
+    let (mut resp, code) = match routed {
         Ok(resp) => (resp, None),
         Err(e) => {
             let code = e.code();
             gw.metrics.rejection(code);
-            (e.into_response(&id), Some(code))
+            let resp = if tc3 {
+                e.into_tc3_response(&id)
+            } else {
+                e.into_response(&id)
+            };
+            (resp, Some(code))
         }
     };
     let len = hyper::body::Body::size_hint(resp.body()).exact();
@@ -195,11 +209,11 @@ pub async fn handle(
 
 async fn route(
     gw: &Arc<Gateway>,
+    config: &Arc<Config>,
     req: Request<Incoming>,
     request_id: &str,
     line: &mut AccessLine,
 ) -> Result<Response<Full<Bytes>>, GatewayError> {
-    let config = gw.config();
     let (principal, _revoked) = auth::api_key::authenticate(&gw.registry, req.headers())
         .ok_or(GatewayError::Unauthorized)?;
     line.principal(&principal);
@@ -210,14 +224,14 @@ async fn route(
         Method::GET | Method::DELETE if one_segment && jobs::looks_like_job_id(id) => {
             let job = owned_job(gw, &principal, id).await?;
             if req.method() == Method::GET {
-                Ok(json_response(StatusCode::OK, &view(gw, &config, &job)))
+                Ok(json_response(StatusCode::OK, &view(gw, config, &job)))
             } else {
-                cancel(gw, &config, job).await
+                cancel(gw, config, job).await
             }
         }
         Method::GET | Method::DELETE if one_segment => Err(GatewayError::JobNotFound),
         Method::POST if rest.len() > 1 => {
-            submit(gw, &config, principal, req, &rest, request_id).await
+            submit(gw, config, principal, req, &rest, request_id).await
         }
         Method::POST => Err(GatewayError::BadRequest(format!(
             "submit a job to {}/<backend path>",
@@ -581,48 +595,25 @@ pub fn is_tc3_job(config: &Config, headers: &http::HeaderMap) -> bool {
         .is_some_and(|a| tc3_op(config, a).is_some())
 }
 
-/// Answers an API 3.0 job action: errors as the service gives them (HTTP
-/// 200, `Response.Error`).
-pub async fn handle_tc3(
-    gw: Arc<Gateway>,
-    req: Request<Incoming>,
-    request_id: HeaderValue,
-) -> Response<Full<Bytes>> {
-    let mut line = AccessLine::new(&req, &request_id);
-    let id = request_id.to_str().unwrap_or_default().to_string();
-    let (mut resp, code) = match route_tc3(&gw, req, &id, &mut line).await {
-        Ok(resp) => (resp, None),
-        Err(e) => {
-            let code = e.code();
-            gw.metrics.rejection(code);
-            (e.into_tc3_response(&id), Some(code))
-        }
-    };
-    let len = hyper::body::Body::size_hint(resp.body()).exact();
-    line.write(resp.status(), code, len);
-    resp.headers_mut().insert(X_REQUEST_ID, request_id);
-    resp
-}
-
 async fn route_tc3(
     gw: &Arc<Gateway>,
+    config: &Arc<Config>,
     req: Request<Incoming>,
     request_id: &str,
     line: &mut AccessLine,
 ) -> Result<Response<Full<Bytes>>, GatewayError> {
-    let config = gw.config();
     let name = req
         .headers()
         .get("x-tc-action")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let op = tc3_op(&config, &name).ok_or_else(|| GatewayError::InvalidAction(name.clone()))?;
+    let op = tc3_op(config, &name).ok_or_else(|| GatewayError::InvalidAction(name.clone()))?;
     let max_body = match op {
         Tc3Op::Submit(_) => config.jobs.max_body_bytes,
         Tc3Op::Query | Tc3Op::Cancel => config.limits.max_body_bytes,
     };
-    let v = tc3_front::verify_as(gw, &config, req, max_body, &|a| a == name).await?;
+    let v = tc3_front::verify_as(gw, config, req, max_body, &|a| a == name).await?;
     line.principal(&v.principal);
     let (parts, body) = v.request.into_parts();
     let TaskBody::Buffered(body) = body else {
@@ -654,7 +645,7 @@ async fn route_tc3(
                     &json!({"Response": {"JobId": job.id, "RequestId": request_id}}),
                 )
             };
-            Ok(submit_job(gw, &config, submitted, &answer_of)
+            Ok(submit_job(gw, config, submitted, &answer_of)
                 .await?
                 .into_response())
         }
@@ -671,7 +662,7 @@ async fn route_tc3(
                 Tc3Op::Cancel => cancelled(gw, job).await?,
                 _ => job,
             };
-            Ok(tc3_ok(tc3_view(gw, &config, &job)))
+            Ok(tc3_ok(tc3_view(gw, config, &job)))
         }
     }
 }

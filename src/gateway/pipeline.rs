@@ -67,14 +67,15 @@ pub async fn handle(
     }
     // Errors on the API 3.0 front are answered as the service does.
     let tc3 = tc3_front::is_tc3(req.headers());
-    {
-        let config = gw.config();
-        if tc3 && super::jobs::is_tc3_job(&config, req.headers()) {
-            return super::jobs::handle_tc3(gw, req, request_id).await;
-        }
-        if !tc3 && super::jobs::is_jobs_path(&config, req.uri().path()) {
-            return super::jobs::handle(gw, req, request_id).await;
-        }
+    // One config snapshot for the whole request (a reload may swap it).
+    let config = gw.config();
+    let is_job = if tc3 {
+        super::jobs::is_tc3_job(&config, req.headers())
+    } else {
+        super::jobs::is_jobs_path(&config, req.uri().path())
+    };
+    if is_job {
+        return super::jobs::handle(gw, config, req, request_id, tc3).await;
     }
     // At info level so warnings and errors inside the task carry its id.
     let span = tracing::info_span!("task", request_id = %request_id.to_str().unwrap_or_default());
@@ -86,6 +87,7 @@ pub async fn handle(
     ));
     let result = run(
         &gw,
+        config,
         &conn,
         req,
         tc3,
@@ -124,8 +126,10 @@ pub async fn handle(
     resp
 }
 
+#[allow(clippy::too_many_arguments)] // the request's own values, each read once in `handle`
 async fn run(
     gw: &Arc<Gateway>,
+    config: Arc<Config>,
     conn: &ConnWatch,
     req: Request<Incoming>,
     tc3: bool,
@@ -133,8 +137,6 @@ async fn run(
     queue_wait: &mut Duration,
     tally: &mut Option<Tally>,
 ) -> TaskResult {
-    // One config snapshot for the whole admission (a reload may swap it).
-    let config = gw.config();
     check_task_shape(&config, &req)?;
     let (principal, revoked, req, action, buffer, key) = if tc3 {
         let v = tc3_front::verify(gw, &config, req).await?;
