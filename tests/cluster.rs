@@ -2148,6 +2148,27 @@ async fn job_call(
         .await
 }
 
+/// Polls (bounded) replica `i`'s view of job `id` until `ok`.
+async fn job_until(
+    c: &Cluster,
+    i: usize,
+    key: &str,
+    id: &str,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = job_call(c, i, Method::GET, key, id, &[]).await.json();
+        if ok(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} never {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The replica running a job is killed: once its lease lapses another
 /// replica claims the job, runs it again, and it is charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2171,26 +2192,20 @@ async fn a_job_whose_replica_dies_is_run_by_another_and_charged_once() {
         String::from_utf8_lossy(&r.body)
     );
     let id = r.json()["job_id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let v = job_call(&c, 0, Method::GET, &key, &id, &[]).await.json();
-        if v["status"] == "running" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never running: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    job_until(&c, 0, &key, &id, Duration::from_secs(5), "running", |v| {
+        v["status"] == "running"
+    })
+    .await;
     c.kill9(2);
-    let deadline = Instant::now() + Duration::from_millis(c.lease_ms * 3 + 10_000);
-    let done = loop {
-        let v = job_call(&c, 1, Method::GET, &key, &id, &[]).await.json();
-        if v["status"] == "succeeded" {
-            break v;
-        }
-        assert!(v["status"] == "running" || v["status"] == "queued", "{v}");
-        assert!(Instant::now() < deadline, "never run again: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let within = Duration::from_millis(c.lease_ms * 3 + 10_000);
+    let done = job_until(&c, 1, &key, &id, within, "run again", |v| {
+        assert!(
+            v["status"] == "running" || v["status"] == "queued" || v["status"] == "succeeded",
+            "{v}"
+        );
+        v["status"] == "succeeded"
+    })
+    .await;
     assert_eq!(done["result"]["status"], 200, "{done}");
     let evs = events(&c, 0).await;
     let for_job: Vec<_> = evs
@@ -2230,16 +2245,11 @@ async fn jobs_through_every_replica_share_one_limit_and_run_once() {
         );
         ids.push(r.json()["job_id"].as_str().unwrap().to_string());
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
     for id in &ids {
-        loop {
-            let v = job_call(&c, 0, Method::GET, &key, id, &[]).await.json();
-            if v["status"] == "succeeded" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{v}");
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
+        job_until(&c, 0, &key, id, Duration::from_secs(30), "succeeded", |v| {
+            v["status"] == "succeeded"
+        })
+        .await;
     }
     assert!(c.max_in_flight("acme").await <= 3);
     assert_eq!(
@@ -2258,8 +2268,6 @@ async fn jobs_through_every_replica_share_one_limit_and_run_once() {
 /// killed, another takes over from the shared watermark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replicas_events_reach_the_stream_once() {
-    use async_nats::jetstream::{self, consumer::pull};
-    use futures_util::StreamExt;
     let _s = SERIAL.lock().await;
     let id = unique("");
     let (subject, stream) = (format!("tgtest.{id}"), format!("TGTEST_{id}"));
@@ -2303,49 +2311,18 @@ async fn every_replicas_events_reach_the_stream_once() {
     assert_eq!(stored.len(), 90);
     let want: HashSet<String> = event_ids(&stored).into_iter().collect();
 
-    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
-    let js = jetstream::new(client);
-    let deadline = Instant::now() + Duration::from_millis(c.lease_ms * 3 + 20_000);
-    let js_stream = loop {
-        match js.get_stream(&stream).await {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    let mut msgs = js_stream
-        .get_or_create_consumer(
-            "test",
-            pull::Config {
-                durable_name: Some("test".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .messages()
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let wait = if seen.len() >= want.len() {
-            Duration::from_millis(500)
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
-        match tokio::time::timeout(wait, msgs.next()).await {
-            Ok(Some(Ok(m))) => {
-                let v: Value = serde_json::from_slice(&m.payload).unwrap();
-                seen.push(v["id"].as_str().unwrap().to_string());
-                m.ack().await.unwrap();
-            }
-            _ => break,
-        }
-    }
+    let within = Duration::from_millis(c.lease_ms * 3 + 20_000);
+    let seen: Vec<String> =
+        common::consume_stream("nats://127.0.0.1:4222", &stream, want.len(), within)
+            .await
+            .into_iter()
+            .map(|(_, v)| v["id"].as_str().unwrap().to_string())
+            .collect();
     let unique_seen: HashSet<String> = seen.iter().cloned().collect();
     assert_eq!(unique_seen.len(), seen.len(), "an event seen twice");
     assert_eq!(unique_seen, want, "every replica's events, once");
-    let _ = js.delete_stream(&stream).await;
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let _ = async_nats::jetstream::new(client)
+        .delete_stream(&stream)
+        .await;
 }

@@ -12,9 +12,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream;
 use common::{Opts, Stack};
-use futures_util::StreamExt;
 use http::StatusCode;
 use serde_json::Value;
 
@@ -129,54 +128,8 @@ impl StreamOpts {
         }
     }
 
-    /// Every message of the stream through one durable consumer, until
-    /// `n` arrived and none more comes for a moment (bounded). Each:
-    /// (subject, event JSON).
     async fn consume(&self, n: usize, within: Duration) -> Vec<(String, Value)> {
-        let client = async_nats::connect(self.url.as_str()).await.unwrap();
-        let js = jetstream::new(client);
-        let deadline = Instant::now() + within;
-        let stream = loop {
-            match js.get_stream(&self.stream).await {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "no stream {}: {e}", self.stream);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
-        let consumer: pull::Stream = stream
-            .get_or_create_consumer(
-                "test",
-                pull::Config {
-                    durable_name: Some("test".into()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap()
-            .messages()
-            .await
-            .unwrap();
-        let mut consumer = consumer;
-        let mut out = Vec::new();
-        loop {
-            let quiet = if out.len() >= n {
-                Duration::from_millis(500)
-            } else {
-                deadline.saturating_duration_since(Instant::now())
-            };
-            match tokio::time::timeout(quiet, consumer.next()).await {
-                Ok(Some(Ok(m))) => {
-                    let v: Value = serde_json::from_slice(&m.payload).unwrap();
-                    out.push((m.subject.to_string(), v));
-                    m.ack().await.unwrap();
-                }
-                Ok(Some(Err(e))) => panic!("consumer: {e}"),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        out
+        common::consume_stream(&self.url, &self.stream, n, within).await
     }
 
     async fn delete(&self) {

@@ -836,3 +836,58 @@ pub async fn read_one_answer(s: &mut (impl tokio::io::AsyncRead + Unpin), what: 
     }
     raw
 }
+
+/// Every message of a NATS JetStream stream through one durable
+/// consumer (the tests' billing pipeline), until `n` arrived and none more
+/// comes for a moment (bounded). Each: (subject, event JSON).
+pub async fn consume_stream(
+    url: &str,
+    stream_name: &str,
+    n: usize,
+    within: Duration,
+) -> Vec<(String, Value)> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + within;
+    let stream = loop {
+        match js.get_stream(stream_name).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no stream {stream_name}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let consumer: async_nats::jetstream::consumer::pull::Stream = stream
+        .get_or_create_consumer(
+            "test",
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("test".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let mut consumer = consumer;
+    let mut out = Vec::new();
+    loop {
+        let quiet = if out.len() >= n {
+            Duration::from_millis(500)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match tokio::time::timeout(quiet, futures_util::StreamExt::next(&mut consumer)).await {
+            Ok(Some(Ok(m))) => {
+                let v: Value = serde_json::from_slice(&m.payload).unwrap();
+                out.push((m.subject.to_string(), v));
+                m.ack().await.unwrap();
+            }
+            Ok(Some(Err(e))) => panic!("consumer: {e}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
+}
