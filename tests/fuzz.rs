@@ -161,7 +161,9 @@ fn hostile_bytes_on_the_data_plane_never_break_the_gateway() {
     });
     // How many exchanges reached admission (not refused as a malformed
     // head, not a close): the generator must get there, or this tests
-    // nothing.
+    // nothing. The cases are random on every run and about a quarter of
+    // them get there (57 to 97 of 300 seen), so the floor is set well
+    // below that spread: a tenth still proves the path is exercised.
     let reached = std::cell::Cell::new(0u32);
     runner
         .run(&raw_bytes(), |bytes| {
@@ -178,8 +180,9 @@ fn hostile_bytes_on_the_data_plane_never_break_the_gateway() {
             Ok(())
         })
         .unwrap();
+    eprintln!("{} of 300 exchanges reached tollgate", reached.get());
     assert!(
-        reached.get() >= 60,
+        reached.get() >= 30,
         "only {} of 300 exchanges reached tollgate",
         reached.get()
     );
