@@ -262,6 +262,40 @@ async fn kill_9_while_publishing_loses_nothing_and_repeats_nothing() {
     s.delete().await;
 }
 
+/// A watermark far behind what the stream holds (a crash between many
+/// acks and the watermark's write, made certain here by moving it back to
+/// the start): the publisher sends every event again, the stream drops
+/// them all as duplicates (its duplicate check comes before the
+/// pipelined publishes' order check, so they go through at full speed),
+/// and the consumer sees only the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_behind_the_stream_republishes_nothing_the_consumer_sees() {
+    let s = StreamOpts::new("nats://127.0.0.1:4222");
+    let mut stack = Stack::start(s.opts());
+    let keys = accounts(&stack, 3).await;
+    run_tasks(&stack, &keys, 300).await;
+    let first = s.consume(300, Duration::from_secs(30)).await;
+    assert_eq!(first.len(), 300);
+    stack.gw.proc.kill9();
+    let db = rusqlite::Connection::open(stack.gw.data_dir.join("tollgate.db")).unwrap();
+    db.execute(
+        "INSERT INTO meta(key, value) VALUES ('watermark:nats', 0)
+         ON CONFLICT(key) DO UPDATE SET value = 0",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    stack.gw.restart(&s.opts());
+    run_tasks(&stack, &keys, 30).await;
+    let stored = stack.admin().all_events().await;
+    assert_eq!(stored.len(), 330);
+    let later = s.consume(30, Duration::from_secs(20)).await;
+    let mut seen = first;
+    seen.extend(later);
+    assert_matches_store(&s.subject, &seen, &stored);
+    s.delete().await;
+}
+
 #[test]
 fn a_bad_nats_url_is_refused_at_start_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
