@@ -53,6 +53,15 @@ const PAGE: usize = 500;
 pub const WINDOW: usize = 256;
 /// The longest the publisher waits for a new commit before looking.
 const POLL_EVERY: Duration = Duration::from_millis(200);
+/// After a commit wakes it, how long the publisher lets more gather: one
+/// pass (a feed read, the acks awaited, a wake) per batch instead of per
+/// group commit. Events reach the stream that much later.
+const LINGER: Duration = Duration::from_millis(20);
+/// How often the watermark is stored while events flow (and on every
+/// stop): each store is a durable commit of its own, so not one per pass.
+/// A crash publishes at most this much again, as duplicates the stream
+/// drops.
+const SAVE_MARK_EVERY: Duration = Duration::from_secs(1);
 /// Between attempts while NATS cannot be reached (doubling up to the max).
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -174,6 +183,7 @@ impl Publisher {
         let mut window = Window {
             mark,
             stored_mark: mark,
+            stored_at: tokio::time::Instant::now(),
             in_flight: VecDeque::with_capacity(WINDOW),
         };
         let result = self.follow(js, stop, &mut window).await;
@@ -203,23 +213,34 @@ impl Publisher {
                 last_id = Some(id);
             }
             if events.len() == PAGE {
-                // Far behind: the window stays full, and the watermark
-                // follows the acks a page at a time.
+                // Far behind: the window stays full.
                 self.lag_to_end(window.mark).await?;
-                self.save_mark(window).await?;
+                if window.stored_at.elapsed() >= SAVE_MARK_EVERY {
+                    self.save_mark(window).await?;
+                }
                 continue;
             }
             // Caught up with the feed: everything sent is acked before the
             // publisher waits for a commit.
             self.settle(window, 0).await?;
-            self.save_mark(window).await?;
+            if window.stored_at.elapsed() >= SAVE_MARK_EVERY {
+                self.save_mark(window).await?;
+            }
             if self.lag_to_end(window.mark).await? > window.mark {
                 continue;
             }
-            tokio::select! {
+            let woken = tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                () = self.committed.notified() => {}
-                () = tokio::time::sleep(POLL_EVERY) => {}
+                () = self.committed.notified() => true,
+                () = tokio::time::sleep(POLL_EVERY) => false,
+            };
+            if woken {
+                if sleep_or_stop(stop, LINGER).await {
+                    return Ok(());
+                }
+            } else {
+                // Quiet: what was acked is stored now.
+                self.save_mark(window).await?;
             }
         }
     }
@@ -253,6 +274,7 @@ impl Publisher {
             .await?;
             window.stored_mark = window.mark;
         }
+        window.stored_at = tokio::time::Instant::now();
         Ok(())
     }
 
@@ -292,8 +314,9 @@ impl Publisher {
 struct Window {
     /// The feed position up to which every event is acked.
     mark: u64,
-    /// The watermark as stored.
+    /// The watermark as stored, and when.
     stored_mark: u64,
+    stored_at: tokio::time::Instant,
     in_flight: VecDeque<(u64, PublishAckFuture)>,
 }
 
