@@ -13,6 +13,7 @@
 //! lease lapses.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,8 +72,8 @@ pub struct JobBook {
 
 #[derive(Default)]
 struct Book {
-    queued: HashMap<Arc<str>, BTreeSet<String>>,
-    cancels: HashMap<String, CancellationToken>,
+    queued: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
+    cancels: HashMap<Arc<str>, CancellationToken>,
     running: usize,
 }
 
@@ -81,24 +82,24 @@ struct Book {
 struct Held {
     book: Arc<JobBook>,
     account: Arc<str>,
-    id: String,
+    id: Arc<str>,
     cancel: CancellationToken,
     running: bool,
 }
 
 impl JobBook {
-    fn hold(self: &Arc<Self>, account: Arc<str>, id: &str) -> Held {
+    fn hold(self: &Arc<Self>, account: Arc<str>, id: Arc<str>) -> Held {
         let cancel = CancellationToken::new();
         let mut b = self.lock();
         b.queued
             .entry(account.clone())
             .or_default()
-            .insert(id.to_string());
-        b.cancels.insert(id.to_string(), cancel.clone());
+            .insert(id.clone());
+        b.cancels.insert(id.clone(), cancel.clone());
         Held {
             book: self.clone(),
             account,
-            id: id.to_string(),
+            id,
             cancel,
             running: false,
         }
@@ -112,8 +113,11 @@ impl JobBook {
     pub fn position(&self, account: &str, id: &str) -> Option<usize> {
         let b = self.lock();
         let ids = b.queued.get(account)?;
-        ids.contains(id)
-            .then(|| ids.range(..id.to_string()).count() + 1)
+        ids.contains(id).then(|| {
+            ids.range::<str, _>((Bound::Unbounded, Bound::Excluded(id)))
+                .count()
+                + 1
+        })
     }
 
     /// This replica's queued jobs of one account.
@@ -139,7 +143,7 @@ impl Held {
     fn started(&mut self) {
         let mut b = self.book.lock();
         if let Some(ids) = b.queued.get_mut(&self.account) {
-            ids.remove(&self.id);
+            ids.remove(&*self.id);
             if ids.is_empty() {
                 b.queued.remove(&self.account);
             }
@@ -155,12 +159,12 @@ impl Drop for Held {
         if self.running {
             b.running -= 1;
         } else if let Some(ids) = b.queued.get_mut(&self.account) {
-            ids.remove(&self.id);
+            ids.remove(&*self.id);
             if ids.is_empty() {
                 b.queued.remove(&self.account);
             }
         }
-        b.cancels.remove(&self.id);
+        b.cancels.remove(&*self.id);
     }
 }
 
@@ -700,14 +704,31 @@ fn claim_key(id: &str) -> IdempotencyKey {
 /// queue (so a submit answered after this keeps its FIFO order with the
 /// tasks that arrive after it); the run goes on in its own task.
 pub async fn start(gw: &Arc<Gateway>, job: Job) {
-    if let Some(ready) = claim(gw, job).await {
+    let died = job.status == JobStatus::Running;
+    let job = JobRef {
+        id: Arc::from(job.id),
+        account: Arc::from(job.account),
+        sub_account: job.sub_account,
+        created_at: job.created_at,
+    };
+    if let Some(ready) = claim(gw, job, died).await {
         tokio::spawn(run(gw.clone(), ready));
     }
 }
 
-/// A job claimed by this replica, in the account's queue.
+/// What a job keeps in memory until it runs: its request (headers, path,
+/// body) stays in the store and is read when its slot comes.
+struct JobRef {
+    id: Arc<str>,
+    account: Arc<str>,
+    sub_account: Option<String>,
+    created_at: jiff::Timestamp,
+}
+
+/// A job claimed by this replica, in the account's queue (its id and
+/// account are the book's, in `held`).
 struct Claimed {
-    job: Job,
+    created_at: jiff::Timestamp,
     _claim: crate::idempotency::Marker,
     held: Held,
     principal: Principal,
@@ -715,8 +736,8 @@ struct Claimed {
     acquire: Acquire,
 }
 
-async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
-    let account: Arc<str> = Arc::from(job.account.as_str());
+/// `died`: the job's run died with its replica before it ended.
+async fn claim(gw: &Arc<Gateway>, job: JobRef, died: bool) -> Option<Claimed> {
     // Held by another run (here or on another replica), or the shared
     // markers cannot be reached: that run, or a later pass, has it.
     let claim = gw
@@ -724,8 +745,7 @@ async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
         .take(&job.account, &claim_key(&job.id))
         .await
         .ok()?;
-    let held = gw.jobs.hold(account.clone(), &job.id);
-    let died = job.status == JobStatus::Running;
+    let held = gw.jobs.hold(job.account.clone(), job.id.clone());
     if died {
         // Its run died with its replica before it ended: back to queued.
         end(gw, &job.id, JobStatus::Queued, None, RUNNING).await;
@@ -744,7 +764,7 @@ async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
     let sub = job.sub_account.as_deref().and_then(|s| gw.registry.sub(s));
     let principal = Principal { root, sub };
     let ticket = Ticket {
-        account,
+        account: job.account,
         sub_cap: principal.sub.as_ref().and_then(|s| {
             s.max_concurrency.map(|cap| SubCap {
                 sub_account: s.id.clone(),
@@ -773,7 +793,7 @@ async fn claim(gw: &Arc<Gateway>, job: Job) -> Option<Claimed> {
         gw.limiter.acquire(&ticket, deadline)
     };
     Some(Claimed {
-        job,
+        created_at: job.created_at,
         _claim: claim,
         held,
         principal,
@@ -806,7 +826,7 @@ pub async fn resume(gw: Arc<Gateway>, rescan: Option<Rescan>, stop: Cancellation
         match gw.recorder.store().unfinished_jobs().await {
             Ok(found) => {
                 for job in found {
-                    if gw.jobs.lock().cancels.contains_key(&job.id) {
+                    if gw.jobs.lock().cancels.contains_key(job.id.as_str()) {
                         continue;
                     }
                     start(&gw, job).await;
@@ -890,7 +910,8 @@ fn run(gw: Arc<Gateway>, mut claimed: Claimed) -> impl Future<Output = ()> + Sen
         loop {
             let Some(permit) = wait_for_slot(
                 &gw,
-                &claimed.job,
+                &claimed.held.id,
+                claimed.created_at,
                 &claimed.ticket,
                 claimed.acquire,
                 &claimed.held.cancel,
@@ -903,7 +924,7 @@ fn run(gw: Arc<Gateway>, mut claimed: Claimed) -> impl Future<Output = ()> + Sen
             // is allocated once the job has its slot, not by every queued job.
             let granted = run_granted(
                 gw.clone(),
-                claimed.job,
+                claimed.created_at,
                 claimed.held,
                 claimed.principal,
                 permit,
@@ -923,23 +944,22 @@ fn run(gw: Arc<Gateway>, mut claimed: Claimed) -> impl Future<Output = ()> + Sen
     }
 }
 
-async fn wait_again(gw: &Arc<Gateway>, mut again: Job) -> Option<Claimed> {
+async fn wait_again(gw: &Arc<Gateway>, again: JobRef) -> Option<Claimed> {
     tokio::time::sleep(UNAVAILABLE_PAUSE).await;
-    again.status = JobStatus::Running;
-    claim(gw, again).await
+    claim(gw, again, true).await
 }
 
 /// The rest of a job's run, from its slot on.
 /// `Some(job)`: its start could not be stored; it is to wait again.
 async fn run_granted(
     gw: Arc<Gateway>,
-    job: Job,
+    created_at: jiff::Timestamp,
     mut held: Held,
     principal: Principal,
     permit: Permit,
-) -> Option<Job> {
-    let waited =
-        Duration::try_from(gw.clock.now().duration_since(job.created_at)).unwrap_or_default();
+) -> Option<JobRef> {
+    let id = held.id.clone();
+    let waited = Duration::try_from(gw.clock.now().duration_since(created_at)).unwrap_or_default();
     // A unit only once the job has its slot: a job that waits for hours
     // does not hold one.
     let reservation = match account_gate::check(&gw, &principal) {
@@ -949,12 +969,12 @@ async fn run_granted(
     let reservation = match reservation {
         Ok(r) => r,
         Err(e) => {
-            end(&gw, &job.id, JobStatus::Failed, Some(e.code()), QUEUED).await;
+            end(&gw, &id, JobStatus::Failed, Some(e.code()), QUEUED).await;
             return None;
         }
     };
     let started = Write::StartJob {
-        id: job.id.clone(),
+        id: id.to_string(),
         at: gw.clock.now(),
     };
     match commit(&**gw.recorder.store(), started).await {
@@ -962,28 +982,32 @@ async fn run_granted(
         // Cancelled meanwhile: the permit and the unit are dropped.
         Err(StoreError::NotFound(_)) => return None,
         Err(e) => {
-            tracing::warn!(job = %job.id, error = %e, "a job could not be started; it waits again");
+            tracing::warn!(job = %id, error = %e, "a job could not be started; it waits again");
+            let again = JobRef {
+                id,
+                account: held.account.clone(),
+                sub_account: principal.sub.as_ref().map(|s| s.id.to_string()),
+                created_at,
+            };
             // Its slot and unit go back (dropped here) before it waits.
             drop((permit, reservation, held));
-            return Some(job);
+            return Some(again);
         }
     }
     held.started();
     gw.metrics.jobs.wait.observe(waited.as_secs_f64());
-    let body = match gw.recorder.store().job_body(&job.id).await {
-        Ok(Some(b)) => b,
-        other => {
-            tracing::warn!(job = %job.id, "a job's body could not be read: {:?}", other.err());
-            end(
-                &gw,
-                &job.id,
-                JobStatus::Failed,
-                Some("InternalError"),
-                RUNNING,
-            )
-            .await;
-            return None;
+    // Read now, not kept while it waited.
+    let store = gw.recorder.store();
+    let stored = match (store.job(&id).await, store.job_body(&id).await) {
+        (Ok(Some(job)), Ok(Some(body))) => Some((job, body)),
+        (job, body) => {
+            tracing::warn!(job = %id, "a job's request could not be read: {:?} {:?}", job.err(), body.err());
+            None
         }
+    };
+    let Some((job, body)) = stored else {
+        end(&gw, &id, JobStatus::Failed, Some("InternalError"), RUNNING).await;
+        return None;
     };
     let Some(req) = request_of(&job.request, body) else {
         end(
@@ -1041,7 +1065,8 @@ async fn run_granted(
 /// it stays queued for the next start).
 async fn wait_for_slot(
     gw: &Gateway,
-    job: &Job,
+    id: &str,
+    created_at: jiff::Timestamp,
     ticket: &Ticket,
     mut acquire: Acquire,
     cancel: &CancellationToken,
@@ -1058,7 +1083,7 @@ async fn wait_for_slot(
                 Err(LimitError::QueueTimeout { .. }) => Duration::ZERO,
                 Err(LimitError::ShuttingDown) => return None,
                 Err(LimitError::Refused) => {
-                    Box::pin(end(gw, &job.id, JobStatus::Failed, Some("ResourceUnavailable.StopUsing"), QUEUED)).await;
+                    Box::pin(end(gw, id, JobStatus::Failed, Some("ResourceUnavailable.StopUsing"), QUEUED)).await;
                     return None;
                 }
             },
@@ -1070,11 +1095,11 @@ async fn wait_for_slot(
             () = cancel.cancelled() => return None,
             () = pause => {}
         }
-        let left = jobs::wait_left(job.created_at, gw.config().jobs.max_wait, gw.clock.now());
+        let left = jobs::wait_left(created_at, gw.config().jobs.max_wait, gw.clock.now());
         if left.is_zero() {
             Box::pin(end(
                 gw,
-                &job.id,
+                id,
                 JobStatus::Expired,
                 Some("FailedOperation.JobExpired"),
                 QUEUED,
