@@ -47,7 +47,10 @@ pub trait InProgress: Send + Sync + 'static {
     fn take<'a>(&'a self, account: &'a str, key: &'a IdempotencyKey) -> TakeMarker<'a>;
 }
 
-type Map = DashMap<(Arc<str>, String), ()>;
+/// Keyed by `<account>\0<key>` (account ids hold no NUL), one allocation
+/// shared by the map and the marker: a queued job holds one for as long as
+/// it waits.
+type Map = DashMap<Arc<str>, ()>;
 
 /// Markers in this process's memory.
 #[derive(Default, Clone)]
@@ -57,7 +60,7 @@ pub struct LocalMarkers {
 
 struct LocalMarker {
     map: Arc<Map>,
-    key: (Arc<str>, String),
+    key: Arc<str>,
 }
 
 impl Drop for LocalMarker {
@@ -68,7 +71,7 @@ impl Drop for LocalMarker {
 
 impl LocalMarkers {
     pub fn take_now(&self, account: &str, key: &IdempotencyKey) -> Result<Marker, MarkerTaken> {
-        let k = (Arc::from(account), key.as_str().to_string());
+        let k: Arc<str> = Arc::from(format!("{account}\0{}", key.as_str()));
         match self.map.entry(k.clone()) {
             Entry::Occupied(_) => Err(MarkerTaken::Held),
             Entry::Vacant(v) => {
