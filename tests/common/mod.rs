@@ -704,16 +704,25 @@ pub async fn raw_partial_task(
 }
 
 /// The events in the JSON Lines export under `data_dir/usage/`, in file
-/// order.
+/// order. The newest file may end in a line still being written (the
+/// export appends as it goes): that unterminated tail is left for the next
+/// read. Every other line must be a whole event.
 pub fn jsonl_events(data_dir: &Path) -> Vec<Value> {
     let mut files: Vec<_> = std::fs::read_dir(data_dir.join("usage"))
         .map(|d| d.map(|e| e.unwrap().path()).collect())
         .unwrap_or_default();
     files.retain(|p: &PathBuf| p.extension().is_some_and(|e| e == "jsonl"));
     files.sort();
+    let newest = files.len().saturating_sub(1);
     let mut out = Vec::new();
-    for f in files {
-        for line in std::fs::read_to_string(f).unwrap().lines() {
+    for (i, f) in files.into_iter().enumerate() {
+        let text = std::fs::read_to_string(f).unwrap();
+        let whole = match text.rfind('\n') {
+            Some(end) if i == newest => &text[..=end],
+            None if i == newest => "",
+            _ => text.as_str(),
+        };
+        for line in whole.lines() {
             out.push(serde_json::from_str(line).expect("every line is a whole event"));
         }
     }
