@@ -250,6 +250,9 @@ impl SqliteStore {
         // The writer never checkpoints; the checkpointer thread does.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(internal)?;
+        // Room for every statement the writes run, so none is parsed again
+        // (rusqlite's default cache holds 16).
+        conn.set_prepared_statement_cache_capacity(128);
         let reader = open_connection(&db).map_err(internal)?;
         let (writes, rx) = mpsc::channel();
         let (changes, _) = broadcast::channel(1024);
