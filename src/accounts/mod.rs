@@ -326,8 +326,8 @@ impl Registry {
     /// Like [`Registry::authenticate`], with a token cancelled if the key
     /// is revoked from now on (queued tasks must not outlive their key).
     pub fn authenticate_watched(&self, presented: &str) -> Option<(Principal, CancellationToken)> {
-        let principal = self.authenticate(presented)?;
-        self.watch(hash_key(presented), principal)
+        let (hash, principal) = self.authenticate_hashed(presented)?;
+        self.watch(hash, principal)
     }
 
     /// The TC3 key of a SecretId, if issued and not revoked.
@@ -362,6 +362,12 @@ impl Registry {
 
     /// Finds who a presented key belongs to.
     pub fn authenticate(&self, presented: &str) -> Option<Principal> {
+        self.authenticate_hashed(presented).map(|(_, p)| p)
+    }
+
+    /// [`Self::authenticate`], with the key's hash (SHA-256 once a request,
+    /// not again for the revocation watch).
+    fn authenticate_hashed(&self, presented: &str) -> Option<(KeyHash, Principal)> {
         if presented.is_empty() || presented.len() > MAX_PRESENTED_KEY_LEN {
             return None;
         }
@@ -374,7 +380,7 @@ impl Registry {
         if valid {
             entry.last_used.mark();
         }
-        valid.then(|| entry.principal.clone())
+        valid.then(|| (hash, entry.principal.clone()))
     }
 }
 
