@@ -1340,6 +1340,15 @@ async fn redis_outage(policy: &str) {
         assert!(Instant::now() < deadline, "shared limiting never resumed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each replica finds Redis again on its own heartbeat: every one of
+    // them is coordinated before the shared limit is checked.
+    wait_ready(
+        &c,
+        Duration::from_secs(10),
+        "coordinated again with 3 live replicas",
+        |r| r["cluster"]["coordinated"] == true && r["cluster"]["live_replicas"] == 3,
+    )
+    .await;
     c.reset_sim().await;
     let tasks: Vec<_> = (0..12usize)
         .map(|n| c.client(n % 3).spawn(&key, 150, &format!("r{n}")))
@@ -1854,7 +1863,7 @@ async fn a_retry_after_kill_9_of_the_committing_replica_is_replayed_elsewhere() 
     let socket = common::raw_task(
         &c.gw(2).url,
         &key,
-        "Idempotency-Key: lost-1\r\nX-Sim-Delay-Ms: 600\r\nX-Request-Id: lost-first\r\n",
+        "Idempotency-Key: lost-1\r\nX-Sim-Delay-Ms: 3000\r\nX-Request-Id: lost-first\r\n",
         common::TASK_BODY,
     )
     .await;

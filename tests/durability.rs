@@ -150,7 +150,7 @@ async fn sigterm_finishes_in_flight_tasks_refuses_queued_ones_and_exits_0() {
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
     let running: Vec<_> = (0..3)
-        .map(|i| client.spawn(&key, 700, &format!("run{i}")))
+        .map(|i| client.spawn(&key, 3000, &format!("run{i}")))
         .collect();
     wait_for(&admin, "acme", "3 in flight", |a| {
         a["concurrency"]["in_flight"] == 3

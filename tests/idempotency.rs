@@ -236,7 +236,7 @@ async fn a_retry_after_a_lost_answer_and_kill_9_is_the_answer_it_never_got() {
     let socket = common::raw_task(
         &stack.gw.url,
         &key,
-        "Idempotency-Key: lost-1\r\nX-Sim-Delay-Ms: 600\r\nX-Request-Id: lost-first\r\n",
+        "Idempotency-Key: lost-1\r\nX-Sim-Delay-Ms: 3000\r\nX-Request-Id: lost-first\r\n",
         BODY,
     )
     .await;

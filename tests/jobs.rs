@@ -81,7 +81,7 @@ async fn jobs_and_tasks_share_one_fifo_and_one_limit_and_each_job_is_charged_onc
     let stack = Stack::start(Opts::default());
     let key = stack.account_with_key("acme").await;
     // 3 synchronous tasks hold the account's 3 slots.
-    let held = stack.hold_slots("acme", &key, 3, 800).await;
+    let held = stack.hold_slots("acme", &key, 3, 4000).await;
     // 10 jobs, then a synchronous task, then 10 more jobs: all queued.
     let mut ids = Vec::new();
     for _ in 0..10 {
@@ -185,7 +185,7 @@ async fn a_job_survives_kill_9_right_after_its_202() {
 async fn a_queued_job_is_cancelled_uncharged_and_a_finished_one_is_not_cancellable() {
     let stack = Stack::start(Opts::default());
     let key = stack.account_with_key("acme").await;
-    let held = stack.hold_slots("acme", &key, 3, 700).await;
+    let held = stack.hold_slots("acme", &key, 3, 3000).await;
     let id = job_id(&submit(&stack, &key, &[]).await);
     let r = job_call(&stack, Method::DELETE, &key, &id).await;
     assert_eq!(
@@ -313,7 +313,7 @@ async fn submit_checks_billing_bounds_and_keys_and_stores_nothing_when_refused()
         .json();
     assert_eq!(listed["jobs"], serde_json::json!([]), "{listed}");
     let key = stack.account_with_key("acme").await;
-    let held = stack.hold_slots("acme", &key, 3, 1000).await;
+    let held = stack.hold_slots("acme", &key, 3, 3000).await;
     let a = job_id(&submit(&stack, &key, &[]).await);
     let b = job_id(&submit(&stack, &key, &[]).await);
     let third = submit(&stack, &key, &[]).await;
@@ -432,7 +432,7 @@ async fn a_queued_job_runs_after_its_key_is_revoked_and_fails_when_its_account_i
     let v = finished(&stack, &holder, &id, Duration::from_secs(10)).await;
     assert_eq!(v["status"], "succeeded", "{v}");
 
-    let held = stack.hold_slots("acme", &holder, 3, 800).await;
+    let held = stack.hold_slots("acme", &holder, 3, 3000).await;
     let queued = job_id(&submit(&stack, &holder, &[]).await);
     let r = stack
         .admin()

@@ -98,12 +98,14 @@ async fn queued_tasks_are_admitted_in_arrival_order() {
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
-    // Three holders that finish ~100 ms apart, so each release admits one
-    // waiter and the backend sees the admissions in grant order.
+    // Three holders that finish ~300 ms apart, so each release admits one
+    // waiter and the backend sees the admissions in grant order; long
+    // enough that all six are queued before the first ends, even on a
+    // loaded machine.
     let mut handles = vec![
-        client.spawn(&key, 200, "hold-1"),
-        client.spawn(&key, 300, "hold-2"),
-        client.spawn(&key, 400, "hold-3"),
+        client.spawn(&key, 2000, "hold-1"),
+        client.spawn(&key, 2300, "hold-2"),
+        client.spawn(&key, 2600, "hold-3"),
     ];
     wait_for(&admin, "acme", "3 in flight", in_flight(3)).await;
     for i in 0..6u64 {
@@ -133,7 +135,7 @@ async fn a_full_queue_answers_job_num_exceed_with_retry_after() {
     let admin = stack.admin();
     let key = stack.account_with_key("acme").await;
     let client = stack.client();
-    let mut handles = stack.hold_slots("acme", &key, 3, 600).await;
+    let mut handles = stack.hold_slots("acme", &key, 3, 3000).await;
     handles.push(client.spawn(&key, 10, "w0"));
     handles.push(client.spawn(&key, 10, "w1"));
     wait_for(&admin, "acme", "2 queued", queued(2)).await;

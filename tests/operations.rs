@@ -27,18 +27,7 @@ fn reloadable() -> Opts {
 
 /// Waits (bounded) until the gateway's stderr holds `needle` `count` times.
 async fn wait_for_log(stack: &Stack, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let logs = stack.gw.proc.logs();
-        if logs.matches(needle).count() >= count {
-            return logs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never logged `{needle}` ×{count}:\n{logs}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stack.gw.proc.wait_log(needle, count).await
 }
 
 /// An admin GET with `token` (the reload test rotates it).
@@ -617,7 +606,7 @@ async fn the_access_log_follows_log_access_under_rust_log_and_logs_hang_ups_as_4
         env: vec![("RUST_LOG", "warn".to_string())],
     });
     let key = stack.account_with_key("acme").await;
-    let held = stack.hold_slots("acme", &key, 3, 1_000).await;
+    let held = stack.hold_slots("acme", &key, 3, 4_000).await;
     let socket = common::raw_task(&stack.gw.url, &key, "X-Request-Id: gone-1\r\n", "{}").await;
     common::wait_for(&stack.admin(), "acme", "one queued", |a| {
         a["concurrency"]["queued"] == 1
@@ -761,7 +750,7 @@ async fn a_reload_with_a_bad_log_level_is_refused_in_the_log_and_later_warnings_
     assert!(!logs.contains(ADMIN_TOKEN), "{logs}");
     // And the variable did win: 7 queued, not 1.
     let key = stack.account_with_key("acme").await;
-    let held = stack.hold_slots("acme", &key, 3, 1_000).await;
+    let held = stack.hold_slots("acme", &key, 3, 4_000).await;
     let queued: Vec<_> = (0..2)
         .map(|_| {
             let c = stack.client();

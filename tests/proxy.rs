@@ -234,7 +234,7 @@ async fn deactivation_refuses_every_key_and_the_queue() {
     let dev = admin.issue_key("acme", Some("acme-dev")).await.1;
     let client = stack.client();
     let running: Vec<_> = (0..3)
-        .map(|i| client.spawn(&root, 500, &format!("run{i}")))
+        .map(|i| client.spawn(&root, 3000, &format!("run{i}")))
         .collect();
     wait_for(&admin, "acme", "3 in flight", |a| {
         a["concurrency"]["in_flight"] == 3

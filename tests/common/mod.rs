@@ -124,6 +124,24 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The logs once they hold `needle` `count` times (bounded: 10 s). Log
+    /// lines reach stderr through the gateway's writer thread, so a line
+    /// may come a moment after the answer that caused it.
+    pub async fn wait_log(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if logs.matches(needle).count() >= count {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never logged `{needle}` ×{count}:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGHUP: the gateway reloads its config file.
     pub fn hangup(&self) {
         let status = Command::new("kill")
