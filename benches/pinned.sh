@@ -326,9 +326,9 @@ if "tollgate-stream" in med:
     md.append(f"Usage events on NATS JetStream: {k['us_per_req'] - t['us_per_req']:+.1f} µs of cpu0 per task "
               f"({k['rps'] / t['rps']:.2f}x the throughput with the stream off); non-2xx: {k['non_2xx']}\n")
     if os.path.exists(f"{work}/stream.txt"):
-        lag0, drained, dt, rate, total = open(f"{work}/stream.txt").read().split()
+        lag0, drained, dt, drain_rate, total = open(f"{work}/stream.txt").read().split()
         md.append(f"The publisher: {total} events published in all; {lag0} still to publish when the last round ended, "
-                  f"drained at {rate} events/s ({drained} in {dt} s, no load)\n")
+                  f"drained at {drain_rate} events/s ({drained} in {dt} s, no load)\n")
 
 b = res["open_loop"]["backend"]
 md.append(f"Open loop at {rate} req/s (50 % of tollgate's maximum), backend straight: p50 {b['p50_ms']:.3f} ms / p99 {b['p99_ms']:.3f} ms\n")

@@ -2205,6 +2205,16 @@ async fn a_job_whose_replica_dies_is_run_by_another_and_charged_once() {
         v["status"] == "running"
     })
     .await;
+    // `running` is stored before the request is read back and forwarded:
+    // killed only once the backend has it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.sim.requests(&c.http, "acme").await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the job never reached the backend"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     c.kill9(2);
     let within = Duration::from_millis(c.lease_ms * 3 + 10_000);
     let done = job_until(&c, 1, &key, &id, within, "run again", |v| {

@@ -33,8 +33,11 @@ async fn buy(
     (r.status, r.json())
 }
 
+/// `n` tasks at once, each long enough (300 ms) that the limit's worth of
+/// them overlap at the backend even when their forwards spread out on a
+/// loaded machine.
 async fn burst(stack: &Stack, key: &str, n: usize) {
-    let tasks = (0..n).map(|_| stack.task(key, &[("x-sim-delay-ms", "80")]));
+    let tasks = (0..n).map(|_| stack.task(key, &[("x-sim-delay-ms", "300")]));
     assert!(
         join_all(tasks)
             .await

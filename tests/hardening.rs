@@ -966,7 +966,9 @@ async fn answers_being_read_share_one_budget_and_past_it_nothing_is_charged() {
         a["concurrency"]["in_flight"] == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In flight counts from the slot; the answer's head (and its booking)
+    // comes a moment later: well within the backend timeout of 3 s.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     // A second 3,000 would pass the 5,000-byte budget: refused at once,
     // not charged.
     let started = Instant::now();

@@ -11,18 +11,19 @@ use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tollgate::config::{Config, DEMO_API_KEY};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two distinct free ports: both are held while the second is picked (a
+/// port let go at once can come back from the next bind).
+fn two_free_ports() -> (u16, u16) {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (bind(), bind());
+    let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+    (port(&a), port(&b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_runs_in_process_and_stops_on_the_token() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, admin) = (free_port(), free_port());
+    let (data, admin) = two_free_ports();
     let env = [
         ("TOLLGATE_SERVER_LISTEN", format!("127.0.0.1:{data}")),
         ("TOLLGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}")),

@@ -32,7 +32,7 @@ async fn limit_is_shared_by_root_and_sub_accounts_never_exceeded_and_reached() {
         admin.issue_key("acme", Some("acme-dev")).await.1,
         admin.issue_key("acme", Some("acme-ops")).await.1,
     ];
-    let tasks = (0..36).map(|i| stack.task(&keys[i % 3], &[("x-sim-delay-ms", "60")]));
+    let tasks = (0..36).map(|i| stack.task(&keys[i % 3], &[("x-sim-delay-ms", "200")]));
     let results = join_all(tasks).await;
     assert!(results.iter().all(|r| r.status == StatusCode::OK));
     assert_eq!(
@@ -53,8 +53,8 @@ async fn sub_account_cap_holds_inside_the_root_limit() {
     admin.create_sub("acme", "acme-dev", Some(1)).await;
     let root = admin.issue_key("acme", None).await.1;
     let dev = admin.issue_key("acme", Some("acme-dev")).await.1;
-    let dev_tasks = (0..6).map(|_| stack.task(&dev, &[("x-sim-delay-ms", "50")]));
-    let root_tasks = (0..6).map(|_| stack.task(&root, &[("x-sim-delay-ms", "50")]));
+    let dev_tasks = (0..6).map(|_| stack.task(&dev, &[("x-sim-delay-ms", "200")]));
+    let root_tasks = (0..6).map(|_| stack.task(&root, &[("x-sim-delay-ms", "200")]));
     let (a, b) = tokio::join!(join_all(dev_tasks), join_all(root_tasks));
     assert!(a.iter().chain(b.iter()).all(|r| r.status == StatusCode::OK));
     assert_eq!(
@@ -73,7 +73,7 @@ async fn accounts_are_isolated() {
     let alpha = (0..20).map(|_| stack.task(&a, &[("x-sim-delay-ms", "150")]));
     let beta = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        join_all((0..6).map(|_| stack.task(&b, &[("x-sim-delay-ms", "30")]))).await
+        join_all((0..6).map(|_| stack.task(&b, &[("x-sim-delay-ms", "300")]))).await
     };
     let (ra, rb) = tokio::join!(join_all(alpha), beta);
     assert!(
