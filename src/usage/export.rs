@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError, StoredEvent};
 
+use super::event::EventHead;
 use super::jsonl::{ExportedEvent, JsonlSink};
 
 /// The longest the export waits for a new commit before looking anyway
@@ -44,18 +44,8 @@ pub enum ExportError {
     Task,
 }
 
-#[derive(Deserialize)]
-struct Head {
-    id: String,
-    #[serde(default)]
-    time: String,
-}
-
-fn head(e: &StoredEvent) -> Head {
-    serde_json::from_str(e.event.get()).unwrap_or(Head {
-        id: String::new(),
-        time: String::new(),
-    })
+fn head(e: &StoredEvent) -> EventHead {
+    EventHead::of(e.event.get()).unwrap_or_default()
 }
 
 /// `<seq> <id>`: the last exported event.
@@ -159,7 +149,7 @@ async fn catch_up(
 }
 
 fn append_page(sink: &mut JsonlSink, dir: &Path, page: &[StoredEvent]) -> std::io::Result<()> {
-    let heads: Vec<Head> = page.iter().map(head).collect();
+    let heads: Vec<EventHead> = page.iter().map(head).collect();
     sink.append(page.iter().zip(&heads).map(|(e, h)| ExportedEvent {
         seq: e.seq,
         id: &h.id,

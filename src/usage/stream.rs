@@ -34,7 +34,6 @@ use async_nats::jetstream::{
     context::{Publish, PublishAckFuture},
 };
 use bytes::Bytes;
-use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +42,8 @@ use crate::idempotency::{IdempotencyKey, InProgress};
 use crate::metrics::StreamMetrics;
 
 use crate::store::{Store, StoreError, StoredEvent, Write, commit};
+
+use super::event::EventHead;
 
 /// The watermark's name in the store.
 pub const WATERMARK: &str = "nats";
@@ -67,12 +68,6 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// One publish and its ack.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Deserialize)]
-struct Head {
-    id: String,
-    subject: String,
-}
 
 /// Why a pass stopped.
 #[derive(Debug, thiserror::Error)]
@@ -292,9 +287,8 @@ impl Publisher {
         e: &StoredEvent,
         after: Option<&str>,
     ) -> Result<(String, PublishAckFuture), PassError> {
-        let head: Head = serde_json::from_str(e.event.get()).map_err(|err| {
-            PassError::Nats(format!("event {} is not CloudEvents JSON: {err}", e.seq))
-        })?;
+        let head = EventHead::of(e.event.get())
+            .ok_or_else(|| PassError::Nats(format!("event {} is not CloudEvents JSON", e.seq)))?;
         let subject = format!("{}.{}", self.config.subject, head.subject);
         let mut publish = Publish::build()
             .payload(Bytes::copy_from_slice(e.event.get().as_bytes()))
