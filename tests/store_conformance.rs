@@ -628,7 +628,11 @@ async fn jobs_move_only_forward_and_succeed_once(s: &dyn Store) {
     let a = s.job("job_a").await.unwrap().unwrap();
     assert_eq!(a, job("job_a", "jobs", 1_000));
     assert_eq!(
-        s.job_body("job_a").await.unwrap().as_deref(),
+        s.job_to_run("job_a")
+            .await
+            .unwrap()
+            .map(|r| r.body)
+            .as_deref(),
         Some(&b"{\"InputImage\":\"x\"}"[..])
     );
     let ids: Vec<String> = s
@@ -678,7 +682,7 @@ async fn jobs_move_only_forward_and_succeed_once(s: &dyn Store) {
     assert_eq!(b.status, JobStatus::Cancelled);
     assert!(b.finished_at.is_some());
     assert!(
-        s.job_body("job_b").await.unwrap().is_none(),
+        s.job_to_run("job_b").await.unwrap().is_none(),
         "a final job's body is gone"
     );
 
@@ -726,7 +730,7 @@ async fn jobs_move_only_forward_and_succeed_once(s: &dyn Store) {
     .unwrap();
     let d = s.job("job_d").await.unwrap().unwrap();
     assert_eq!((d.status, d.started_at), (JobStatus::Queued, None));
-    assert!(s.job_body("job_d").await.unwrap().is_some());
+    assert!(s.job_to_run("job_d").await.unwrap().is_some());
     commit(
         s,
         Write::EndJob {

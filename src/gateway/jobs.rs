@@ -997,22 +997,21 @@ async fn run_granted(
     held.started();
     gw.metrics.jobs.wait.observe(waited.as_secs_f64());
     // Read now, not kept while it waited.
-    let store = gw.recorder.store();
-    let stored = match (store.job(&id).await, store.job_body(&id).await) {
-        (Ok(Some(job)), Ok(Some(body))) => Some((job, body)),
-        (job, body) => {
-            tracing::warn!(job = %id, "a job's request could not be read: {:?} {:?}", job.err(), body.err());
+    let job = match gw.recorder.store().job_to_run(&id).await {
+        Ok(Some(job)) => Some(job),
+        other => {
+            tracing::warn!(job = %id, "a job's request could not be read: {:?}", other.err());
             None
         }
     };
-    let Some((job, body)) = stored else {
+    let Some(job) = job else {
         end(&gw, &id, JobStatus::Failed, Some("InternalError"), RUNNING).await;
         return None;
     };
-    let Some(req) = request_of(&job.request, body) else {
+    let Some(req) = request_of(&job.request, job.body) else {
         end(
             &gw,
-            &job.id,
+            &id,
             JobStatus::Failed,
             Some("InvalidParameter.InvalidPath"),
             RUNNING,
@@ -1025,12 +1024,12 @@ async fn run_granted(
     let task = Task {
         gw: gw.clone(),
         principal,
-        request_id: HeaderValue::from_str(&job.id).unwrap_or(HeaderValue::from_static("job")),
+        request_id: HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("job")),
         queue_wait: waited,
         tally: None,
-        action: job.action.clone(),
+        action: job.action,
         keyed: None,
-        job: Some(job.id.clone()),
+        job: Some(id.to_string()),
         _buffer: None,
     };
     let result = task
@@ -1052,9 +1051,9 @@ async fn run_granted(
         }
         Ok((answer, _)) => {
             let code = backend_code(&answer);
-            end(&gw, &job.id, JobStatus::Failed, Some(&code), RUNNING).await;
+            end(&gw, &id, JobStatus::Failed, Some(&code), RUNNING).await;
         }
-        Err(e) => end(&gw, &job.id, JobStatus::Failed, Some(e.code()), RUNNING).await,
+        Err(e) => end(&gw, &id, JobStatus::Failed, Some(e.code()), RUNNING).await,
     }
     None
 }

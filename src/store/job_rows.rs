@@ -3,7 +3,7 @@
 
 use jiff::Timestamp;
 
-use super::StoreError;
+use super::{JobToRun, StoreError};
 use crate::idempotency::StoredAnswer;
 use crate::jobs::{Job, JobRequest, JobStatus};
 
@@ -68,6 +68,26 @@ impl JobCols {
             charged_to: self.charged_to,
         })
     }
+}
+
+/// The columns [`JobToRun`] is read from, in this order.
+pub(crate) const TO_RUN_COLUMNS: &str = "request, action, body";
+
+/// A [`JobToRun`] from its columns; `None` without a body (it has run).
+pub(crate) fn job_to_run(
+    id: &str,
+    request: String,
+    action: Option<String>,
+    body: Option<Vec<u8>>,
+) -> Result<Option<JobToRun>, StoreError> {
+    let Some(body) = body else { return Ok(None) };
+    let request = serde_json::from_str(&request)
+        .map_err(|_| StoreError::Internal(format!("job {id}: bad request")))?;
+    Ok(Some(JobToRun {
+        request,
+        action,
+        body,
+    }))
 }
 
 /// A job's request as its column holds it.

@@ -26,7 +26,7 @@ use crate::accounts::{AccountStatus, KeyHash};
 use crate::billing::{Bill, ResourcePackage, Source};
 use crate::entitlements::ConcurrencyPackage;
 use crate::idempotency::IdempotencyRecord;
-use crate::jobs::{Job, JobEnd, JobResult, JobStatus};
+use crate::jobs::{Job, JobEnd, JobRequest, JobResult, JobStatus};
 use crate::usage::UsageEvent;
 
 pub use postgres::PostgresStore;
@@ -347,6 +347,14 @@ pub struct PackageUsage {
     pub used: u64,
 }
 
+/// What a job's run forwards ([`Store::job_to_run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobToRun {
+    pub request: JobRequest,
+    pub action: Option<String>,
+    pub body: Vec<u8>,
+}
+
 /// A stored usage event with its cursor.
 #[derive(Debug)]
 pub struct StoredEvent {
@@ -467,8 +475,11 @@ pub trait Store: Send + Sync + 'static {
     /// One job, without its body (`None`: no such job).
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, StoreError>>;
 
-    /// A job's request body (`None` once it has run, or no such job).
-    fn job_body<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
+    /// What a job's run forwards, read when its slot comes (a queued job
+    /// keeps none of it in memory): its request, action and body in one
+    /// read (`None` once it has run, or no such job).
+    fn job_to_run<'a>(&'a self, id: &'a str)
+    -> BoxFuture<'a, Result<Option<JobToRun>, StoreError>>;
 
     /// Every queued or running job, oldest first: what a start runs again.
     fn unfinished_jobs(&self) -> BoxFuture<'_, Result<Vec<Job>, StoreError>>;

@@ -4,8 +4,10 @@
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
-use super::super::job_rows::{JOB_COLUMNS, JobCols, request_column, result_columns, status_list};
-use super::super::{Committed, StoreError};
+use super::super::job_rows::{
+    JOB_COLUMNS, JobCols, TO_RUN_COLUMNS, job_to_run, request_column, result_columns, status_list,
+};
+use super::super::{Committed, JobToRun, StoreError};
 use super::{client, pg_error, pg_write_error};
 use crate::jobs::{Job, JobEnd, JobResult, JobStatus};
 
@@ -204,13 +206,19 @@ pub(super) async fn job(pool: &Pool, id: &str) -> Result<Option<Job>, StoreError
     Ok(query_jobs(pool, &sql, &[&id]).await?.pop())
 }
 
-pub(super) async fn body(pool: &Pool, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+pub(super) async fn to_run(pool: &Pool, id: &str) -> Result<Option<JobToRun>, StoreError> {
     let client = client(pool).await?;
     let row = client
-        .query_opt("SELECT body FROM jobs WHERE id = $1", &[&id])
+        .query_opt(
+            &format!("SELECT {TO_RUN_COLUMNS} FROM jobs WHERE id = $1"),
+            &[&id],
+        )
         .await
         .map_err(pg_error)?;
-    Ok(row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
+    match row {
+        Some(r) => job_to_run(id, r.get(0), r.get(1), r.get(2)),
+        None => Ok(None),
+    }
 }
 
 pub(super) async fn unfinished(pool: &Pool) -> Result<Vec<Job>, StoreError> {

@@ -34,8 +34,8 @@ use crate::idempotency::IdempotencyRecord;
 use crate::jobs::{Job, JobStatus};
 
 use super::{
-    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
-    StoreHealth, StoredEvent, Write,
+    AccountSnapshot, Ack, BoxFuture, Change, JobToRun, MonthUsage, PackageUsage, Snapshot, Store,
+    StoreError, StoreHealth, StoredEvent, Write,
 };
 
 /// Advisory lock keys (`pg_advisory_xact_lock`), one per thing serialized
@@ -370,8 +370,11 @@ impl Store for PostgresStore {
         Box::pin(jobs::job(&self.shared.pool, id))
     }
 
-    fn job_body<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
-        Box::pin(jobs::body(&self.shared.pool, id))
+    fn job_to_run<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<JobToRun>, StoreError>> {
+        Box::pin(jobs::to_run(&self.shared.pool, id))
     }
 
     fn unfinished_jobs(&self) -> BoxFuture<'_, Result<Vec<Job>, StoreError>> {

@@ -3,8 +3,10 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::super::job_rows::{JOB_COLUMNS, JobCols, request_column, result_columns, status_list};
-use super::super::{Committed, StoreError};
+use super::super::job_rows::{
+    JOB_COLUMNS, JobCols, TO_RUN_COLUMNS, job_to_run, request_column, result_columns, status_list,
+};
+use super::super::{Committed, JobToRun, StoreError};
 use super::apply::{insert, update_one};
 use super::internal;
 use super::load::{col, rows};
@@ -179,14 +181,18 @@ pub(super) fn job(conn: &Connection, id: &str) -> Result<Option<Job>, StoreError
     Ok(rows(conn, &sql, params![id], job_of)?.pop())
 }
 
-pub(super) fn body(conn: &Connection, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    conn.prepare_cached("SELECT body FROM jobs WHERE id = ?1")
+pub(super) fn to_run(conn: &Connection, id: &str) -> Result<Option<JobToRun>, StoreError> {
+    let row = conn
+        .prepare_cached(&format!("SELECT {TO_RUN_COLUMNS} FROM jobs WHERE id = ?1"))
         .and_then(|mut st| {
-            st.query_row(params![id], |r| r.get::<_, Option<Vec<u8>>>(0))
+            st.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()
         })
-        .map(Option::flatten)
-        .map_err(internal)
+        .map_err(internal)?;
+    match row {
+        Some((request, action, body)) => job_to_run(id, request, action, body),
+        None => Ok(None),
+    }
 }
 
 pub(super) fn unfinished(conn: &Connection) -> Result<Vec<Job>, StoreError> {

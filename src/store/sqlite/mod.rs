@@ -31,8 +31,8 @@ use crate::idempotency::IdempotencyRecord;
 use crate::jobs::{Job, JobStatus};
 
 use super::{
-    AccountSnapshot, Ack, BoxFuture, Change, MonthUsage, PackageUsage, Snapshot, Store, StoreError,
-    StoreHealth, StoredEvent, Write,
+    AccountSnapshot, Ack, BoxFuture, Change, JobToRun, MonthUsage, PackageUsage, Snapshot, Store,
+    StoreError, StoreHealth, StoredEvent, Write,
 };
 
 const SCHEMA: &str = "
@@ -422,9 +422,12 @@ impl Store for SqliteStore {
         self.read_point(move |c| jobs::job(c, &id))
     }
 
-    fn job_body<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+    fn job_to_run<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<JobToRun>, StoreError>> {
         let id = id.to_string();
-        self.read(move |c| jobs::body(c, &id))
+        self.read(move |c| jobs::to_run(c, &id))
     }
 
     fn unfinished_jobs(&self) -> BoxFuture<'_, Result<Vec<Job>, StoreError>> {
