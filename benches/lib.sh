@@ -20,6 +20,9 @@ wait_lines() {
   exit 1
 }
 
+# free_port -> prints a TCP port free on 127.0.0.1 now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 # start_simulator [simulate flags...] -> sets $SIM.
 start_simulator() {
   $BIN simulate --listen 127.0.0.1:0 "$@" >"$work/sim.out" 2>/dev/null &

@@ -23,7 +23,6 @@ cargo build --release --quiet --bin tollgate
 source benches/lib.sh
 bench_workdir
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 NATS_PORT=$(free_port)
 NATS_BIN=$(command -v nats-server || echo /usr/sbin/nats-server)
 start_simulator --latency-ms 0 --jitter-ms 0

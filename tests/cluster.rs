@@ -1342,13 +1342,7 @@ async fn redis_outage(policy: &str) {
     }
     // Each replica finds Redis again on its own heartbeat: every one of
     // them is coordinated before the shared limit is checked.
-    wait_ready(
-        &c,
-        Duration::from_secs(10),
-        "coordinated again with 3 live replicas",
-        |r| r["cluster"]["coordinated"] == true && r["cluster"]["live_replicas"] == 3,
-    )
-    .await;
+    wait_coordinated_again(&c).await;
     c.reset_sim().await;
     let tasks: Vec<_> = (0..12usize)
         .map(|n| c.client(n % 3).spawn(&key, 150, &format!("r{n}")))
@@ -1382,6 +1376,18 @@ async fn wait_live(c: &Cluster, n: u64) {
 
 /// Waits (bounded) until every running replica's `/readyz` body satisfies
 /// `ok`.
+/// After Redis is back: every replica coordinated through it again (each
+/// finds it on its own heartbeat), with all 3 live.
+async fn wait_coordinated_again(c: &Cluster) {
+    wait_ready(
+        c,
+        Duration::from_secs(10),
+        "coordinated again with 3 live replicas",
+        |r| r["cluster"]["coordinated"] == true && r["cluster"]["live_replicas"] == 3,
+    )
+    .await;
+}
+
 async fn wait_ready(c: &Cluster, within: Duration, what: &str, ok: impl Fn(&Value) -> bool) {
     let deadline = Instant::now() + within;
     for i in 0..c.replicas.len() {
@@ -1563,13 +1569,7 @@ async fn a_redis_outage_never_answers_a_finished_task_503() {
     redis.kill();
     let during = tasks_in_turn(&c, &key, "out", 20).await;
     redis.restart();
-    wait_ready(
-        &c,
-        Duration::from_secs(10),
-        "coordinated again with 3 live replicas",
-        |r| r["cluster"]["coordinated"] == true && r["cluster"]["live_replicas"] == 3,
-    )
-    .await;
+    wait_coordinated_again(&c).await;
     let after = tasks_in_turn(&c, &key, "back", 30).await;
     assert_all_succeeded(
         "during the outage and after it",

@@ -124,20 +124,22 @@ fn take_field<'a>(rest: &mut &'a str, name: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
 
-    fn event(account: &str) -> UsageEvent {
+    /// An event of root account `acme` through sub-account `acme-dev`,
+    /// charged to prepaid package `p1`.
+    fn event() -> UsageEvent {
         UsageEvent::new(
             "gw1",
             "2026-11-26T02:40:00.123Z".parse().unwrap(),
             UsageData {
-                account: account.into(),
-                sub_account: None,
+                account: "acme".into(),
+                sub_account: Some("acme-dev".into()),
                 api: "ImageStyleTransfer".into(),
                 units: 1,
                 request_id: "r1".into(),
                 status: 200,
                 queue_wait_ms: 12,
                 upstream_ms: 840,
-                charged_to: "postpaid".into(),
+                charged_to: "prepaid:p1".into(),
                 client_gone: false,
                 idempotency: None,
                 job_id: None,
@@ -147,7 +149,7 @@ mod tests {
 
     #[test]
     fn the_head_is_read_in_place_and_agrees_with_a_full_parse() {
-        let ev = event("acme");
+        let ev = event();
         let json = serde_json::to_string(&ev).unwrap();
         let quick = EventHead::in_place(&json).expect("our own shape");
         let full: EventHead = serde_json::from_str(&json).unwrap();
@@ -181,24 +183,7 @@ mod tests {
 
     #[test]
     fn serializes_as_a_cloudevent() {
-        let ev = UsageEvent::new(
-            "gw1",
-            "2026-11-26T02:40:00.123Z".parse().unwrap(),
-            UsageData {
-                account: "acme".into(),
-                sub_account: Some("acme-dev".into()),
-                api: "ImageStyleTransfer".into(),
-                units: 1,
-                request_id: "r1".into(),
-                status: 200,
-                queue_wait_ms: 12,
-                upstream_ms: 840,
-                charged_to: "prepaid:p1".into(),
-                client_gone: false,
-                idempotency: None,
-                job_id: None,
-            },
-        );
+        let ev = event();
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["specversion"], "1.0");
         assert_eq!(v["type"], "tollgate.usage.v1");
