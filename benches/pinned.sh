@@ -163,6 +163,9 @@ done >"$work/keys.txt"
 # key's store read and in-progress marker, the stored answer committed with
 # the event).
 TARGETS=(backend nginx haproxy tollgate tollgate-keyed)
+# BENCH_TARGETS="nginx tollgate": only these (nginx is always measured: the
+# ratios are to it).
+[ -z "${BENCH_TARGETS:-}" ] || read -r -a TARGETS <<<"${BENCH_TARGETS/nginx/} nginx"
 declare -A URL=([backend]="$BACKEND" [nginx]="$NGINX" [haproxy]="$HAPROXY" [tollgate]="$GW" [tollgate-keyed]="$GW")
 if [ -n "${BENCH_BASE_BIN:-}" ]; then
   kill "$(pgrep -f "$work/tollgate.toml")"; wait "$(pgrep -f "$work/tollgate.toml")" 2>/dev/null || sleep 1
@@ -229,6 +232,17 @@ cpu0() { awk '$1=="cpu0" {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc
 measure() { # name url -> appends "name rps us_per_req" to results
   local name=$1 url=$2 before after out rps reqs
   before=$(cpu0)
+  # BENCH_PROFILE=1: the last round's tollgate run under `perf record -g`
+  # on cpu0 (everything cpu0 runs, kernel included).
+  if [ -n "${BENCH_PROFILE:-}" ] && [ "$name" = tollgate ] && [ "$r" = "$ROUNDS" ]; then
+    perf record -q -g -C 0 -o "$OUT/pinned.perf.data" -- sleep "$SECS" 2>/dev/null &
+  fi
+  # BENCH_STRACE=1: the same run's system calls counted (`strace -c -f`;
+  # slows it, so only the counts per request mean anything).
+  if [ -n "${BENCH_STRACE:-}" ] && [ "$name" = tollgate ] && [ "$r" = "$ROUNDS" ]; then
+    timeout -s INT "$SECS" strace ${BENCH_STRACE_ARGS:--c} -f -p "$(pgrep -f "$work/tollgate.toml")" -o "$OUT/pinned.strace.txt" &
+    ps -T -o tid,comm -p "$(pgrep -f "$work/tollgate.toml")" >"$OUT/pinned.threads.txt"
+  fi
   out=$(taskset -c 1 wrk -t1 -c64 -d"${SECS}s" -s "$(script_of "$name")" "$url/v1/style-transfer")
   after=$(cpu0)
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')

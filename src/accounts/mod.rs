@@ -202,7 +202,12 @@ pub struct Registry {
     /// or about to be forwarded) learn of it at once. Made on first use: a
     /// key that never sent a task costs nothing here.
     revocations: DashMap<KeyHash, CancellationToken>,
+    verified: keys::VerifiedKeys,
 }
+
+/// Lookup domains of [`keys::VerifiedKeys`].
+const BEARER: u8 = 0;
+const TC3_ID: u8 = 1;
 
 /// The credential part of an `Authorization` value whose scheme is
 /// `Bearer`, in any case (RFC 9110 §11.1: the scheme is case-insensitive).
@@ -316,6 +321,7 @@ impl Registry {
     pub fn revoke_key(&self, key_id: &str) -> Option<Arc<KeyEntry>> {
         let (_, hash) = self.key_ids.remove(key_id)?;
         let entry = self.keys.remove(&hash).map(|(_, k)| k);
+        self.verified.forget(&hash);
         // After the removal above: see `authenticate_watched` for the order.
         if let Some((_, revoked)) = self.revocations.remove(&hash) {
             revoked.cancel();
@@ -335,8 +341,17 @@ impl Registry {
         if secret_id.is_empty() || secret_id.len() > MAX_PRESENTED_KEY_LEN {
             return None;
         }
-        let entry = self.keys.get(&tc3_lookup_hash(secret_id))?.clone();
-        entry.tc3_secret.is_some().then_some(entry)
+        let tag = self.verified.tag(TC3_ID, secret_id);
+        let cached = self.verified.get(tag);
+        let hash = cached.unwrap_or_else(|| tc3_lookup_hash(secret_id));
+        let entry = self.keys.get(&hash)?.clone();
+        if entry.tc3_secret.is_none() {
+            return None;
+        }
+        if cached.is_none() {
+            self.verified.remember(tag, hash);
+        }
+        Some(entry)
     }
 
     /// A token cancelled when the key with `hash` is revoked; `None` if it
@@ -371,7 +386,9 @@ impl Registry {
         if presented.is_empty() || presented.len() > MAX_PRESENTED_KEY_LEN {
             return None;
         }
-        let hash = hash_key(presented);
+        let tag = self.verified.tag(BEARER, presented);
+        let cached = self.verified.get(tag);
+        let hash = cached.unwrap_or_else(|| hash_key(presented));
         let entry = self.keys.get(&hash)?;
         // The map is keyed by the hash, so a lookup's timing says nothing
         // about the secret; the constant-time check guards the match itself.
@@ -379,6 +396,9 @@ impl Registry {
         let valid = entry.tc3_secret.is_none() && keys::hashes_match(&entry.hash, &hash);
         if valid {
             entry.last_used.mark();
+            if cached.is_none() {
+                self.verified.remember(tag, hash);
+            }
         }
         valid.then(|| (hash, entry.principal.clone()))
     }
@@ -423,10 +443,17 @@ mod tests {
         );
         assert!(reg.authenticate("tg_wrong").is_none());
         assert!(reg.authenticate("").is_none());
+        assert_eq!(reg.verified.len(), 1, "only the valid key is remembered");
+        // From the cache now: the same answer, and a near miss still fails.
+        assert_eq!(&*reg.authenticate(&secret).unwrap().root.id, "acme");
+        let mut near = secret.clone();
+        near.pop();
+        assert!(reg.authenticate(&near).is_none());
         let (_, revoked) = reg.authenticate_watched(&secret).unwrap();
         assert!(!revoked.is_cancelled());
         assert!(reg.revoke_key("k1").is_some());
         assert!(revoked.is_cancelled(), "revocation reaches admitted tasks");
+        assert_eq!(reg.verified.len(), 0, "a revoked key is forgotten");
         assert!(reg.authenticate(&secret).is_none());
         assert!(reg.authenticate_watched(&secret).is_none());
     }
