@@ -183,3 +183,35 @@ async fn settlements_replace_the_month_line_and_keep_a_ledger() {
     );
     assert!(snap.accounts[0].arrears_since.is_some());
 }
+
+/// Writes sent together share a group commit, whose usage counts are
+/// written once per account and source at its end: the counts still match
+/// the stored events exactly, also when one write of the batch fails and
+/// the batch is redone a write at a time.
+#[tokio::test]
+async fn counts_folded_per_batch_match_the_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    commit(&store, account("acme")).await.unwrap();
+    commit(&store, account("beta")).await.unwrap();
+    let mut writes = Vec::new();
+    for i in 0..80 {
+        writes.push(usage(if i % 8 < 5 { "acme" } else { "beta" }, None));
+    }
+    // acme's free package holds 2: the third of these fails alone.
+    for _ in 0..3 {
+        writes.push(usage("acme", Some("free-acme")));
+    }
+    let results =
+        futures_util::future::join_all(writes.into_iter().map(|w| commit(&store, w))).await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(failed, 1, "{results:?}");
+    assert_eq!(store.usage_events(0, 1000).await.unwrap().len(), 82);
+    let m = store.month_usage("2026-11", None).await.unwrap();
+    let of = |id: &str| m.iter().find(|u| u.account == id).unwrap();
+    assert_eq!(
+        (of("acme").calls, of("acme").free, of("acme").postpaid),
+        (52, 2, 50)
+    );
+    assert_eq!((of("beta").calls, of("beta").postpaid), (30, 30));
+}

@@ -107,13 +107,16 @@ fn run_batch(
 ) -> rusqlite::Result<Option<BatchOutcome>> {
     let mut results = Vec::with_capacity(batch.len());
     let mut changed = Vec::new();
+    let mut counters = apply::Counters::default();
     let tx = Tx::begin(conn)?;
     for (write, _) in batch {
         if isolate {
             exec(conn, "SAVEPOINT write")?;
-            match apply::apply(conn, write) {
+            let mut counted = apply::Counters::default();
+            match apply::apply(conn, write, &mut counted) {
                 Ok((committed, accounts)) => {
                     exec(conn, "RELEASE write")?;
+                    counters.merge(counted);
                     results.push(Ok(committed));
                     changed.extend(accounts);
                 }
@@ -124,7 +127,7 @@ fn run_batch(
                 }
             }
         } else {
-            match apply::apply(conn, write) {
+            match apply::apply(conn, write, &mut counters) {
                 Ok((committed, accounts)) => {
                     results.push(Ok(committed));
                     changed.extend(accounts);
@@ -134,6 +137,7 @@ fn run_batch(
             }
         }
     }
+    counters.write(conn)?;
     tx.commit()?;
     Ok(Some((results, changed)))
 }
