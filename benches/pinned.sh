@@ -140,6 +140,7 @@ level = "warn"
 ${3:-}
 TOML
   taskset -c 0 "$bin" serve --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
+  printf -v "PID_$name" '%s' $!
   for _ in $(seq 200); do [ "$(grep -c http "$work/$name.out" 2>/dev/null)" -ge 2 ] && break; sleep 0.05; done
   printf -v "GW_$name" '%s' "$(grep 'data plane' "$work/$name.out" | grep -o 'http://[0-9.:]*')"
   printf -v "ADMIN_$name" '%s' "$(grep 'admin' "$work/$name.out" | grep -o 'http://[0-9.:]*')"
@@ -240,8 +241,8 @@ measure() { # name url -> appends "name rps us_per_req" to results
   # BENCH_STRACE=1: the same run's system calls counted (`strace -c -f`;
   # slows it, so only the counts per request mean anything).
   if [ -n "${BENCH_STRACE:-}" ] && [ "$name" = tollgate ] && [ "$r" = "$ROUNDS" ]; then
-    timeout -s INT "$SECS" strace ${BENCH_STRACE_ARGS:--c} -f -p "$(pgrep -f "$work/tollgate.toml")" -o "$OUT/pinned.strace.txt" &
-    ps -T -o tid,comm -p "$(pgrep -f "$work/tollgate.toml")" >"$OUT/pinned.threads.txt"
+    timeout -s INT "$SECS" strace ${BENCH_STRACE_ARGS:--c} -f -p "$PID_tollgate" -o "$OUT/pinned.strace.txt" &
+    ps -T -o tid,comm -p "$PID_tollgate" >"$OUT/pinned.threads.txt"
   fi
   out=$(taskset -c 1 wrk -t1 -c64 -d"${SECS}s" -s "$(script_of "$name")" "$url/v1/style-transfer")
   after=$(cpu0)

@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod limiter;
 pub mod listen;
 pub mod loadgen;
+pub mod log_writer;
 pub mod metrics;
 pub mod simulator;
 pub mod store;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing_appender::non_blocking::WorkerGuard;
+use tollgate::log_writer::Flusher;
 use tracing_subscriber::EnvFilter;
 
 use tollgate::app::{LogReload, Reloads};
@@ -64,19 +64,21 @@ const FILTER_WARNING: &str = "tollgate::log_filter";
 /// config reload). With `RUST_LOG` set, that variable stands in for
 /// `log.level` (at start and on reloads); `log.access` applies either way.
 ///
-/// Lines are formatted on the thread that logs and written by a writer
-/// thread, which writes whatever has gathered in one go: the access log's
-/// line per task costs no `write` on the request path. Never lossy (a full
-/// buffer makes the logger wait); what is buffered is written when the
-/// returned guard drops, so keep it until the process ends.
-fn init_logging(log: &LogConfig) -> (LogReload, WorkerGuard) {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("tollgate-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stderr(),
-        ));
+/// Lines are formatted on the thread that logs and gathered in a buffer
+/// that a writer thread puts on stderr every few milliseconds
+/// (`log_writer`): the access log's line per task costs no `write` and no
+/// wake-up on the request path. Never lossy (a full buffer makes the
+/// logger wait); what is buffered is written when the returned guard
+/// drops, so keep it until the process ends.
+fn init_logging(log: &LogConfig) -> (LogReload, Flusher) {
+    let (writer, guard) =
+        match tollgate::log_writer::buffered(Box::new(std::io::stderr()), "tollgate-log") {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("tollgate: cannot start the log writer thread: {e}");
+                std::process::exit(1);
+            }
+        };
     let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     // RUST_LOG is the operator's escape hatch: a value `log.level` would
     // refuse (a bare word such as `warnn`, read as a target name) is used
@@ -132,7 +134,7 @@ fn init_logging(log: &LogConfig) -> (LogReload, WorkerGuard) {
     (reload, guard)
 }
 
-fn quiet_logging(level: &str) -> WorkerGuard {
+fn quiet_logging(level: &str) -> Flusher {
     let log = LogConfig {
         level: level.into(),
         access: false,

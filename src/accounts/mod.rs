@@ -345,9 +345,7 @@ impl Registry {
         let cached = self.verified.get(tag);
         let hash = cached.unwrap_or_else(|| tc3_lookup_hash(secret_id));
         let entry = self.keys.get(&hash)?.clone();
-        if entry.tc3_secret.is_none() {
-            return None;
-        }
+        entry.tc3_secret.as_ref()?;
         if cached.is_none() {
             self.verified.remember(tag, hash);
         }
