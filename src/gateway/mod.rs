@@ -3,6 +3,7 @@
 
 pub mod access_log;
 mod account_gate;
+mod backend_pool;
 pub mod budget;
 pub mod client_gone;
 mod detach;

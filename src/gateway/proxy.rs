@@ -5,7 +5,6 @@
 //! because it must be classified, and a success recorded, before the client
 //! sees any of it.
 
-use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +16,8 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use super::budget::Budget;
 use super::slow_body::{BodyStalled, BodyTooSlow, IdleTimeout};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+
+use super::backend_pool::{Pool, SendError};
 
 use crate::accounts::Principal;
 use crate::config::{BackendUrl, Config, SuccessMode};
@@ -52,7 +50,7 @@ pub enum TaskBody {
     Buffered(Bytes),
 }
 
-type UpstreamBody = Either<IdleTimeout<Limited<Incoming>>, Full<Bytes>>;
+pub type UpstreamBody = Either<IdleTimeout<Limited<Incoming>>, Full<Bytes>>;
 
 /// The backend's complete answer.
 pub struct Answer {
@@ -90,7 +88,10 @@ impl Answer {
 }
 
 pub struct Backend {
-    client: Client<HttpConnector, UpstreamBody>,
+    pool: Pool,
+    /// The `Host` every forwarded request carries: the URL's authority
+    /// (without `:80`, as clients write it).
+    host: HeaderValue,
     base: BackendUrl,
     /// Bytes of answers being read now, against
     /// `backend.max_buffered_response_bytes`.
@@ -107,15 +108,16 @@ impl Backend {
     /// or the embedded simulator's).
     pub fn new(config: &Arc<Config>, url: &str) -> Result<Self, String> {
         let base = BackendUrl::parse(url)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.backend.pool_max_idle)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let pool = Pool::new(&base.authority, config.backend.pool_max_idle);
+        let host = base
+            .authority
+            .strip_suffix(":80")
+            .unwrap_or(&base.authority);
+        let host = HeaderValue::from_str(host)
+            .map_err(|_| format!("`{url}`: the host is not a valid Host header"))?;
         Ok(Self {
-            client,
+            pool,
+            host,
             base,
             answers: Budget::default(),
             config: config.clone(),
@@ -134,7 +136,7 @@ impl Backend {
     pub fn succeeded_by(&self, mut next: Self, keep_pool: bool) -> Self {
         next.answers = self.answers.clone();
         if keep_pool {
-            next.client = self.client.clone();
+            next.pool = self.pool.share();
         }
         next
     }
@@ -150,7 +152,7 @@ impl Backend {
         matches!(
             tokio::time::timeout(
                 within,
-                tokio::net::TcpStream::connect(self.base.authority.as_str())
+                tokio::net::TcpStream::connect(self.pool.connect_to())
             )
             .await,
             Ok(Ok(_))
@@ -168,10 +170,11 @@ impl Backend {
         // The path normalised (no dot segment, no `//`: it cannot leave
         // the prefix), the query as sent.
         let path = super::path::normalize(parts.uri.path()).map_err(GatewayError::InvalidPath)?;
-        let (base, prefix) = (&self.base.authority, &self.base.path_prefix);
+        // Origin form: the connection is the backend's already.
+        let prefix = &self.base.path_prefix;
         let uri: http::Uri = match parts.uri.query() {
-            Some(query) => format!("http://{base}{prefix}{path}?{query}"),
-            None => format!("http://{base}{prefix}{path}"),
+            Some(query) => format!("{prefix}{path}?{query}"),
+            None => format!("{prefix}{path}"),
         }
         .parse()
         .map_err(|_| GatewayError::BadRequest("the request path is not valid".into()))?;
@@ -195,6 +198,7 @@ impl Backend {
         for name in forged {
             headers.remove(name);
         }
+        headers.insert(header::HOST, self.host.clone());
         headers.insert(X_REQUEST_ID, request_id.clone());
         headers.insert(X_TOLLGATE_ACCOUNT, header_value(&principal.root.id));
         headers.insert(
@@ -220,9 +224,9 @@ impl Backend {
         *upstream.version_mut() = Version::HTTP_11;
         *upstream.headers_mut() = headers;
 
-        let resp = self
-            .client
-            .request(upstream)
+        let (resp, conn) = self
+            .pool
+            .send(upstream)
             .await
             .map_err(|e| self.map_send_error(&e))?;
         if resp.status().is_informational() {
@@ -233,6 +237,8 @@ impl Backend {
         }
         let (parts, body) = resp.into_parts();
         let body = self.read_answer(&parts.headers, body).await?;
+        // Read whole: the connection can take the next request.
+        self.pool.give_back(conn);
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         // The length is set again from the buffered body.
@@ -301,9 +307,12 @@ impl Backend {
         Ok(buf.freeze())
     }
 
-    fn map_send_error(&self, e: &hyper_util::client::legacy::Error) -> GatewayError {
+    fn map_send_error(&self, e: &SendError) -> GatewayError {
         let mut chain: Vec<&(dyn std::error::Error + 'static)> = Vec::new();
-        let mut next = e.source();
+        let mut next: Option<&(dyn std::error::Error + 'static)> = match e {
+            SendError::Connect(e) => Some(e),
+            SendError::Http(e) => Some(e),
+        };
         while let Some(s) = next {
             chain.push(s);
             next = s.source();
@@ -327,7 +336,8 @@ impl Backend {
             // a broken body. The backend did not get a whole task.
             return GatewayError::BadRequest("the request body could not be read".into());
         }
-        tracing::warn!(error = %e, connect = e.is_connect(), "forwarding to the backend failed");
+        let connect = matches!(e, SendError::Connect(_));
+        tracing::warn!(error = %e, connect, "forwarding to the backend failed");
         GatewayError::BackendUnavailable
     }
 }

@@ -1,0 +1,208 @@
+//! The backend's keep-alive connections: hyper's bare HTTP/1 client
+//! (`client::conn::http1`), with each worker thread keeping its own idle
+//! connections, so a request takes one from its own thread's list with no
+//! lock and no hand-off, and gives it back the same way.
+//!
+//! hyper-util's pooled client did more per request than a gateway with one
+//! backend needs: a shared pool behind a mutex keyed by scheme and
+//! authority, a checkout future racing a connect, an absolute URI turned
+//! into origin form, about 12,000 instructions a task in all
+//! (`cargo bench --bench instructions`, callgrind). What it did that
+//! matters is kept: a request that a closing keep-alive connection never
+//! sent is sent again on a new one; connections idle too long, or closed
+//! by the backend, are not used; a connect is bounded in time.
+
+use std::cell::RefCell;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::proxy::UpstreamBody;
+
+/// How long a connection may wait idle before it is not used again.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pools made so far: a pool's connections carry its number, so the idle
+/// lists (per thread) never hand one pool's connection to another.
+static POOLS: AtomicU64 = AtomicU64::new(0);
+
+struct Idle {
+    pool: u64,
+    sender: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<Vec<Idle>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Why a request did not get an answer's head.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection to the backend could be made.
+    Connect(io::Error),
+    /// The connection failed before or while the request was sent, or the
+    /// answer's head could not be read.
+    Http(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(e) => write!(f, "connecting to the backend: {e}"),
+            Self::Http(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A connection checked out for one request; [`Pool::give_back`] returns
+/// it once its answer is read whole (dropping it closes it instead).
+pub struct Checkout {
+    pool: u64,
+    sender: SendRequest<UpstreamBody>,
+}
+
+pub struct Pool {
+    id: u64,
+    /// `host:port` to connect to (port 80 when the URL names none).
+    connect_to: String,
+    /// Idle connections kept per thread.
+    max_idle: usize,
+}
+
+impl Pool {
+    /// `authority` as in the backend URL; `max_idle` is the whole
+    /// process's budget (`backend.pool_max_idle`), shared out over the
+    /// worker threads.
+    pub fn new(authority: &str, max_idle: usize) -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let has_port = authority
+            .parse::<http::uri::Authority>()
+            .is_ok_and(|a| a.port_u16().is_some());
+        Self {
+            id: POOLS.fetch_add(1, Ordering::Relaxed),
+            connect_to: if has_port {
+                authority.to_string()
+            } else {
+                format!("{authority}:80")
+            },
+            max_idle: max_idle.div_ceil(threads),
+        }
+    }
+
+    /// The same connections, for a backend that replaces this one with the
+    /// same URL (a reload).
+    pub fn share(&self) -> Self {
+        Self {
+            id: self.id,
+            connect_to: self.connect_to.clone(),
+            max_idle: self.max_idle,
+        }
+    }
+
+    /// Where connections go: the URL's authority, with port 80 if it names
+    /// none.
+    pub fn connect_to(&self) -> &str {
+        &self.connect_to
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) and waits for the
+    /// answer's head.
+    pub async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Checkout), SendError> {
+        let (mut sender, reused) = match self.idle().await {
+            Some(s) => (s, true),
+            None => (self.connect().await?, false),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((
+                resp,
+                Checkout {
+                    pool: self.id,
+                    sender,
+                },
+            )),
+            // A kept-alive connection the backend closed as we took it:
+            // the request never left, so it goes again on a new one.
+            Err(mut e) if reused && e.message().is_some() => {
+                let req = e.take_message().expect("checked above");
+                let mut sender = self.connect().await?;
+                let resp = sender.send_request(req).await.map_err(SendError::Http)?;
+                Ok((
+                    resp,
+                    Checkout {
+                        pool: self.id,
+                        sender,
+                    },
+                ))
+            }
+            Err(e) => Err(SendError::Http(e.into_error())),
+        }
+    }
+
+    /// Keeps the connection for the next request on this thread.
+    pub fn give_back(&self, c: Checkout) {
+        if c.pool != self.id || c.sender.is_closed() {
+            return;
+        }
+        IDLE.with_borrow_mut(|idle| {
+            if idle.len() < self.max_idle {
+                idle.push(Idle {
+                    pool: c.pool,
+                    sender: c.sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
+    /// The most recently used idle connection of this pool on this thread
+    /// that is still open; closed ones, ones idle too long and another
+    /// pool's are dropped on the way. Its connection task may not have
+    /// seen the end of the last answer yet (it runs apart): waiting for it
+    /// to be ready is a poll or two.
+    async fn idle(&self) -> Option<SendRequest<UpstreamBody>> {
+        loop {
+            let mut sender = IDLE.with_borrow_mut(|idle| {
+                while let Some(c) = idle.pop() {
+                    if c.pool == self.id
+                        && !c.sender.is_closed()
+                        && c.since.elapsed() < IDLE_TIMEOUT
+                    {
+                        return Some(c.sender);
+                    }
+                }
+                None
+            })?;
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<UpstreamBody>, SendError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.connect_to))
+            .await
+            .map_err(|_| SendError::Connect(io::ErrorKind::TimedOut.into()))?
+            .map_err(SendError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            // The connection's end (the backend closed it, or it broke) is
+            // seen by the request using it, or by `is_closed` when idle.
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+}
