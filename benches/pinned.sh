@@ -18,6 +18,9 @@
 # before the answer) per success. Its data directory is on the same disk as
 # the repository (not tmpfs).
 #
+# BENCH_DATA_ROOT=/dev/shm/x puts the data directories there (tmpfs: to
+# tell the disk's fsync latency from the gateway's own).
+#
 # Usage: benches/pinned.sh [seconds per run] [rounds]
 # Writes target/bench/pinned.md and pinned.json. Needs 2 or more cores.
 set -euo pipefail
@@ -134,9 +137,9 @@ url = "$BACKEND"
 [limits]
 max_queue_per_account = 20000
 [storage]
-data_dir = "$work/data-$name"
+data_dir = "${BENCH_DATA_ROOT:-$work}/data-$name"
 [log]
-level = "warn"
+level = "${BENCH_LOG_LEVEL:-warn}"
 ${3:-}
 TOML
   taskset -c 0 "$bin" serve --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
@@ -170,7 +173,7 @@ TARGETS=(backend nginx haproxy tollgate tollgate-keyed)
 declare -A URL=([backend]="$BACKEND" [nginx]="$NGINX" [haproxy]="$HAPROXY" [tollgate]="$GW" [tollgate-keyed]="$GW")
 if [ -n "${BENCH_BASE_BIN:-}" ]; then
   kill "$(pgrep -f "$work/tollgate.toml")"; wait "$(pgrep -f "$work/tollgate.toml")" 2>/dev/null || sleep 1
-  cp -r "$work/data-tollgate" "$work/data-base"
+  cp -r "${BENCH_DATA_ROOT:-$work}/data-tollgate" "${BENCH_DATA_ROOT:-$work}/data-base"
   start_gw tollgate "$BIN"
   # BENCH_BASE_LOG: extra [log] lines for the base only (e.g. `access =
   # false` to measure the access log with BENCH_BASE_BIN = the same build).
@@ -191,7 +194,7 @@ if [ -n "${BENCH_STREAM:-}" ]; then
   taskset -c 1 "$(command -v nats-server || echo /usr/sbin/nats-server)" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$work/nats" >/dev/null 2>&1 &
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.05; done
   kill "$(pgrep -f "$work/tollgate.toml")"; wait "$(pgrep -f "$work/tollgate.toml")" 2>/dev/null || sleep 1
-  cp -r "$work/data-tollgate" "$work/data-stream"
+  cp -r "${BENCH_DATA_ROOT:-$work}/data-tollgate" "${BENCH_DATA_ROOT:-$work}/data-stream"
   start_gw tollgate "$BIN"
   start_gw stream "$BIN" "[events]
 stream = \"nats\"

@@ -83,6 +83,8 @@ pub enum StartError {
     DataDir { path: String, reason: String },
     #[error("cannot listen for SIGHUP (config reloads): {0}")]
     Signal(std::io::Error),
+    #[error("cannot start the data-plane workers: {0}")]
+    Workers(std::io::Error),
 }
 
 impl StartError {
@@ -378,6 +380,43 @@ impl App {
     }
 }
 
+/// The data plane's listening sockets, one per worker (`server.workers`),
+/// all on `addr`: with more than one, each has `SO_REUSEPORT` and the
+/// kernel spreads new connections over them.
+fn bind_data(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    use socket2::{Domain, Socket, Type};
+    let failed = |source| StartError::Bind { addr, source };
+    let socket = |addr: SocketAddr, reuse_port: bool, listen: bool| {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        if listen {
+            s.listen(1024)?;
+        }
+        std::io::Result::Ok(std::net::TcpListener::from(s))
+    };
+    if workers <= 1 {
+        return Ok(vec![socket(addr, false, true).map_err(failed)?]);
+    }
+    // Another process that sets SO_REUSEPORT too (a second gateway started
+    // by mistake) could share the port without a word: a plain bind first
+    // fails if anyone listens there.
+    if addr.port() != 0 {
+        drop(socket(addr, false, false).map_err(failed)?);
+    }
+    let first = socket(addr, true, true).map_err(failed)?;
+    let bound = first.local_addr().map_err(failed)?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(socket(bound, true, true).map_err(failed)?);
+    }
+    Ok(all)
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -520,7 +559,7 @@ async fn run_with(
     // The directory and the ports first: a start that cannot have them
     // fails before the store is opened (and repaired) at all.
     let _data_dir_lock = lock_data_dir(&config.storage.data_dir)?;
-    let data = bind(config.server.listen).await?;
+    let data = bind_data(config.server.listen, config.server.worker_count())?;
     let admin = bind(config.admin.listen).await?;
     let backend_url = if config.uses_embedded_simulator() {
         let listener = bind(config.simulator.listen).await?;
@@ -553,7 +592,7 @@ async fn run_with(
     } else {
         app.retire_demo_key().await?;
     }
-    let data_addr = data.local_addr().ok();
+    let data_addr = data.first().and_then(|l| l.local_addr().ok());
     let admin_addr = admin.local_addr().ok();
     // Machine-readable lines on stdout (logs go to stderr), so scripts and
     // tests can find ports chosen by the OS.
@@ -631,19 +670,15 @@ async fn run_with(
         // each commit; re-reading its own changes could only race them.
         tokio::spawn(app.accounts.clone().follow_changes(stop.clone()));
     }
-    let data_task = tokio::spawn(crate::gateway::serve(
-        app.gateway.clone(),
-        data,
-        stop.clone(),
-        grace,
-    ));
+    let mut workers = crate::gateway::Workers::spawn(&app.gateway, data, &stop, grace)
+        .map_err(StartError::Workers)?;
 
     shutdown.cancelled().await;
     tracing::info!("shutdown: refusing queued tasks, draining in-flight ones");
     app.stopping.cancel();
     app.limiter.shut_down();
     stop.cancel();
-    let _ = data_task.await;
+    workers.served().await;
     app.gateway.tasks.close();
     if tokio::time::timeout(grace, app.gateway.tasks.wait())
         .await
@@ -660,6 +695,9 @@ async fn run_with(
     export.finish().await;
     let store_for_close = app.store.clone();
     let _ = tokio::task::spawn_blocking(move || store_for_close.close()).await;
+    // Last: the workers' runtimes may drive store and Redis connections
+    // (opened by a request there) that the steps above used.
+    workers.finish().await;
     tracing::info!("shutdown complete");
     Ok(())
 }

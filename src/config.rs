@@ -261,6 +261,21 @@ pub struct ServerConfig {
     /// time is closed: a new silent one, one idle between keep-alive
     /// requests, or one sending its headers too slowly.
     pub idle_timeout_ms: u64,
+    /// Data-plane threads, each a single-threaded runtime with its own
+    /// listening socket on `listen` (`SO_REUSEPORT`: the kernel spreads
+    /// new connections over them) and its own idle backend connections.
+    /// 0: one per core the process may run on.
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// `workers`, with 0 read as the cores this process may run on.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -271,6 +286,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 30_000,
             max_connections: 10_000,
             idle_timeout_ms: 30_000,
+            workers: 0,
         }
     }
 }
@@ -872,6 +888,12 @@ impl Config {
                 "must be at most 67108864 (64 MiB)",
             ));
         }
+        if self.server.workers > 1024 {
+            return Err(invalid(
+                "server.workers",
+                "must be between 0 (one per core) and 1024",
+            ));
+        }
         for (key, value) in [
             ("server.max_connections", self.server.max_connections),
             ("admin.max_connections", self.admin.max_connections),
@@ -1080,6 +1102,7 @@ impl Config {
             "server.max_connections" => server.max_connections,
             "server.idle_timeout_ms" => server.idle_timeout_ms,
             "server.shutdown_grace_ms" => server.shutdown_grace_ms,
+            "server.workers" => server.workers,
             "admin.listen" => admin.listen,
             "admin.max_connections" => admin.max_connections,
             "admin.idle_timeout_ms" => admin.idle_timeout_ms,
@@ -1368,7 +1391,7 @@ mod tests {
         // still compare equal, so count them against the schema's defaults.
         let file: toml::Table = toml::from_str(text).unwrap();
         for (section, keys) in [
-            ("server", 5),
+            ("server", 6),
             ("admin", 4),
             ("backend", 11),
             ("limits", 8),

@@ -8,7 +8,7 @@
 //! as HAProxy does with `maxconn` reached on a frontend with no queue: the
 //! client learns at once, instead of waiting in the kernel's backlog.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge};
@@ -45,7 +45,24 @@ pub struct Acceptor {
     refused: IntCounter,
     errors: IntCounter,
     open: IntGauge,
-    warn: WarnLimiter,
+    warn: Arc<Mutex<WarnLimiter>>,
+}
+
+/// What the sockets of one listener share (one socket per data-plane
+/// worker): its connection cap, and the rate of its warnings.
+#[derive(Clone)]
+pub struct ListenerLimits {
+    slots: Arc<Semaphore>,
+    warn: Arc<Mutex<WarnLimiter>>,
+}
+
+impl ListenerLimits {
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max_connections)),
+            warn: Arc::new(Mutex::new(WarnLimiter::new(WARN_EVERY))),
+        }
+    }
 }
 
 impl Acceptor {
@@ -56,14 +73,30 @@ impl Acceptor {
         max_connections: usize,
         metrics: &Metrics,
     ) -> Self {
+        Self::sharing(
+            listener,
+            name,
+            &ListenerLimits::new(max_connections),
+            metrics,
+        )
+    }
+
+    /// An acceptor for one of the sockets of a listener whose `limits` the
+    /// others share.
+    pub fn sharing(
+        listener: TcpListener,
+        name: &'static str,
+        limits: &ListenerLimits,
+        metrics: &Metrics,
+    ) -> Self {
         Self {
             listener,
             name,
-            slots: Arc::new(Semaphore::new(max_connections)),
+            slots: limits.slots.clone(),
+            warn: limits.warn.clone(),
             refused: metrics.connections_refused.with_label_values(&[name]),
             errors: metrics.accept_errors.with_label_values(&[name]),
             open: metrics.open_connections.with_label_values(&[name]),
-            warn: WarnLimiter::new(WARN_EVERY),
         }
     }
 
@@ -79,7 +112,12 @@ impl Acceptor {
                 Ok((stream, _peer)) => stream,
                 Err(e) => {
                     self.errors.inc();
-                    if let Some(suppressed) = self.warn.allow(Instant::now()) {
+                    let allowed = self
+                        .warn
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .allow(Instant::now());
+                    if let Some(suppressed) = allowed {
                         tracing::warn!(
                             listener = self.name,
                             error = %e,

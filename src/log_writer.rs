@@ -25,8 +25,11 @@ use tracing_subscriber::fmt::MakeWriter;
 /// How long a line may wait in the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
-/// Past this the logging thread writes the buffer out itself.
-const MAX_PENDING: usize = 256 << 10;
+/// Past this the logging thread writes the buffer out itself: seconds of
+/// access lines at full load, so a sink held up by the disk (the kernel
+/// throttling writers while it writes back checkpointed pages) does not
+/// stall the request path.
+const MAX_PENDING: usize = 8 << 20;
 
 struct Shared {
     pending: Mutex<Vec<u8>>,

@@ -1034,7 +1034,13 @@ fn refused_start(config: &std::path::Path) -> (Option<i32>, String) {
 async fn one_data_directory_serves_one_process_and_ports_come_before_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let sim = common::Simulator::start();
-    let first = common::Gateway::start(dir.path(), &sim.url, &Opts::default());
+    // Three data-plane workers: three sockets on the port with
+    // SO_REUSEPORT, which another gateway setting it too must not join.
+    let workers = Opts {
+        env: vec![("TOLLGATE_SERVER_WORKERS", "3".into())],
+        ..Opts::default()
+    };
+    let first = common::Gateway::start(dir.path(), &sim.url, &workers);
     // The same directory again (its own free ports): refused, exit 2.
     let (code, stderr) = refused_start(&first.config_path);
     assert_eq!(code, Some(2), "{stderr}");
@@ -1054,7 +1060,7 @@ async fn one_data_directory_serves_one_process_and_ports_come_before_the_store()
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"{taken}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[backend]\nurl = \"{}\"\n[storage]\ndata_dir = \"{}\"\n",
+            "[server]\nlisten = \"{taken}\"\nworkers = 3\n[admin]\nlisten = \"127.0.0.1:0\"\n[backend]\nurl = \"{}\"\n[storage]\ndata_dir = \"{}\"\n",
             sim.url,
             data_dir.display()
         ),

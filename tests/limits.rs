@@ -45,6 +45,44 @@ async fn limit_is_shared_by_root_and_sub_accounts_never_exceeded_and_reached() {
     assert_eq!(a["concurrency"]["queued"], 0);
 }
 
+/// Four data-plane workers, each its own runtime and listening socket:
+/// connections land on any of them, and the limit is still one limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_holds_across_data_plane_workers() {
+    let stack = Stack::start(Opts {
+        env: vec![("TOLLGATE_SERVER_WORKERS", "4".into())],
+        ..Opts::default()
+    });
+    let admin = stack.admin();
+    let keys = [
+        stack.account_with_key("alpha").await,
+        stack.account_with_key("beta").await,
+    ];
+    // Each task on a new connection, so the kernel spreads them over the
+    // four sockets.
+    let tasks = (0..40).map(|i| {
+        let key = keys[i % 2].clone();
+        let client = common::TaskClient {
+            http: common::Http::new(),
+            url: stack.gw.url.clone(),
+        };
+        async move { client.task(&key, &[("x-sim-delay-ms", "150")]).await.status }
+    });
+    let statuses = join_all(tasks).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    for account in ["alpha", "beta"] {
+        assert_eq!(
+            stack.sim.max_in_flight(&stack.http, account).await,
+            3,
+            "{account}: limit 3, reached and never exceeded"
+        );
+        wait_for(&admin, account, "idle", in_flight(0)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sub_account_cap_holds_inside_the_root_limit() {
     let stack = Stack::start(Opts::default());

@@ -80,9 +80,8 @@ pub struct Pool {
 impl Pool {
     /// `authority` as in the backend URL; `max_idle` is the whole
     /// process's budget (`backend.pool_max_idle`), shared out over the
-    /// worker threads.
-    pub fn new(authority: &str, max_idle: usize) -> Self {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    /// `threads` data-plane workers.
+    pub fn new(authority: &str, max_idle: usize, threads: usize) -> Self {
         let has_port = authority
             .parse::<http::uri::Authority>()
             .is_ok_and(|a| a.port_u16().is_some());
@@ -93,7 +92,7 @@ impl Pool {
             } else {
                 format!("{authority}:80")
             },
-            max_idle: max_idle.div_ceil(threads),
+            max_idle: max_idle.div_ceil(threads.max(1)),
         }
     }
 

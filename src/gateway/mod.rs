@@ -1,5 +1,13 @@
 //! The data-plane server: accepts connections, serves HTTP/1.1 on hyper, and
 //! runs each request through the admission pipeline.
+//!
+//! It runs on `server.workers` threads, each a single-threaded tokio
+//! runtime with its own listening socket (`SO_REUSEPORT`) and its own idle
+//! backend connections: a connection, its requests and the backend
+//! exchanges they make stay on one thread, with no work stealing and no
+//! hand-off between threads. What must hold across them (the per-account
+//! limiter, the registry, billing, the connection cap) is shared state,
+//! the same as with any multi-threaded runtime.
 
 pub mod access_log;
 mod account_gate;
@@ -28,19 +36,96 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::head_check::HeadCheck;
-use crate::listen::Acceptor;
+use crate::listen::{Acceptor, ListenerLimits};
 use client_gone::ConnWatch;
 use shared_stream::SharedStream;
 pub use state::Gateway;
+
+/// The data-plane threads (see the module doc).
+pub struct Workers {
+    served: Vec<oneshot::Receiver<()>>,
+    release: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// One thread per listening socket, each serving until `stop` (see
+    /// [`serve`]); the connection cap (`server.max_connections`) is shared.
+    pub fn spawn(
+        gw: &Arc<Gateway>,
+        listeners: Vec<std::net::TcpListener>,
+        stop: &CancellationToken,
+        grace: Duration,
+    ) -> std::io::Result<Self> {
+        let limits = ListenerLimits::new(gw.config().server.max_connections);
+        let release = CancellationToken::new();
+        let mut workers = Self {
+            served: Vec::new(),
+            release: release.clone(),
+            threads: Vec::new(),
+        };
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (served, served_rx) = oneshot::channel();
+            let (gw, limits, stop, release) =
+                (gw.clone(), limits.clone(), stop.clone(), release.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("tollgate-data-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => serve(gw, listener, &limits, stop, grace).await,
+                            Err(e) => tracing::error!(error = %e, "a data-plane worker cannot use its socket"),
+                        }
+                        let _ = served.send(());
+                        // Tasks this runtime still runs (a task finishing
+                        // for a client that left, a job, a store or Redis
+                        // connection's driver) live until the gateway is
+                        // done with them.
+                        release.cancelled().await;
+                    });
+                    runtime.shutdown_timeout(Duration::from_secs(1));
+                })?;
+            workers.served.push(served_rx);
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// Waits until every worker has stopped accepting and its connections
+    /// have closed (or `grace` ran out).
+    pub async fn served(&mut self) {
+        for served in self.served.drain(..) {
+            let _ = served.await;
+        }
+    }
+
+    /// Ends the workers' runtimes (after [`Self::served`] and the gateway's
+    /// own drain) and waits for their threads.
+    pub async fn finish(self) {
+        self.release.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
 
 /// Serves until `stop` is cancelled, then lets open connections finish
 /// their current request within `grace`.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
+    limits: &ListenerLimits,
     stop: CancellationToken,
     grace: Duration,
 ) {
@@ -54,7 +139,7 @@ pub async fn serve(
         // keep-alive connection waits for its next request, so it is also
         // the idle timeout.
         .header_read_timeout(Duration::from_millis(config.server.idle_timeout_ms));
-    let mut acceptor = Acceptor::new(listener, "data", config.server.max_connections, &gw.metrics);
+    let mut acceptor = Acceptor::sharing(listener, "data", limits, &gw.metrics);
     drop(config);
     while let Some((stream, slot)) = acceptor.next(&stop).await {
         let _ = stream.set_nodelay(true);

@@ -108,7 +108,11 @@ impl Backend {
     /// or the embedded simulator's).
     pub fn new(config: &Arc<Config>, url: &str) -> Result<Self, String> {
         let base = BackendUrl::parse(url)?;
-        let pool = Pool::new(&base.authority, config.backend.pool_max_idle);
+        let pool = Pool::new(
+            &base.authority,
+            config.backend.pool_max_idle,
+            config.server.worker_count(),
+        );
         let host = base
             .authority
             .strip_suffix(":80")
