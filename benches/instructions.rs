@@ -16,9 +16,16 @@
 //! The figure is compared with `benches/instructions.budget`: more than
 //! `TOLERANCE` above it fails (exit code 1). When a change lowers the count
 //! for good, lower the budget with it (and say so in BENCHMARKS.md).
+//!
+//! Then the same drive runs once more in this process, without valgrind,
+//! under a counting allocator: allocations and bytes allocated per task
+//! (reported, not budgeted; all threads, the bench's own client and the
+//! simulator included).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,6 +35,37 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tollgate::config::Config;
+
+/// The system allocator, counting.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 const FEW: u64 = 100;
 const MANY: u64 = 600;
@@ -39,7 +77,7 @@ fn main() -> ExitCode {
     if let Ok(n) = std::env::var(TASKS_VAR) {
         let n: u64 = n.parse().expect("a task count");
         return match drive(n) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("instructions bench: {e}");
                 ExitCode::FAILURE
@@ -61,6 +99,17 @@ fn main() -> ExitCode {
     println!(
         "instructions per task: {per_task:.0} ({few} for {FEW} tasks, {many} for {MANY}; all threads, user space)"
     );
+    match drive(MANY) {
+        Ok((allocations, bytes)) => println!(
+            "allocations per task: {:.1} ({:.0} bytes; all threads, the bench's client and the simulator included)",
+            allocations as f64 / MANY as f64,
+            bytes as f64 / MANY as f64
+        ),
+        Err(e) => {
+            eprintln!("instructions bench: counting allocations: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let budget_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/instructions.budget");
     let budget: f64 = match std::fs::read_to_string(&budget_file)
         .ok()
@@ -122,8 +171,9 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// A whole gateway in process, `tasks` tasks through it, then a clean stop.
-fn drive(tasks: u64) -> Result<(), String> {
+/// A whole gateway in process, `tasks` tasks through it, then a clean stop;
+/// the allocations made (and their bytes) while the tasks ran.
+fn drive(tasks: u64) -> Result<(u64, u64), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -194,6 +244,10 @@ fn drive(tasks: u64) -> Result<(), String> {
             r#"{{"Image":"{}","Style":"ink"}}"#,
             "x".repeat(180)
         ));
+        let before = (
+            ALLOCATIONS.load(Ordering::Relaxed),
+            ALLOCATED.load(Ordering::Relaxed),
+        );
         for _ in 0..tasks {
             let req = Request::builder()
                 .method(Method::POST)
@@ -205,12 +259,17 @@ fn drive(tasks: u64) -> Result<(), String> {
                 .expect("a valid request");
             send(&mut conn, req, StatusCode::OK).await?;
         }
+        let counted = (
+            ALLOCATIONS.load(Ordering::Relaxed) - before.0,
+            ALLOCATED.load(Ordering::Relaxed) - before.1,
+        );
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(60), gateway)
             .await
             .map_err(|_| "the gateway did not stop".to_string())?
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(counted)
     })
 }
 

@@ -239,7 +239,7 @@ measure() { # name url -> appends "name rps us_per_req" to results
   # BENCH_PROFILE=1: the last round's tollgate run under `perf record -g`
   # on cpu0 (everything cpu0 runs, kernel included).
   if [ -n "${BENCH_PROFILE:-}" ] && [ "$name" = tollgate ] && [ "$r" = "$ROUNDS" ]; then
-    perf record -q -g -C 0 -o "$OUT/pinned.perf.data" -- sleep "$SECS" 2>/dev/null &
+    perf record -q ${BENCH_PERF_ARGS:--g -C 0} -o "$OUT/pinned.perf.data" -- sleep "$SECS" 2>/dev/null &
   fi
   # BENCH_STRACE=1: the same run's system calls counted (`strace -c -f`;
   # slows it, so only the counts per request mean anything).

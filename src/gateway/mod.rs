@@ -69,20 +69,38 @@ impl Workers {
             threads: Vec::new(),
         };
         for (i, listener) in listeners.into_iter().enumerate() {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            // A one-thread multi-threaded runtime, not a current-thread one:
+            // the latter wakes its driver with an eventfd write on every
+            // wake from another thread and on every earlier timer (hyper
+            // re-arms the header-read timer once a request: ~0.8 writes a
+            // task, `strace -f`), where this one checks first whether its
+            // thread is parked at all.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(format!("tollgate-data-{i}"))
                 .enable_all()
                 .build()?;
             let (served, served_rx) = oneshot::channel();
             let (gw, limits, stop, release) =
                 (gw.clone(), limits.clone(), stop.clone(), release.clone());
             let thread = std::thread::Builder::new()
-                .name(format!("tollgate-data-{i}"))
+                .name(format!("tollgate-hold-{i}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => serve(gw, listener, &limits, stop, grace).await,
-                            Err(e) => tracing::error!(error = %e, "a data-plane worker cannot use its socket"),
-                        }
+                        // Spawned, so that the accept loop, the connections
+                        // and the thread-locals they use (the idle backend
+                        // connections, the commit inbox) are on the
+                        // runtime's one worker thread.
+                        let serving = tokio::spawn(async move {
+                            // Commits made here are answered in one wake
+                            // per group commit (`store::ack`).
+                            tokio::spawn(crate::store::ack::Inbox::install());
+                            match TcpListener::from_std(listener) {
+                                Ok(listener) => serve(gw, listener, &limits, stop, grace).await,
+                                Err(e) => tracing::error!(error = %e, "a data-plane worker cannot use its socket"),
+                            }
+                        });
+                        let _ = serving.await;
                         let _ = served.send(());
                         // Tasks this runtime still runs (a task finishing
                         // for a client that left, a job, a store or Redis

@@ -7,6 +7,7 @@
 //! SQLite one (one node) and PostgreSQL (many replicas sharing one
 //! database, SPEC §8); [`open`] picks one from the config.
 
+pub mod ack;
 pub(crate) mod job_rows;
 pub mod migrate;
 mod postgres;
@@ -387,7 +388,7 @@ pub enum StoreHealth {
     Unavailable,
 }
 
-pub type Ack = oneshot::Sender<Result<Committed, StoreError>>;
+pub use ack::Ack;
 
 /// A boxed, sendable future: what the trait's async methods return, so the
 /// trait stays usable as `dyn Store`.
@@ -535,7 +536,7 @@ pub trait Store: Send + Sync + 'static {
 /// Submits a write and waits until it is durable.
 pub async fn commit(store: &dyn Store, write: Write) -> Result<Committed, StoreError> {
     let (tx, rx) = oneshot::channel();
-    store.submit(write, tx);
+    store.submit(write, Ack::new(tx));
     rx.await.unwrap_or(Err(StoreError::Closed))
 }
 

@@ -280,7 +280,7 @@ impl Store for PostgresStore {
         if let Err(mpsc::error::SendError(writer::Job::Write(_, ack))) =
             self.jobs.send(writer::Job::Write(write, ack))
         {
-            let _ = ack.send(Err(StoreError::Closed));
+            ack.send(Err(StoreError::Closed));
         }
     }
 

@@ -84,9 +84,8 @@ async fn commit_batch(shared: &Shared, batch: Vec<(Write, Ack)>) {
             // Before the acks: the caller applies its change to memory
             // after its ack, and no refresh read earlier may undo it.
             shared.note_local_changes(&admin_changed);
-            for ((_, ack), result) in batch.into_iter().zip(results) {
-                let _ = ack.send(result);
-            }
+            // One wake per waiting worker, not one per task.
+            super::super::ack::send_all(batch.into_iter().map(|(_, ack)| ack).zip(results));
         }
         Err(e @ StoreError::Unavailable { .. }) => {
             shared.mark_down(&e);
@@ -95,7 +94,7 @@ async fn commit_batch(shared: &Shared, batch: Vec<(Write, Ack)>) {
         Err(e) => {
             tracing::error!(error = %e, "store commit failed");
             for (_, ack) in batch {
-                let _ = ack.send(Err(e.clone()));
+                ack.send(Err(e.clone()));
             }
         }
     }
@@ -131,7 +130,7 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
                 acks.push(ack);
             }
             _ => {
-                let _ = ack.send(Err(e.clone()));
+                ack.send(Err(e.clone()));
             }
         }
     }
@@ -142,7 +141,7 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
     match result {
         Ok(()) => {
             for ack in acks {
-                let _ = ack.send(Ok(Committed::Usage {
+                ack.send(Ok(Committed::Usage {
                     seq: None,
                     fell_through: None,
                 }));
@@ -151,7 +150,7 @@ async fn spool_or_fail(shared: &Shared, batch: Vec<(Write, Ack)>, e: StoreError)
         Err(io) => {
             tracing::error!(error = %io, "usage spool append failed; tasks are not charged");
             for ack in acks {
-                let _ = ack.send(Err(StoreError::Unavailable {
+                ack.send(Err(StoreError::Unavailable {
                     reason: format!("PostgreSQL unreachable and the spool failed: {io}"),
                     retryable: false,
                 }));

@@ -334,7 +334,7 @@ impl Store for SqliteStore {
         if let Err(mpsc::SendError(WriterMsg::Write(_, ack))) =
             self.writes.send(WriterMsg::Write(write, ack))
         {
-            let _ = ack.send(Err(StoreError::Closed));
+            ack.send(Err(StoreError::Closed));
         }
     }
 

@@ -152,9 +152,8 @@ fn commit_batch(conn: &Connection, changes: &broadcast::Sender<Change>, batch: V
     };
     match outcome {
         Ok((results, changed)) => {
-            for ((_, ack), result) in batch.into_iter().zip(results) {
-                let _ = ack.send(result);
-            }
+            // One wake per waiting worker, not one per task.
+            super::super::ack::send_all(batch.into_iter().map(|(_, ack)| ack).zip(results));
             for account in changed {
                 // No subscriber is fine: one node applies its own changes.
                 let _ = changes.send(Change::Account(account));
@@ -162,9 +161,7 @@ fn commit_batch(conn: &Connection, changes: &broadcast::Sender<Change>, batch: V
         }
         Err(e) => {
             tracing::error!(error = %e, "store commit failed");
-            for (_, ack) in batch {
-                let _ = ack.send(Err(internal(&e)));
-            }
+            super::super::ack::send_all(batch.into_iter().map(|(_, ack)| (ack, Err(internal(&e)))));
         }
     }
 }
@@ -201,7 +198,7 @@ mod tests {
             .map(|w| {
                 let (tx, rx) = oneshot::channel();
                 acks.push(rx);
-                (w, tx)
+                (w, Ack::new(tx))
             })
             .collect();
         commit_batch(&conn, &changes, batch);
@@ -228,7 +225,7 @@ mod tests {
         assert_eq!((stored("a"), stored("b")), (7, 9));
         // The next batch begins and commits as usual.
         let (tx, mut rx) = oneshot::channel();
-        commit_batch(&conn, &changes, vec![(mark("a", 8), tx)]);
+        commit_batch(&conn, &changes, vec![(mark("a", 8), Ack::new(tx))]);
         assert!(rx.try_recv().unwrap().is_ok());
         assert_eq!(stored("a"), 8);
     }
