@@ -286,6 +286,7 @@ async fn conformance(store: Arc<dyn Store>) {
     charges_fall_through_in_the_deduction_order(s).await;
     idempotency_records_stand_or_fall_with_their_event(s).await;
     jobs_move_only_forward_and_succeed_once(s).await;
+    counts_of_a_group_commit_match_its_events(s).await;
 
     let store2 = store.clone();
     tokio::task::spawn_blocking(move || store2.close())
@@ -439,6 +440,40 @@ fn keyed_usage(
         *idempotency = Some(Box::new(record.clone()));
     }
     (w, record)
+}
+
+/// Writes sent together share a group commit, whose usage counts are
+/// written once per row at its end: they still match the events, also
+/// when one write of the batch fails and it is redone a write at a time.
+async fn counts_of_a_group_commit_match_its_events(s: &dyn Store) {
+    for id in ["fold-a", "fold-b"] {
+        commit(s, account(id)).await.unwrap();
+    }
+    let mut writes: Vec<Write> = (0..60)
+        .map(|i| {
+            let id = if i % 3 == 0 { "fold-b" } else { "fold-a" };
+            usage(id, None, &format!("fold-{i}"))
+        })
+        .collect();
+    // fold-a's free package holds 2: the third of these fails alone.
+    for i in 0..3 {
+        writes.push(usage(
+            "fold-a",
+            Some("free-fold-a"),
+            &format!("fold-free-{i}"),
+        ));
+    }
+    let results = futures_util::future::join_all(writes.into_iter().map(|w| commit(s, w))).await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_err()).count(),
+        1,
+        "{results:?}"
+    );
+    let of = |m: &[tollgate::store::MonthUsage]| (m[0].calls, m[0].free, m[0].postpaid);
+    let a = s.month_usage("2026-11", Some("fold-a")).await.unwrap();
+    assert_eq!(of(&a), (42, 2, 40));
+    let b = s.month_usage("2026-11", Some("fold-b")).await.unwrap();
+    assert_eq!(of(&b), (20, 0, 20));
 }
 
 /// A key's record is committed with its task's event or not at all; a

@@ -583,6 +583,52 @@ pub(crate) fn changed_accounts(write: &Write) -> Vec<String> {
 /// its `charged_to` label and its JSON, written again (the commit decided
 /// another payer; the stored event says who paid). Rare, so the JSON is
 /// parsed again rather than carried as a value.
+/// The calls a batch adds per account, month and charge source, written
+/// once per row when the batch commits instead of one upsert per event:
+/// the events of a group commit mostly fall on a few rows, and each upsert
+/// is a B-tree seek and a statement run (in PostgreSQL, a round trip).
+/// The same transaction, so a bill never sees an event without its count.
+#[derive(Default)]
+pub(crate) struct UsageCounts {
+    /// `account \0 month \0 source` -> calls.
+    calls: std::collections::HashMap<String, i64>,
+    scratch: String,
+}
+
+impl UsageCounts {
+    pub(crate) fn add(&mut self, account: &str, month: &str, source: &str) {
+        self.scratch.clear();
+        for (i, part) in [account, month, source].into_iter().enumerate() {
+            if i > 0 {
+                self.scratch.push('\0');
+            }
+            self.scratch.push_str(part);
+        }
+        match self.calls.get_mut(self.scratch.as_str()) {
+            Some(n) => *n += 1,
+            None => {
+                self.calls.insert(self.scratch.clone(), 1);
+            }
+        }
+    }
+
+    /// Takes over what a write that committed (its savepoint released)
+    /// counted.
+    pub(crate) fn merge(&mut self, other: UsageCounts) {
+        for (key, n) in other.calls {
+            *self.calls.entry(key).or_default() += n;
+        }
+    }
+
+    /// `(account, month, source, calls)`, each row once.
+    pub(crate) fn rows(&self) -> impl Iterator<Item = (&str, &str, &str, i64)> {
+        self.calls.iter().filter_map(|(key, n)| {
+            let mut parts = key.split('\0');
+            Some((parts.next()?, parts.next()?, parts.next()?, *n))
+        })
+    }
+}
+
 pub(crate) fn relabel(json: &str, payer: &Source) -> Result<(String, String), StoreError> {
     let bad = |e: serde_json::Error| StoreError::Internal(format!("usage event JSON: {e}"));
     let mut event: UsageEvent = serde_json::from_str(json).map_err(bad)?;

@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
-use super::super::{Committed, StoreError, Write, changed_accounts};
+use super::super::{Committed, StoreError, UsageCounts, Write, changed_accounts};
 use super::{internal, pg_write_error};
 use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 use crate::idempotency::IdempotencyRecord;
@@ -80,6 +80,7 @@ pub(super) async fn append_usage(
     tx: &deadpool_postgres::Transaction<'_>,
     u: &UsageRow<'_>,
     redelivery: bool,
+    counts: &mut UsageCounts,
 ) -> Result<(Option<u64>, Option<Source>), StoreError> {
     // The hot path of every success: statements prepared once per
     // connection, so each one is one round trip (a text query would be a
@@ -152,16 +153,37 @@ pub(super) async fn append_usage(
         .map_err(|e| pg_write_error(e, &what))?;
     let seq: i64 = row.get(0);
     let source = charged_to.split(':').next().unwrap_or("postpaid");
-    let count = prepared(
+    counts.add(u.account, u.month, source);
+    Ok((Some(seq as u64), fell_through))
+}
+
+/// Writes a batch's usage counts in one statement (one round trip, where
+/// an upsert per event was one each).
+pub(super) async fn write_counts(
+    tx: &deadpool_postgres::Transaction<'_>,
+    counts: &UsageCounts,
+) -> Result<(), StoreError> {
+    let (mut accounts, mut months, mut sources, mut calls) = (vec![], vec![], vec![], vec![]);
+    for (account, month, source, n) in counts.rows() {
+        accounts.push(account);
+        months.push(month);
+        sources.push(source);
+        calls.push(n);
+    }
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    let upsert = prepared(
         tx,
-        "INSERT INTO usage_counters(account, month, source, calls) VALUES ($1, $2, $3, 1)
-         ON CONFLICT (account, month, source) DO UPDATE SET calls = usage_counters.calls + 1",
+        "INSERT INTO usage_counters(account, month, source, calls)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+         ON CONFLICT (account, month, source) DO UPDATE SET calls = usage_counters.calls + excluded.calls",
     )
     .await?;
-    tx.execute(&count, &[&u.account, &u.month, &source])
+    tx.execute(&upsert, &[&accounts, &months, &sources, &calls])
         .await
-        .map_err(|e| pg_write_error(e, "usage counter"))?;
-    Ok((Some(seq as u64), fell_through))
+        .map_err(|e| pg_write_error(e, "usage counters"))?;
+    Ok(())
 }
 
 async fn prepared(
@@ -297,6 +319,7 @@ async fn charge(
 pub(super) async fn apply(
     tx: &deadpool_postgres::Transaction<'_>,
     write: &Write,
+    counts: &mut UsageCounts,
 ) -> Result<(Committed, Vec<String>), StoreError> {
     let mut changed = changed_accounts(write);
     match write {
@@ -398,7 +421,7 @@ pub(super) async fn apply(
                 package: package.as_deref(),
                 month,
             };
-            let (seq, fell_through) = append_usage(tx, &row, false).await?;
+            let (seq, fell_through) = append_usage(tx, &row, false, counts).await?;
             return Ok((Committed::Usage { seq, fell_through }, changed));
         }
         Write::CreateConcurrencyPackage(p) => {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::super::StoreError;
+use super::super::{StoreError, UsageCounts};
 use super::{LOCK_EVENTS, Shared, apply, client, pg_error};
 
 /// How often delivery is tried while events wait: well within SPEC §8.7's
@@ -77,11 +77,17 @@ async fn deliver_chunk(
         .await
         .map_err(pg_error)?;
     let mut inserted = 0;
+    let mut counts = UsageCounts::default();
     for e in chunk {
-        if apply::append_usage(&tx, &e.row(), true).await?.0.is_some() {
+        if apply::append_usage(&tx, &e.row(), true, &mut counts)
+            .await?
+            .0
+            .is_some()
+        {
             inserted += 1;
         }
     }
+    apply::write_counts(&tx, &counts).await?;
     tx.commit().await.map_err(pg_error)?;
     Ok(inserted)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use deadpool_postgres::Client;
 use tokio::sync::mpsc;
 
-use super::super::{Ack, Committed, StoreError, Write};
+use super::super::{Ack, Committed, StoreError, UsageCounts, Write};
 use super::spool::SpooledEvent;
 use super::{LOCK_CHANGES, LOCK_EVENTS, Shared, apply, client, pg_error};
 
@@ -205,17 +205,20 @@ async fn run_batch(
     let mut results = Vec::with_capacity(batch.len());
     let mut changed = BTreeSet::new();
     let mut admin_changed = BTreeSet::new();
+    let mut counts = UsageCounts::default();
     for (write, _) in batch {
         if isolate {
             tx.batch_execute("SAVEPOINT w").await.map_err(pg_error)?;
         }
-        match apply::apply(&tx, write).await {
+        let mut counted = UsageCounts::default();
+        match apply::apply(&tx, write, &mut counted).await {
             Ok((committed, accounts)) => {
                 if isolate {
                     tx.batch_execute("RELEASE SAVEPOINT w")
                         .await
                         .map_err(pg_error)?;
                 }
+                counts.merge(counted);
                 results.push(Ok(committed));
                 if !matches!(write, Write::AppendUsage { .. }) {
                     admin_changed.extend(accounts.iter().cloned());
@@ -235,6 +238,13 @@ async fn run_batch(
             }
         }
     }
+    // Not one write's failure: the batch fails (or is spooled) whole.
+    apply::write_counts(&tx, &counts)
+        .await
+        .map_err(|e| match e {
+            e @ StoreError::Unavailable { .. } => e,
+            other => StoreError::Internal(other.to_string()),
+        })?;
     if !changed.is_empty() {
         let accounts: Vec<&String> = changed.iter().collect();
         tx.execute(

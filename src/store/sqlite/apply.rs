@@ -1,10 +1,8 @@
 //! One write, applied inside the writer's transaction.
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, ErrorCode, params};
 
-use super::super::{Committed, StoreError, Write, changed_accounts};
+use super::super::{Committed, StoreError, UsageCounts, Write, changed_accounts};
 use super::internal;
 use crate::billing::{ChargeCandidate, PackageKind, Source, charge_order};
 use crate::idempotency::IdempotencyRecord;
@@ -70,59 +68,17 @@ fn opt_ts(t: &Option<jiff::Timestamp>) -> Option<String> {
     t.map(|t| t.to_string())
 }
 
-/// The calls a batch adds per account, month and charge source, written
-/// by one upsert each when the batch ends instead of one per event: the
-/// events of a group commit mostly fall on a few rows, and each upsert is
-/// a B-tree seek and a statement run (the same transaction, so a bill
-/// never sees an event without its count).
-#[derive(Default)]
-pub(super) struct Counters {
-    /// `account \0 month \0 source` -> calls.
-    calls: HashMap<String, i64>,
-    scratch: String,
-}
-
-impl Counters {
-    fn add(&mut self, account: &str, month: &str, source: &str) {
-        self.scratch.clear();
-        for (i, part) in [account, month, source].into_iter().enumerate() {
-            if i > 0 {
-                self.scratch.push('\0');
-            }
-            self.scratch.push_str(part);
-        }
-        match self.calls.get_mut(self.scratch.as_str()) {
-            Some(n) => *n += 1,
-            None => {
-                self.calls.insert(self.scratch.clone(), 1);
-            }
-        }
+/// Writes a batch's usage counts, one upsert per row; a failure here is
+/// the batch's, not one write's.
+pub(super) fn write_counts(conn: &Connection, counts: &UsageCounts) -> rusqlite::Result<()> {
+    let mut upsert = conn.prepare_cached(
+        "INSERT INTO usage_counters(account, month, source, calls) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(account, month, source) DO UPDATE SET calls = calls + excluded.calls",
+    )?;
+    for (account, month, source, calls) in counts.rows() {
+        upsert.execute(params![account, month, source, calls])?;
     }
-
-    /// Takes over what a write that committed (its savepoint released)
-    /// counted.
-    pub(super) fn merge(&mut self, other: Counters) {
-        for (key, n) in other.calls {
-            *self.calls.entry(key).or_default() += n;
-        }
-    }
-
-    /// A failure here is the batch's, not one write's.
-    pub(super) fn write(&self, conn: &Connection) -> rusqlite::Result<()> {
-        let mut upsert = conn.prepare_cached(
-            "INSERT INTO usage_counters(account, month, source, calls) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(account, month, source) DO UPDATE SET calls = calls + excluded.calls",
-        )?;
-        for (key, n) in &self.calls {
-            let mut parts = key.split('\0');
-            if let (Some(account), Some(month), Some(source)) =
-                (parts.next(), parts.next(), parts.next())
-            {
-                upsert.execute(params![account, month, source, n])?;
-            }
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// Applies one write; returns its result and the root accounts whose
@@ -131,7 +87,7 @@ impl Counters {
 pub(super) fn apply(
     conn: &Connection,
     write: &Write,
-    counters: &mut Counters,
+    counters: &mut UsageCounts,
 ) -> Result<(Committed, Vec<String>), StoreError> {
     let mut changed = changed_accounts(write);
     match write {

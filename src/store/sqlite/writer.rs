@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 use tokio::sync::broadcast;
 
-use super::super::{Ack, Change, Committed, StoreError, Write};
+use super::super::{Ack, Change, Committed, StoreError, UsageCounts, Write};
 use super::{WriterMsg, apply, internal};
 
 /// The most writes one transaction takes; more wait for the next.
@@ -107,12 +107,12 @@ fn run_batch(
 ) -> rusqlite::Result<Option<BatchOutcome>> {
     let mut results = Vec::with_capacity(batch.len());
     let mut changed = Vec::new();
-    let mut counters = apply::Counters::default();
+    let mut counters = UsageCounts::default();
     let tx = Tx::begin(conn)?;
     for (write, _) in batch {
         if isolate {
             exec(conn, "SAVEPOINT write")?;
-            let mut counted = apply::Counters::default();
+            let mut counted = UsageCounts::default();
             match apply::apply(conn, write, &mut counted) {
                 Ok((committed, accounts)) => {
                     exec(conn, "RELEASE write")?;
@@ -137,7 +137,7 @@ fn run_batch(
             }
         }
     }
-    counters.write(conn)?;
+    apply::write_counts(conn, &counters)?;
     tx.commit()?;
     Ok(Some((results, changed)))
 }
