@@ -261,7 +261,7 @@ pub struct ServerConfig {
     /// time is closed: a new silent one, one idle between keep-alive
     /// requests, or one sending its headers too slowly.
     pub idle_timeout_ms: u64,
-    /// Data-plane threads, each a single-threaded runtime with its own
+    /// Data-plane workers, each a runtime of one thread with its own
     /// listening socket on `listen` (`SO_REUSEPORT`: the kernel spreads
     /// new connections over them) and its own idle backend connections.
     /// 0: one per core the process may run on.
@@ -1327,20 +1327,31 @@ pub struct BackendUrl {
 
 impl BackendUrl {
     pub fn parse(url: &str) -> Result<Self, String> {
+        // A URL with user info may carry a password: never echoed.
+        let url_shown = &if url.contains('@') {
+            "the URL (not shown: it holds an `@`)".to_string()
+        } else {
+            format!("`{url}`")
+        };
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+            .map_err(|e| format!("{url_shown} is not a URL: {e}"))?;
         if uri.scheme_str() != Some("http") {
             return Err(format!(
-                "`{url}` must start with http:// (https backends are not supported yet)"
+                "{url_shown} must start with http:// (https backends are not supported yet)"
             ));
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("`{url}` has no host"))?
+            .ok_or_else(|| format!("{url_shown} has no host"))?
             .to_string();
         if uri.query().is_some() {
-            return Err(format!("`{url}` must not have a query"));
+            return Err(format!("{url_shown} must not have a query"));
+        }
+        if authority.contains('@') {
+            return Err(format!(
+                "{url_shown} must not carry a user name or password (the backend is reached without one)"
+            ));
         }
         let path_prefix = uri.path().trim_end_matches('/').to_string();
         Ok(Self {
@@ -1769,5 +1780,8 @@ mod tests {
         let u = BackendUrl::parse("http://127.0.0.1:9000/api/").unwrap();
         assert_eq!(u.authority, "127.0.0.1:9000");
         assert_eq!(u.path_prefix, "/api");
+        let e = BackendUrl::parse("http://user:secret@127.0.0.1:9000/").unwrap_err();
+        assert!(e.contains("user name or password"), "{e}");
+        assert!(!e.contains("secret"), "a password is never echoed: {e}");
     }
 }

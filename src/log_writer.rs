@@ -3,7 +3,8 @@
 //! [`FLUSH_EVERY`], as nginx's `access_log ... buffer= flush=` does.
 //!
 //! A line costs its formatting and an append under an uncontended lock on
-//! the thread that logs: no allocation, no channel, no wake-up. A channel
+//! the thread that logs: no channel, no wake-up, and no allocation once
+//! the buffer has grown to a batch's size. A channel
 //! to a writer thread (tracing-appender's `non_blocking`) woke that thread
 //! for nearly every access line, and its receiver spun with
 //! `sched_yield` before it slept: on one pinned core, 2 context switches

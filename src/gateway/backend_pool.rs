@@ -78,9 +78,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// `authority` as in the backend URL; `max_idle` is the whole
-    /// process's budget (`backend.pool_max_idle`), shared out over the
-    /// `threads` data-plane workers.
+    /// `authority` as in the backend URL; `max_idle` is
+    /// `backend.pool_max_idle`, shared out over the `threads` data-plane
+    /// workers (a job run on the admin runtime's threads keeps its own
+    /// share there too).
     pub fn new(authority: &str, max_idle: usize, threads: usize) -> Self {
         let has_port = authority
             .parse::<http::uri::Authority>()
@@ -148,27 +149,31 @@ impl Pool {
         }
     }
 
-    /// Keeps the connection for the next request on this thread.
+    /// Keeps the connection for the next request on this thread, once it
+    /// can take one: an answer can be read whole while the request's body
+    /// is still being sent (a backend that answers early), and the next
+    /// task must not wait behind that upload.
     pub fn give_back(&self, c: Checkout) {
         if c.pool != self.id || c.sender.is_closed() {
             return;
         }
-        IDLE.with_borrow_mut(|idle| {
-            if idle.len() < self.max_idle {
-                idle.push(Idle {
-                    pool: c.pool,
-                    sender: c.sender,
-                    since: Instant::now(),
-                });
+        let max_idle = self.max_idle;
+        if c.sender.is_ready() {
+            keep_idle(c, max_idle);
+            return;
+        }
+        tokio::spawn(async move {
+            let mut c = c;
+            if c.sender.ready().await.is_ok() {
+                keep_idle(c, max_idle);
             }
         });
     }
 
     /// The most recently used idle connection of this pool on this thread
     /// that is still open; closed ones, ones idle too long and another
-    /// pool's are dropped on the way. Its connection task may not have
-    /// seen the end of the last answer yet (it runs apart): waiting for it
-    /// to be ready is a poll or two.
+    /// pool's are dropped on the way. It was ready when it was kept; the
+    /// wait covers a connection the backend is closing just now.
     async fn idle(&self) -> Option<SendRequest<UpstreamBody>> {
         loop {
             let mut sender = IDLE.with_borrow_mut(|idle| {
@@ -204,4 +209,16 @@ impl Pool {
         });
         Ok(sender)
     }
+}
+
+fn keep_idle(c: Checkout, max_idle: usize) {
+    IDLE.with_borrow_mut(|idle| {
+        if idle.len() < max_idle {
+            idle.push(Idle {
+                pool: c.pool,
+                sender: c.sender,
+                since: Instant::now(),
+            });
+        }
+    });
 }

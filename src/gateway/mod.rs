@@ -1,8 +1,8 @@
 //! The data-plane server: accepts connections, serves HTTP/1.1 on hyper, and
 //! runs each request through the admission pipeline.
 //!
-//! It runs on `server.workers` threads, each a single-threaded tokio
-//! runtime with its own listening socket (`SO_REUSEPORT`) and its own idle
+//! It runs on `server.workers` workers, each a tokio runtime of one thread
+//! with its own listening socket (`SO_REUSEPORT`) and its own idle
 //! backend connections: a connection, its requests and the backend
 //! exchanges they make stay on one thread, with no work stealing and no
 //! hand-off between threads. What must hold across them (the per-account
@@ -53,8 +53,9 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// One thread per listening socket, each serving until `stop` (see
-    /// [`serve`]); the connection cap (`server.max_connections`) is shared.
+    /// A worker (a one-thread runtime, and a thread that holds it) per
+    /// listening socket, each serving until `stop` (see [`serve`]); the
+    /// connection cap (`server.max_connections`) is shared.
     pub fn spawn(
         gw: &Arc<Gateway>,
         listeners: Vec<std::net::TcpListener>,
@@ -80,12 +81,20 @@ impl Workers {
                 .thread_name(format!("tollgate-data-{i}"))
                 .enable_all()
                 .build()?;
+            // Built here, so that a failure is the caller's error; moved to
+            // its thread at once (a runtime dropped inside an async caller
+            // panics).
             let (served, served_rx) = oneshot::channel();
             let (gw, limits, stop, release) =
                 (gw.clone(), limits.clone(), stop.clone(), release.clone());
+            let (hand_over, runtime_rx) = std::sync::mpsc::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("tollgate-hold-{i}"))
                 .spawn(move || {
+                    let Ok(runtime) = runtime_rx.recv() else {
+                        return;
+                    };
+                    let runtime: tokio::runtime::Runtime = runtime;
                     runtime.block_on(async move {
                         // Spawned, so that the accept loop, the connections
                         // and the thread-locals they use (the idle backend
@@ -109,7 +118,16 @@ impl Workers {
                         release.cancelled().await;
                     });
                     runtime.shutdown_timeout(Duration::from_secs(1));
-                })?;
+                });
+            let thread = match thread {
+                Ok(t) => t,
+                Err(e) => {
+                    // Dropped off the async caller's thread (see above).
+                    std::thread::spawn(move || drop(runtime));
+                    return Err(e);
+                }
+            };
+            let _ = hand_over.send(runtime);
             workers.served.push(served_rx);
             workers.threads.push(thread);
         }
@@ -126,15 +144,23 @@ impl Workers {
 
     /// Ends the workers' runtimes (after [`Self::served`] and the gateway's
     /// own drain) and waits for their threads.
-    pub async fn finish(self) {
+    pub async fn finish(mut self) {
         self.release.cancel();
-        let threads = self.threads;
+        let threads = std::mem::take(&mut self.threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
         })
         .await;
+    }
+}
+
+/// Workers dropped without [`Workers::finish`] (a start that failed after
+/// some of them began) end with their threads.
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.release.cancel();
     }
 }
 

@@ -283,7 +283,12 @@ impl Backend {
             .answers
             .take(declared, self.config.backend.max_buffered_response_bytes)
             .ok_or(GatewayError::AnswersFull)?;
-        let mut buf = BytesMut::with_capacity(declared as usize);
+        // An answer that comes in one frame (most: hyper reads a small body
+        // with its head) is kept as that frame, not copied; more frames are
+        // gathered in one buffer.
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
+        let mut total = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 tracing::warn!(error = %e, "reading the backend's answer failed");
@@ -292,7 +297,7 @@ impl Backend {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            let len = (buf.len() + data.len()) as u64;
+            let len = total + data.len() as u64;
             if len > max {
                 return Err(too_large());
             }
@@ -306,9 +311,21 @@ impl Backend {
             {
                 return Err(GatewayError::AnswersFull);
             }
-            buf.extend_from_slice(&data);
+            total = len;
+            match first.take() {
+                None if buf.is_empty() => first = Some(data),
+                None => buf.extend_from_slice(&data),
+                Some(one) => {
+                    buf.reserve((declared.max(len)) as usize);
+                    buf.extend_from_slice(&one);
+                    buf.extend_from_slice(&data);
+                }
+            }
         }
-        Ok(buf.freeze())
+        Ok(match first {
+            Some(one) => one,
+            None => buf.freeze(),
+        })
     }
 
     fn map_send_error(&self, e: &SendError) -> GatewayError {

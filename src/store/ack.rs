@@ -1,9 +1,9 @@
 //! Answering the tasks that wait on a commit.
 //!
 //! A writer thread that answered each waiting task itself would wake the
-//! task's runtime once per task, and a single-threaded runtime woken from
-//! another thread pays a system call each time (tokio unparks its driver
-//! with an `eventfd` write). So a task on a data-plane worker sends, with
+//! task's runtime once per task: a lock on its queue each time, and a
+//! system call whenever its thread sleeps (tokio unparks it with an
+//! `eventfd` write). So a task on a data-plane worker sends, with
 //! its write, its worker's inbox ([`Inbox::install`]); the writer puts a
 //! whole group commit's answers into the inboxes and wakes each worker
 //! once, and each worker hands them out on its own thread, where a wake
