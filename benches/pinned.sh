@@ -18,6 +18,8 @@
 # before the answer) per success. Its data directory is on the same disk as
 # the repository (not tmpfs).
 #
+# BENCH_CLUSTER=1 adds the cluster path (Redis + PostgreSQL) as
+# "tollgate-cluster", with its own open loop at 50 % of its maximum.
 # BENCH_DATA_ROOT=/dev/shm/x puts the data directories there (tmpfs: to
 # tell the disk's fsync latency from the gateway's own).
 #
@@ -156,12 +158,15 @@ wait_http "$HAPROXY/"
 
 # 64 postpaid accounts, one key each: every task is paid.
 auth=(-H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json")
-for i in $(seq 1 $ACCOUNTS); do
-  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts" -d "{\"id\":\"pin-$i\"}" >/dev/null
-  curl -sf "${auth[@]}" -X PUT "$ADMIN/v1/accounts/pin-$i/postpaid" -d '{"enabled":true}' >/dev/null
-  curl -sf "${auth[@]}" -X POST "$ADMIN/v1/accounts/pin-$i/keys" -d '{}' | sed 's/.*"api_key":"\([^"]*\)".*/\1/'
-  echo
-done >"$work/keys.txt"
+make_keys() { # admin url -> one key per line
+  for i in $(seq 1 $ACCOUNTS); do
+    curl -sf "${auth[@]}" -X POST "$1/v1/accounts" -d "{\"id\":\"pin-$i\"}" >/dev/null
+    curl -sf "${auth[@]}" -X PUT "$1/v1/accounts/pin-$i/postpaid" -d '{"enabled":true}' >/dev/null
+    curl -sf "${auth[@]}" -X POST "$1/v1/accounts/pin-$i/keys" -d '{}' | sed 's/.*"api_key":"\([^"]*\)".*/\1/'
+    echo
+  done
+}
+make_keys "$ADMIN" >"$work/keys.txt"
 # tollgate-keyed: the same gateway, every request with its own
 # Idempotency-Key (the cost of a key per task: its body read first, the
 # key's store read and in-progress marker, the stored answer committed with
@@ -211,7 +216,8 @@ fi
 # wrk: POST, 200-byte JSON body; requests take the 64 keys in turn, so the
 # 64 requests in flight belong to (nearly always) distinct accounts and none
 # waits in a queue (an account's limit is 3).
-python3 - "$work/keys.txt" >"$work/post.lua" <<'PY'
+lua_of() { # keys file -> wrk script
+python3 - "$1" <<'PY'
 import sys
 keys = [k.strip() for k in open(sys.argv[1]) if k.strip()]
 print("local keys = {" + ",".join('"%s"' % k for k in keys) + "}")
@@ -224,13 +230,44 @@ request = function()
   return wrk.format("POST", "/v1/style-transfer", {["Authorization"] = "Bearer " .. k, ["Content-Type"] = "application/json"}, body)
 end''')
 PY
+}
+lua_of "$work/keys.txt" >"$work/post.lua"
 # The same with a key per request, unique across runs (a repeated key
 # would be a replay, not a task).
 sed -e 's/^local n = 0$/local n = 0\nmath.randomseed(os.time())\nlocal run = os.time() .. "-" .. math.random(1, 1000000000)/' \
     -e 's/\["Content-Type"\] = "application\/json"}/["Content-Type"] = "application\/json", ["Idempotency-Key"] = "pin-" .. run .. "-" .. n}/' \
     "$work/post.lua" >"$work/post-keyed.lua"
 grep -q Idempotency-Key "$work/post-keyed.lua"
-script_of() { [ "$1" = tollgate-keyed ] && echo "$work/post-keyed.lua" || echo "$work/post.lua"; }
+script_of() {
+  case $1 in
+    tollgate-keyed) echo "$work/post-keyed.lua" ;;
+    tollgate-cluster) echo "$work/post-cluster.lua" ;;
+    *) echo "$work/post.lua" ;;
+  esac
+}
+keys_of() { [ "$1" = tollgate-cluster ] && echo "$work/keys-cluster.txt" || echo "$work/keys.txt"; }
+
+# BENCH_CLUSTER=1: the same build once more ("tollgate-cluster") in cluster
+# mode: the limiter and the quota in a private Redis, the store in a fresh
+# PostgreSQL database (the machine's server on 127.0.0.1:5432). Redis is
+# pinned beside the load generator on cpu1; PostgreSQL runs where the
+# system puts it, so cpu0's count may include some of it.
+if [ -n "${BENCH_CLUSTER:-}" ]; then
+  RPORT=$(free_port)
+  taskset -c 1 redis-server --bind 127.0.0.1 --port "$RPORT" --save "" --appendonly no >"$work/redis.log" 2>&1 &
+  for _ in $(seq 100); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  PG=${PG:-postgres://postgres@127.0.0.1:5432}
+  PGDB=tollgate_pin_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
+  psql "$PG/postgres" -qAtc "CREATE DATABASE $PGDB" >/dev/null
+  trap 'cleanup; psql "$PG/postgres" -qAtc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
+  TOLLGATE_STORAGE_KIND=postgres TOLLGATE_STORAGE_POSTGRES_URL="$PG/$PGDB" start_gw cluster "$BIN" "[cluster]
+redis_url = \"redis://127.0.0.1:$RPORT/0\"
+key_prefix = \"tgpin-$PGDB\""
+  make_keys "$ADMIN_cluster" >"$work/keys-cluster.txt"
+  lua_of "$work/keys-cluster.txt" >"$work/post-cluster.lua"
+  URL[tollgate-cluster]=$GW_cluster
+  TARGETS+=(tollgate-cluster)
+fi
 
 cpu0() { awk '$1=="cpu0" {busy=$2+$3+$4+$7+$8+$9; print busy, busy+$5+$6}' /proc/stat; }
 measure() { # name url -> appends "name rps us_per_req" to results
@@ -295,9 +332,30 @@ RATE=$(( MAX / 2 ))
 echo "open loop at $RATE req/s" >&2
 for t in backend tollgate ${BENCH_BASE_BIN:+tollgate-base}; do
   url=${URL[$t]}
-  taskset -c 1 "$BIN" loadgen --json --duration "${SECS}s" --keys-file "$work/keys.txt" --body-size 200 \
+  taskset -c 1 "$BIN" loadgen --json --duration "${SECS}s" --keys-file "$(keys_of "$t")" --body-size 200 \
     --rate "$RATE" --url "$url/v1/style-transfer" >"$work/lat-$t.json"
 done
+# The cluster path at 50 % of its own maximum (and the backend straight at
+# that rate, for its added latency).
+if [ -n "${BENCH_CLUSTER:-}" ]; then
+  CMAX=$(awk '$1=="tollgate-cluster" {print $2}' "$work/results.txt" | sort -n | awk '{a[NR]=$1} END {print int(a[int((NR+1)/2)])}')
+  CRATE=$(( CMAX / 2 ))
+  echo "cluster open loop at $CRATE req/s" >&2
+  for t in backend tollgate-cluster; do
+    taskset -c 1 "$BIN" loadgen --json --duration "${SECS}s" --keys-file "$(keys_of "$t")" --body-size 200 \
+      --rate "$CRATE" --url "${URL[$t]}/v1/style-transfer" >"$work/clat-$t.json"
+  done
+  python3 - "$work" "$CRATE" >"$work/cluster-lat.txt" <<'PY'
+import json, sys
+work, rate = sys.argv[1:]
+b = json.load(open(f"{work}/clat-backend.json"))["latency_ms"]
+c = json.load(open(f"{work}/clat-tollgate-cluster.json"))
+l = c["latency_ms"]
+print(f"Cluster path, open loop at {rate} req/s (50 % of its maximum): backend straight p50 {b['p50']:.3f} / p99 {b['p99']:.3f} ms; "
+      f"through tollgate-cluster p50 {l['p50']:.3f} / p99 {l['p99']:.3f} ms: **added p50 {l['p50'] - b['p50']:.3f} ms, p99 {l['p99'] - b['p99']:.3f} ms**; statuses {c['statuses']}")
+PY
+  cat "$work/cluster-lat.txt" >&2
+fi
 
 
 python3 - "$work" "$SECS" "$ROUNDS" "$OUT" "$RATE" <<'PY'
@@ -318,7 +376,7 @@ json.dump(res, open(f"{out}/pinned.json", "w"), indent=2)
 md = [f"Pinned side by side: server side on cpu0, wrk -t1 -c64 on cpu1, POST 200 B, 2 KiB reply, {secs} s x {rounds} interleaved rounds, median.\n",
       "| target | req/s | CPU µs per request on cpu0 (backend included) | cpu0 busy | x nginx throughput |", "|---|---:|---:|---:|---:|"]
 n = med["nginx"]["rps"]
-for t in ["backend", "nginx", "haproxy", "tollgate", "tollgate-keyed", "tollgate-base", "tollgate-stream"]:
+for t in ["backend", "nginx", "haproxy", "tollgate", "tollgate-keyed", "tollgate-base", "tollgate-stream", "tollgate-cluster"]:
     if t not in med:
         continue
     m = med[t]
@@ -354,6 +412,8 @@ for t in ["tollgate", "tollgate-base"]:
     if t in res["open_loop"]:
         g = res["open_loop"][t]
         md.append(f"- through {t}: p50 {g['p50_ms']:.3f} ms / p99 {g['p99_ms']:.3f} ms; **added p50 {g['p50_ms'] - b['p50_ms']:.3f} ms, p99 {g['p99_ms'] - b['p99_ms']:.3f} ms**; statuses {g['statuses']}")
+if os.path.exists(f"{work}/cluster-lat.txt"):
+    md.append("\n" + open(f"{work}/cluster-lat.txt").read())
 open(f"{out}/pinned.md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 PY
