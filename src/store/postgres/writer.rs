@@ -210,15 +210,18 @@ async fn run_batch(
         if isolate {
             tx.batch_execute("SAVEPOINT w").await.map_err(pg_error)?;
         }
+        // Isolated, a write's counts wait for its savepoint's release; in
+        // one transaction they go straight to the batch's.
         let mut counted = UsageCounts::default();
-        match apply::apply(&tx, write, &mut counted).await {
+        let into = if isolate { &mut counted } else { &mut counts };
+        match apply::apply(&tx, write, into).await {
             Ok((committed, accounts)) => {
                 if isolate {
                     tx.batch_execute("RELEASE SAVEPOINT w")
                         .await
                         .map_err(pg_error)?;
+                    counts.merge(counted);
                 }
-                counts.merge(counted);
                 results.push(Ok(committed));
                 if !matches!(write, Write::AppendUsage { .. }) {
                     admin_changed.extend(accounts.iter().cloned());
