@@ -73,6 +73,9 @@ pub struct Pool {
     id: u64,
     /// `host:port` to connect to (port 80 when the URL names none).
     connect_to: String,
+    /// The `Host` every request carries: the URL's authority, without
+    /// `:80` (as clients write it).
+    host: http::HeaderValue,
     /// Idle connections kept per thread.
     max_idle: usize,
 }
@@ -82,19 +85,22 @@ impl Pool {
     /// `backend.pool_max_idle`, shared out over the `threads` data-plane
     /// workers (a job run on the admin runtime's threads keeps its own
     /// share there too).
-    pub fn new(authority: &str, max_idle: usize, threads: usize) -> Self {
-        let has_port = authority
-            .parse::<http::uri::Authority>()
-            .is_ok_and(|a| a.port_u16().is_some());
-        Self {
+    pub fn new(authority: &str, max_idle: usize, threads: usize) -> Result<Self, String> {
+        let parsed: http::uri::Authority = authority
+            .parse()
+            .map_err(|_| format!("`{authority}` is not a host and port"))?;
+        let (connect_to, host) = match parsed.port_u16() {
+            None => (format!("{authority}:80"), authority),
+            Some(80) => (authority.to_string(), parsed.host()),
+            Some(_) => (authority.to_string(), authority),
+        };
+        Ok(Self {
             id: POOLS.fetch_add(1, Ordering::Relaxed),
-            connect_to: if has_port {
-                authority.to_string()
-            } else {
-                format!("{authority}:80")
-            },
+            connect_to,
+            host: http::HeaderValue::from_str(host)
+                .map_err(|_| format!("`{authority}` is not a valid Host header"))?,
             max_idle: max_idle.div_ceil(threads.max(1)),
-        }
+        })
     }
 
     /// The same connections, for a backend that replaces this one with the
@@ -103,6 +109,7 @@ impl Pool {
         Self {
             id: self.id,
             connect_to: self.connect_to.clone(),
+            host: self.host.clone(),
             max_idle: self.max_idle,
         }
     }
@@ -111,6 +118,10 @@ impl Pool {
     /// none.
     pub fn connect_to(&self) -> &str {
         &self.connect_to
+    }
+
+    pub fn host(&self) -> &http::HeaderValue {
+        &self.host
     }
 
     /// Sends `req` (origin-form URI, `Host` set) and waits for the
@@ -221,4 +232,25 @@ fn keep_idle(c: Checkout, max_idle: usize) {
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_and_the_host_header_come_from_the_url_authority() {
+        let cases = [
+            ("backend", "backend:80", "backend"),
+            ("backend:80", "backend:80", "backend"),
+            ("127.0.0.1:9000", "127.0.0.1:9000", "127.0.0.1:9000"),
+            ("[::1]:8080", "[::1]:8080", "[::1]:8080"),
+        ];
+        for (authority, connect_to, host) in cases {
+            let pool = Pool::new(authority, 8, 2).unwrap();
+            assert_eq!(pool.connect_to(), connect_to, "{authority}");
+            assert_eq!(pool.host(), host, "{authority}");
+        }
+        assert!(Pool::new("bad host", 8, 2).is_err());
+    }
 }

@@ -89,9 +89,6 @@ impl Answer {
 
 pub struct Backend {
     pool: Pool,
-    /// The `Host` every forwarded request carries: the URL's authority
-    /// (without `:80`, as clients write it).
-    host: HeaderValue,
     base: BackendUrl,
     /// Bytes of answers being read now, against
     /// `backend.max_buffered_response_bytes`.
@@ -112,16 +109,10 @@ impl Backend {
             &base.authority,
             config.backend.pool_max_idle,
             config.server.worker_count(),
-        );
-        let host = base
-            .authority
-            .strip_suffix(":80")
-            .unwrap_or(&base.authority);
-        let host = HeaderValue::from_str(host)
-            .map_err(|_| format!("`{url}`: the host is not a valid Host header"))?;
+        )
+        .map_err(|e| format!("`{url}`: {e}"))?;
         Ok(Self {
             pool,
-            host,
             base,
             answers: Budget::default(),
             config: config.clone(),
@@ -202,7 +193,7 @@ impl Backend {
         for name in forged {
             headers.remove(name);
         }
-        headers.insert(header::HOST, self.host.clone());
+        headers.insert(header::HOST, self.pool.host().clone());
         headers.insert(X_REQUEST_ID, request_id.clone());
         headers.insert(X_TOLLGATE_ACCOUNT, header_value(&principal.root.id));
         headers.insert(
