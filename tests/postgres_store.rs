@@ -30,7 +30,7 @@ async fn close(store: &Arc<dyn Store>) {
 }
 
 fn request_id(e: &tollgate::store::StoredEvent) -> String {
-    let v: serde_json::Value = serde_json::from_str(e.event.get()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&e.event).unwrap();
     v["data"]["request_id"].as_str().unwrap().to_string()
 }
 
@@ -402,15 +402,17 @@ async fn a_read_older_than_this_replicas_own_change_is_not_applied_over_it() {
     ];
     let (app, store) = common::app_in_process(dir.path(), &env).await;
     app.accounts.create_account("acme", false).await.unwrap();
-    let tomorrow = Timestamp::now()
+    // Starts in 3 days: refundable whatever the hour this runs at (the
+    // cut-off is 22:00 the day before the start).
+    let start = Timestamp::now()
         .to_zoned(jiff::tz::TimeZone::UTC)
         .date()
-        .tomorrow()
+        .checked_add(jiff::ToSpan::days(3))
         .unwrap()
         .to_string();
     let billing = &app.admin.billing_service;
     let pkg = billing
-        .buy_concurrency("acme", 2, "daily", &tomorrow)
+        .buy_concurrency("acme", 2, "daily", &start)
         .await
         .unwrap();
     let packages = || app.schedule.book().packages("acme").len();

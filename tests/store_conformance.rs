@@ -227,7 +227,7 @@ async fn conformance(store: Arc<dyn Store>) {
     assert_eq!(first.len(), 2);
     let rest = store.usage_events(first[1].seq, 100).await.unwrap();
     assert_eq!(rest.len(), 1);
-    assert!(rest[0].event.get().contains("r-post"));
+    assert!(rest[0].event.contains("r-post"));
     assert!(
         store
             .usage_events(rest[0].seq, 100)
@@ -366,7 +366,7 @@ async fn charges_fall_through_in_the_deduction_order(s: &dyn Store) {
         let Some(last) = page.last() else { break };
         after = last.seq;
         for e in &page {
-            let v: serde_json::Value = serde_json::from_str(e.event.get()).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&e.event).unwrap();
             if v["subject"] == "payer" {
                 charged.push((
                     v["data"]["request_id"].as_str().unwrap().to_string(),
@@ -485,7 +485,7 @@ async fn idempotency_records_stand_or_fall_with_their_event(s: &dyn Store) {
     let events = || async {
         let page = s.usage_events(0, 10_000).await.unwrap();
         page.iter()
-            .filter(|e| e.event.get().contains("\"subject\":\"idem\""))
+            .filter(|e| e.event.contains("\"subject\":\"idem\""))
             .count()
     };
     let (w, rec) = keyed_usage("idem", None, "i1", "k1", now, 60_000);

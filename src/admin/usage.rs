@@ -32,10 +32,12 @@ pub async fn list(
     };
     let events = app.store.usage_events(after, limit).await?;
     let next = events.last().map_or(after, |e| e.seq).to_string();
-    let page = Page {
-        events: events.iter().map(|e| &*e.event).collect(),
-        next,
-    };
+    let events = events
+        .iter()
+        .map(|e| serde_json::from_str::<&RawValue>(&e.event))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::from(crate::store::StoreError::Internal(e.to_string())))?;
+    let page = Page { events, next };
     let body = serde_json::to_vec(&page)
         .map_err(|e| ApiError::from(crate::store::StoreError::Internal(e.to_string())))?;
     let mut resp = body.into_response();

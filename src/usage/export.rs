@@ -45,7 +45,7 @@ pub enum ExportError {
 }
 
 fn head(e: &StoredEvent) -> EventHead {
-    EventHead::of(e.event.get()).unwrap_or_default()
+    EventHead::of(&e.event).unwrap_or_default()
 }
 
 /// `<seq> <id>`: the last exported event.
@@ -154,7 +154,7 @@ fn append_page(sink: &mut JsonlSink, dir: &Path, page: &[StoredEvent]) -> std::i
         seq: e.seq,
         id: &h.id,
         time: &h.time,
-        json: e.event.get(),
+        json: &e.event,
     }))?;
     sink.sync()?;
     if let Some(id) = sink.last_id() {

@@ -287,11 +287,11 @@ impl Publisher {
         e: &StoredEvent,
         after: Option<&str>,
     ) -> Result<(String, PublishAckFuture), PassError> {
-        let head = EventHead::of(e.event.get())
+        let head = EventHead::of(&e.event)
             .ok_or_else(|| PassError::Nats(format!("event {} is not CloudEvents JSON", e.seq)))?;
         let subject = format!("{}.{}", self.config.subject, head.subject);
         let mut publish = Publish::build()
-            .payload(Bytes::copy_from_slice(e.event.get().as_bytes()))
+            .payload(Bytes::copy_from_slice(e.event.as_bytes()))
             .message_id(&head.id);
         if let Some(after) = after {
             publish = publish.expected_last_message_id(after);

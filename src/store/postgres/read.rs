@@ -4,7 +4,6 @@
 use deadpool_postgres::Pool;
 use jiff::Timestamp;
 use rust_decimal::Decimal;
-use serde_json::value::RawValue;
 use tokio_postgres::IsolationLevel;
 
 use crate::accounts::AccountStatus;
@@ -168,7 +167,7 @@ pub(super) async fn usage_events(
         .map(|r| {
             Ok(StoredEvent {
                 seq: r.get::<_, i64>(0) as u64,
-                event: RawValue::from_string(r.get(1)).map_err(internal)?,
+                event: r.get(1),
             })
         })
         .collect()

@@ -23,7 +23,6 @@ use std::thread::JoinHandle;
 use jiff::Timestamp;
 use rusqlite::{Connection, params};
 use rust_decimal::Decimal;
-use serde_json::value::RawValue;
 
 use tokio::sync::broadcast;
 
@@ -358,7 +357,7 @@ impl Store for SqliteStore {
                 let (seq, json) = row.map_err(internal)?;
                 Ok(StoredEvent {
                     seq: seq as u64,
-                    event: RawValue::from_string(json).map_err(internal)?,
+                    event: json,
                 })
             })
             .collect()
