@@ -495,7 +495,8 @@ fn request_id_of(req: &Request<Incoming>) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+            let mut buf = uuid::Uuid::encode_buffer();
+            HeaderValue::from_str(uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
                 .expect("a UUID is a valid header")
         })
 }

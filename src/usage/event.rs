@@ -1,5 +1,7 @@
 //! The usage event's shape.
 
+use std::borrow::Cow;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -10,14 +12,16 @@ pub const EVENT_TYPE: &str = "tollgate.usage.v1";
 /// A CloudEvents 1.0 event in structured JSON mode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageEvent {
-    pub specversion: String,
+    // The constant fields are borrowed when this gateway makes the event
+    // (no allocation per task) and owned when one is read back.
+    pub specversion: Cow<'static, str>,
     pub id: String,
     pub source: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     pub time: String,
     pub subject: String,
-    pub datacontenttype: String,
+    pub datacontenttype: Cow<'static, str>,
     pub data: UsageData,
 }
 
@@ -57,16 +61,25 @@ impl UsageEvent {
     /// in commit order).
     pub fn new(instance: &str, time: Timestamp, data: UsageData) -> Self {
         Self {
-            specversion: "1.0".into(),
-            id: uuid::Uuid::now_v7().to_string(),
+            specversion: Cow::Borrowed("1.0"),
+            id: uuid_v7(),
             source: format!("tollgate/{instance}"),
-            kind: EVENT_TYPE.into(),
+            kind: Cow::Borrowed(EVENT_TYPE),
             time: rfc3339_millis(time),
             subject: data.account.clone(),
-            datacontenttype: "application/json".into(),
+            datacontenttype: Cow::Borrowed("application/json"),
             data,
         }
     }
+}
+
+/// A new UUIDv7 in its hyphenated form, written straight into the string
+/// (`to_string` goes through the formatting machinery).
+pub fn uuid_v7() -> String {
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned()
 }
 
 /// The fields the export and the stream publisher need from a stored

@@ -41,7 +41,13 @@ pub(super) fn run(
             };
         }
         if !batch.is_empty() {
+            let (n, started) = (batch.len(), std::time::Instant::now());
             commit_batch(&conn, &changes, batch);
+            tracing::debug!(
+                writes = n,
+                took_us = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
         }
         if closing {
             return;
