@@ -22,7 +22,7 @@
 //! (reported, not budgeted; all threads, the bench's own client and the
 //! simulator included).
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,31 +36,31 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tollgate::config::Config;
 
-/// The gateway binary's allocator (`tollgate::Allocator`), counting.
+/// The system allocator (the gateway binary's), counting.
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 static ALLOCATED: AtomicU64 = AtomicU64::new(0);
 
-// SAFETY: every call is passed on to the gateway's allocator unchanged.
+// SAFETY: every call is passed on to the system allocator unchanged.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         ALLOCATED.fetch_add(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: the caller's contract, passed on.
-        unsafe { tollgate::ALLOCATOR.alloc(layout) }
+        unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: the caller's contract, passed on.
-        unsafe { tollgate::ALLOCATOR.dealloc(ptr, layout) }
+        unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         ALLOCATED.fetch_add(new_size as u64, Ordering::Relaxed);
         // SAFETY: the caller's contract, passed on.
-        unsafe { tollgate::ALLOCATOR.realloc(ptr, layout, new_size) }
+        unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
 

@@ -31,12 +31,3 @@ pub mod metrics;
 pub mod simulator;
 pub mod store;
 pub mod usage;
-
-/// The allocator the binary runs on (`main.rs` installs it): mimalloc,
-/// whose thread-local free lists cost a fraction of glibc's malloc on the
-/// ~100 allocations a task makes (see the README's dependency notes). The
-/// instructions bench counts through the same one.
-pub type Allocator = mimalloc::MiMalloc;
-
-/// The [`Allocator`] value, for a `#[global_allocator]` static.
-pub const ALLOCATOR: Allocator = mimalloc::MiMalloc;

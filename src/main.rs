@@ -16,9 +16,6 @@ use tracing_subscriber::EnvFilter;
 use tollgate::app::{LogReload, Reloads};
 use tollgate::config::{Config, LogConfig, LogFormat, SimulatorConfig};
 
-#[global_allocator]
-static GLOBAL: tollgate::Allocator = tollgate::ALLOCATOR;
-
 #[derive(Parser)]
 #[command(
     name = "tollgate",
