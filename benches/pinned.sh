@@ -10,8 +10,10 @@
 # target, so differences between targets are the proxies' own).
 #
 # Then, open loop at 50 % of tollgate's measured maximum (tollgate loadgen on
-# cpu1): p50/p99 latency of the backend straight and through tollgate; the
-# difference is tollgate's added latency.
+# cpu1; BENCH_OPEN_RATE=N for N req/s instead), each target warmed up first
+# at half that rate for BENCH_WARMUP seconds (2; 0 for none): p50/p99
+# latency of the backend straight and through tollgate; the difference is
+# tollgate's added latency.
 #
 # tollgate runs with everything on: key auth, per-account limiter, billing
 # reservation (postpaid accounts), a durable usage event (SQLite, fsync'd
