@@ -11,6 +11,7 @@
 //! id is the truth at start (the cursor file only says where to look for
 //! it, and is what remains when an operator moved every file away).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +45,8 @@ pub enum ExportError {
     Task,
 }
 
-fn head(e: &StoredEvent) -> EventHead {
-    EventHead::of(&e.event).unwrap_or_default()
+fn head(e: &StoredEvent) -> Cow<'_, EventHead> {
+    e.head().unwrap_or_default()
 }
 
 /// `<seq> <id>`: the last exported event.
@@ -149,7 +150,7 @@ async fn catch_up(
 }
 
 fn append_page(sink: &mut JsonlSink, dir: &Path, page: &[StoredEvent]) -> std::io::Result<()> {
-    let heads: Vec<EventHead> = page.iter().map(head).collect();
+    let heads: Vec<Cow<'_, EventHead>> = page.iter().map(head).collect();
     sink.append(page.iter().zip(&heads).map(|(e, h)| ExportedEvent {
         seq: e.seq,
         id: &h.id,

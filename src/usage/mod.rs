@@ -13,5 +13,5 @@ pub mod jsonl;
 mod recorder;
 pub mod stream;
 
-pub use event::{EventIdempotency, UsageData, UsageEvent};
+pub use event::{EventHead, EventIdempotency, UsageData, UsageEvent};
 pub use recorder::{Recorded, UsageRecorder};

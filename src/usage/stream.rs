@@ -43,8 +43,6 @@ use crate::metrics::StreamMetrics;
 
 use crate::store::{Store, StoreError, StoredEvent, Write, commit};
 
-use super::event::EventHead;
-
 /// The watermark's name in the store.
 pub const WATERMARK: &str = "nats";
 /// Events read from the feed at once.
@@ -287,7 +285,8 @@ impl Publisher {
         e: &StoredEvent,
         after: Option<&str>,
     ) -> Result<(String, PublishAckFuture), PassError> {
-        let head = EventHead::of(&e.event)
+        let head = e
+            .head()
             .ok_or_else(|| PassError::Nats(format!("event {} is not CloudEvents JSON", e.seq)))?;
         let subject = format!("{}.{}", self.config.subject, head.subject);
         let mut publish = Publish::build()
@@ -300,7 +299,7 @@ impl Publisher {
             .send_publish(subject, publish)
             .await
             .map_err(|err| PassError::Nats(err.to_string()))?;
-        Ok((head.id, ack))
+        Ok((head.into_owned().id, ack))
     }
 }
 

@@ -168,6 +168,9 @@ pub(super) async fn usage_events(
             Ok(StoredEvent {
                 seq: r.get::<_, i64>(0) as u64,
                 event: r.get(1),
+                // `time` is a timestamptz there: the JSON's own text is
+                // what the sinks pass on.
+                columns: None,
             })
         })
         .collect()

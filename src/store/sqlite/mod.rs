@@ -28,6 +28,7 @@ use tokio::sync::broadcast;
 
 use crate::idempotency::IdempotencyRecord;
 use crate::jobs::{Job, JobStatus};
+use crate::usage::EventHead;
 
 use super::{
     AccountSnapshot, Ack, BoxFuture, Change, JobToRun, MonthUsage, PackageUsage, Snapshot, Store,
@@ -345,19 +346,28 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut st = conn
                 .prepare_cached(
-                    "SELECT seq, json FROM usage_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                    "SELECT seq, json, id, time, account FROM usage_events
+                     WHERE seq > ?1 ORDER BY seq LIMIT ?2",
                 )
                 .map_err(internal)?;
             let rows = st
                 .query_map(params![after as i64, limit as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    // Written with the JSON from the same event's fields
+                    // (`apply`), so they are its head.
+                    let head = EventHead {
+                        id: r.get(2)?,
+                        time: r.get(3)?,
+                        subject: r.get(4)?,
+                    };
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, head))
                 })
                 .map_err(internal)?;
             rows.map(|row| {
-                let (seq, json) = row.map_err(internal)?;
+                let (seq, json, head) = row.map_err(internal)?;
                 Ok(StoredEvent {
                     seq: seq as u64,
                     event: json,
+                    columns: Some(head),
                 })
             })
             .collect()

@@ -215,3 +215,30 @@ async fn counts_folded_per_batch_match_the_events() {
     );
     assert_eq!((of("beta").calls, of("beta").postpaid), (30, 30));
 }
+
+/// The head read from the columns is the head of the stored JSON: the
+/// export and the stream publisher take an event's id, time and subject
+/// from the columns and pass the JSON on as it is.
+#[tokio::test]
+async fn an_events_columns_are_the_head_of_its_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    commit(&store, account("acme")).await.unwrap();
+    commit(&store, usage("acme", None)).await.unwrap();
+    commit(&store, usage("acme", Some("free-acme")))
+        .await
+        .unwrap();
+    let events = store.usage_events(0, 10).await.unwrap();
+    assert_eq!(events.len(), 2);
+    for e in &events {
+        let columns = e
+            .columns
+            .as_ref()
+            .expect("SQLite keeps the head in columns");
+        let parsed: crate::usage::EventHead = serde_json::from_str(&e.event).unwrap();
+        assert_eq!(columns, &parsed);
+        assert_eq!(columns.subject, "acme");
+        assert!(!columns.id.is_empty() && !columns.time.is_empty());
+        assert_eq!(e.head().as_deref(), Some(&parsed));
+    }
+}
