@@ -348,7 +348,7 @@ for t in backend tollgate ${BENCH_BASE_BIN:+tollgate-base}; do
   url=${URL[$t]}
   if [ "$WARMUP" != 0 ]; then
     taskset -c 1 "$BIN" loadgen --json --duration "${WARMUP}s" --keys-file "$(keys_of "$t")" --body-size 200 \
-      --rate "$(( RATE / 2 ))" --url "$url/v1/style-transfer" >"$work/warm-$t.json"
+      --rate "$(( RATE > 1 ? RATE / 2 : 1 ))" --url "$url/v1/style-transfer" >"$work/warm-$t.json"
   fi
   taskset -c 1 "$BIN" loadgen --json --duration "${SECS}s" --keys-file "$(keys_of "$t")" --body-size 200 \
     --rate "$RATE" --url "$url/v1/style-transfer" >"$work/lat-$t.json"

@@ -75,7 +75,7 @@ impl UsageEvent {
 
 /// A new UUIDv7 in its hyphenated form, written straight into the string
 /// (`to_string` goes through the formatting machinery).
-pub fn uuid_v7() -> String {
+fn uuid_v7() -> String {
     uuid::Uuid::now_v7()
         .hyphenated()
         .encode_lower(&mut uuid::Uuid::encode_buffer())

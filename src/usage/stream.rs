@@ -299,7 +299,7 @@ impl Publisher {
             .send_publish(subject, publish)
             .await
             .map_err(|err| PassError::Nats(err.to_string()))?;
-        Ok((head.into_owned().id, ack))
+        Ok((head.id.clone(), ack))
     }
 }
 
